@@ -1,0 +1,13 @@
+"""The embedded ``shapes`` model: its procedural world, training recipe, probe and shipped bundle."""
+from pathlib import Path
+
+SHAPES_DIR = Path(__file__).parent / "shapes"
+SHAPES_BUNDLE = SHAPES_DIR / "bundle"
+PROBE_PATH = SHAPES_DIR / "probe.onnx"
+
+
+def resolve_model(name: str | None) -> str:
+    """``None`` or ``"shapes"`` -> the bundle shipped inside the package; anything else is a path."""
+    if name in (None, "shapes"):
+        return str(SHAPES_BUNDLE)
+    return name

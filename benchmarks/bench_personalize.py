@@ -1,0 +1,171 @@
+"""Personalize speed and memory, side by side in one run (a script, not a test).
+
+For each resolution: seconds per iteration, UNet forward passes per second and the peak RSS of the
+whole process, each configuration in its own fresh process:
+  - zo-edge personalize on the bundle (ORT, n = 2, batched and sequential candidates),
+  - PyTorch FP32 backprop textual inversion (one step: forward + backward + Adam),
+  - PyTorch FP32 forward-only step (n + 1 = 3 candidates batched, no_grad).
+
+    python benchmarks/bench_personalize.py --bundle sd15-int8 --source sd15-random \
+        --resolutions 256,512 --iters 4
+
+Without --bundle/--source it builds the SD1.5-shaped random-weight pipeline and converts it
+(several minutes, ~12 GB peak).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _refs(folder: Path, res: int) -> Path:
+    from PIL import Image
+
+    from zo_edge.models import world
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(world.reference_images(world.Subject("star", "red", "striped"), n=4, size=res)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    return folder
+
+
+def child_zo(args) -> dict:
+    from zo_runtime.personalize import PersonalizeConfig, Trainer
+
+    work = Path(tempfile.mkdtemp())
+    cfg = PersonalizeConfig(model=args.bundle, images=str(_refs(work / "refs", args.res)), token="<bench>",
+                            init="dog", out=str(work / "e.safetensors"), run_dir=str(work / "run"),
+                            steps=args.warmup + args.iters, resolution=args.res,
+                            batch_candidates=args.batch_candidates, checkpoint_every=10**6)
+    t_setup = time.time()
+    trainer = Trainer(cfg)
+    setup = time.time() - t_setup
+    stamps = []
+    trainer.train(callback=lambda s, th: stamps.append(time.time()))
+    per = np.diff(stamps[args.warmup - 1:]) if args.warmup else np.diff([stamps[0]] + stamps)
+    return {"setup_s": setup, "s_per_iter": float(np.median(per)), "unet_passes_per_iter": cfg.n + 1}
+
+
+def child_torch(args, backprop: bool) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    src = Path(args.source)
+    text = CLIPTextModel.from_pretrained(src / "text_encoder").eval()
+    unet = UNet2DConditionModel.from_pretrained(src / "unet").eval()
+    for m in (text, unet):
+        m.requires_grad_(False)
+    emb = text.get_input_embeddings()
+    h = args.res // 8
+    ids = torch.randint(0, 49000, (1, 77))
+    k = 1 if backprop else 3
+    if backprop:
+        emb.weight.requires_grad_(True)
+        opt = torch.optim.AdamW([emb.weight], lr=5e-3)
+    times = []
+    for i in range(args.warmup + args.iters):
+        t0 = time.time()
+        x = torch.randn(k, 4, h, h)
+        t = torch.tensor([700] * k)
+        if backprop:
+            out = unet(x, t, encoder_hidden_states=text(ids)[0]).sample
+            loss = ((out - x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        else:
+            with torch.no_grad():
+                hidden = text(ids.repeat(k, 1))[0]
+                out = unet(x, t, encoder_hidden_states=hidden).sample
+                ((out - x) ** 2).mean(dim=(1, 2, 3))
+        times.append(time.time() - t0)
+    return {"s_per_iter": float(np.median(times[args.warmup:])), "unet_passes_per_iter": k}
+
+
+def run_child(kind: str, args, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--res", str(args.res_now), "--iters", str(args.iters),
+           "--warmup", str(args.warmup), "--bundle", str(args.bundle), "--source", str(args.source)] + extra
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        print(out.stderr[-3000:], file=sys.stderr)
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle")
+    ap.add_argument("--source")
+    ap.add_argument("--resolutions", default="256,512")
+    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--skip", default="", help="comma list of configs to skip: zo-batched,zo-seq,torch-ti,torch-fwd")
+    ap.add_argument("--child")
+    ap.add_argument("--res", type=int)
+    ap.add_argument("--batch-candidates", default="auto")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    if args.child:
+        r = child_zo(args) if args.child == "zo" else child_torch(args, backprop=args.child == "torch-ti")
+        r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(r))
+        return
+
+    if not args.bundle or not args.source:
+        from zo_edge.convert import convert_pipeline
+        from zo_edge.convert.tiny import build_pipeline
+
+        work = Path(tempfile.mkdtemp(prefix="zo-bench-"))
+        print(f"building SD1.5-shaped random-weight pipeline and INT8 bundle in {work}", file=sys.stderr)
+        args.source = str(build_pipeline(work / "sd15", family="sd1", size="sd15"))
+        convert_pipeline(args.source, work / "sd15-int8", weights="int8")
+        args.bundle = str(work / "sd15-int8")
+
+    skip = set(filter(None, args.skip.split(",")))
+    rows = []
+    for res in [int(r) for r in args.resolutions.split(",")]:
+        args.res_now = res
+        configs = [("zo-batched", "zo", ["--batch-candidates", "on"]), ("zo-seq", "zo", ["--batch-candidates", "off"]),
+                   ("torch-ti", "torch-ti", []), ("torch-fwd", "torch-fwd", [])]
+        for name, kind, extra in configs:
+            if name in skip:
+                continue
+            print(f"{res} px {name} ...", file=sys.stderr, flush=True)
+            r = run_child(kind, args, extra)
+            r.update(config=name, resolution=res)
+            if "s_per_iter" in r:
+                r["unet_passes_per_s"] = r["unet_passes_per_iter"] / r["s_per_iter"]
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+
+    print(f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, {platform.processor() or ''}")
+    print("| res | config | s/iter | UNet passes/s | peak RSS MB | vs torch-ti s/iter | vs torch-ti RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = next((b for b in rows if b["config"] == "torch-ti" and b["resolution"] == r["resolution"]
+                     and "s_per_iter" in b), None)
+        if "error" in r:
+            print(f"| {r['resolution']} | {r['config']} | error: {r['error']} | | | | |")
+            continue
+        ratio_t = f"{r['s_per_iter'] / base['s_per_iter']:.2f}x" if base else "-"
+        ratio_m = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        print(f"| {r['resolution']} | {r['config']} | {r['s_per_iter']:.2f} | {r['unet_passes_per_s']:.2f} | "
+              f"{r['peak_rss_mb']:.0f} | {ratio_t} | {ratio_m} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""``zo-edge bench``: quality benchmarks on the embedded shapes model (and DreamBooth, with real weights)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from zo_edge.models import resolve_model, world
+from zo_runtime.errors import UserError
+
+DEFAULT_SUBJECTS = ",".join(f"{c}:{p}:{s}" for s, c, p in world.HELD_OUT[:6])
+
+
+@click.group()
+def bench():
+    """Benchmarks that print figures (never part of the tests)."""
+
+
+@bench.command("quality")
+@click.option("--model", default="shapes", show_default=True, help="INT8 bundle the ZO methods train on.")
+@click.option("--source", type=click.Path(), help="FP32 diffusers folder for the 'ti' baseline (the shapes model's source).")
+@click.option("--subjects", default=DEFAULT_SUBJECTS,
+              show_default=True, help="Comma-separated colour:pattern:shape subjects.")
+@click.option("--methods", default="zo,zo-nosg,zo-noputs,zo-naive,ti", show_default=True)
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--k", type=int, default=4, show_default=True, help="Images per prompt.")
+@click.option("--snapshots", type=int, default=4, show_default=True, help="Evaluation points along training.")
+@click.option("--init", "init_word", default="shape", show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0)
+@click.option("--out", type=click.Path(), default="quality.json", show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG: subject fidelity vs UNet passes.")
+def quality(model, source, subjects, methods, steps, k, snapshots, init_word, lr, seed, threads, out, plot_path):
+    """Personalization quality on held-out shapes subjects, scored by the probe."""
+    from zo_edge.models import quality as q
+
+    try:
+        subs = [world.Subject.parse(s.strip()) for s in subjects.split(",") if s.strip()]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    meths = [m.strip() for m in methods.split(",") if m.strip()]
+    if "ti" in meths and not source:
+        raise UserError("method 'ti' needs --source, the FP32 diffusers folder of the model")
+    report = q.quality_benchmark(resolve_model(model), source, subs, meths, steps, out, k=k, seed=seed,
+                                 init=init_word, lr=lr, snapshots=snapshots, threads=threads,
+                                 log=lambda m: click.echo(m, err=True))
+    click.echo(q.format_table(report["summary"]))
+    if plot_path:
+        q.plot(report, plot_path)
+        click.echo(f"plot: {plot_path}")
+
+
+@bench.command("prompts")
+@click.option("--model", default="shapes", show_default=True)
+@click.option("--n", type=int, default=96, show_default=True, help="Captions per set.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--out", type=click.Path(), default=None)
+def prompts(model, n, seed, steps, guidance, out):
+    """Does the base model draw what a caption names? Probe accuracy per attribute."""
+    from zo_edge.models.quality import prompt_following
+
+    rows = {}
+    for name, held_out in (("held-in combinations", False), ("held-out combinations", True)):
+        rows[name] = prompt_following(resolve_model(model), n=n, seed=seed, steps=steps, guidance=guidance,
+                                      held_out=held_out)
+    click.echo("| captions | shape | colour | pattern | background | all four | images |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        click.echo(f"| {name} | " + " | ".join(f"{100 * r[a]:.1f}" for a in
+                                               ("shape", "colour", "pattern", "background", "all_four"))
+                   + f" | {r['images']} |")
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=2))
+
+
+COMMANDS = [bench]

@@ -1,0 +1,200 @@
+"""Calibration and held-out inputs made from the model's own data.
+
+* text encoder: real prompts (shapes-world captions and everyday prompts, plus the empty prompt
+  used for classifier-free guidance), tokenized with the pipeline's own tokenizer; the held-out set
+  also holds a prompt whose placeholder row is a fresh random vector, as personalization makes.
+* VAE encoder: procedural images from ``zo_edge.models.world.render`` at the model resolution.
+* VAE decoder: latents sampled from the FP32 VAE encoder's distribution on those images.
+* UNet: those latents (times the VAE scaling factor) noised to timesteps spread over the whole
+  schedule plus the training range 500-900, with FP32 text-encoder states for the prompts.
+
+Held-out inputs use other seeds, prompts, shapes and images than the calibration inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .graphs import io_spec, session
+from .surgery import text_feeds
+
+EVERYDAY = ("a photo of a dog", "a painting of a lighthouse at sunset", "a cup of coffee on a wooden table",
+            "portrait of an old man, studio lighting", "a city street in the rain at night",
+            "a bowl of fruit, still life", "a mountain lake with pine trees", "a cat wearing a tiny hat",
+            "an astronaut riding a horse", "a watercolor of a red barn in winter")
+HELD_OUT_EVERYDAY = ("a close-up photo of a sunflower", "a toy robot on a shelf", "a sailing boat on a calm sea",
+                     "a plate of pasta, food photography")
+TRAINING_RANGE = (500, 900)
+BANDS = ((0, 250), (250, 500), (500, 900), (900, 1000))
+
+
+class FeedsReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = list(feeds)
+        self._it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+    def __len__(self):
+        return len(self.feeds)
+
+
+@dataclass
+class InputSet:
+    """Feeds for each graph; ``unet_timesteps`` parallel to ``feeds["unet"]``."""
+    feeds: dict[str, list[dict]] = field(default_factory=dict)
+    unet_timesteps: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    from transformers import AutoTokenizer, CLIPTokenizer
+    try:
+        return CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception:  # noqa: BLE001 (a tokenizer.json-only folder)
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int) -> np.ndarray:
+    return np.asarray(tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="np").input_ids, dtype=np.int64)
+
+
+def world_prompts(n: int, seed: int, held_out: bool) -> list[str]:
+    from zo_edge.models import world
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        if held_out and k % 2 == 0:
+            s = world.HELD_OUT[rng.integers(len(world.HELD_OUT))]
+            subj = world.Subject(*s)
+            out.append(world.caption(subj, world.BACKGROUNDS[rng.integers(len(world.BACKGROUNDS))]))
+        elif not held_out and k % 3 == 2:
+            out.append(EVERYDAY[(k // 3) % len(EVERYDAY)])
+        elif held_out:
+            out.append(HELD_OUT_EVERYDAY[(k // 2) % len(HELD_OUT_EVERYDAY)])
+        else:
+            subj, bg = world.sample(rng)
+            out.append(world.caption(subj, bg))
+    return out
+
+
+def world_images(n: int, size: int, seed: int, held_out: bool) -> list[np.ndarray]:
+    """n procedural RGB images, float32 [3, size, size] in [-1, 1]."""
+    from PIL import Image
+
+    from zo_edge.models import world
+    rng = np.random.default_rng(seed)
+    base = min(size, 128)
+    out = []
+    for k in range(n):
+        if held_out:
+            shape, colour, pattern = world.HELD_OUT[k % len(world.HELD_OUT)]
+            bg = world.BACKGROUNDS[(k + 2) % len(world.BACKGROUNDS)]
+        else:
+            subj, bg = world.sample(rng)
+            shape, colour, pattern = subj.shape, subj.colour, subj.pattern
+        img = world.render(shape, colour, pattern, bg, seed=int(seed * 1000 + k), size=base)
+        if base != size:
+            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+        out.append((img.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0))
+    return out
+
+
+def calibration_timesteps(n: int, num_train_timesteps: int, rng: np.random.Generator) -> list[int]:
+    """Half stratified over the whole schedule, half stratified over the training range 500-900."""
+    T = num_train_timesteps
+    lo, hi = (int(TRAINING_RANGE[0] * T / 1000), int(TRAINING_RANGE[1] * T / 1000))
+    n_train = (n + 1) // 2
+    n_all = n - n_train
+    ts = [int((k + rng.random()) * T / n_all) for k in range(n_all)]
+    ts += [int(lo + (k + rng.random()) * (hi - lo) / n_train) for k in range(n_train)]
+    return [min(max(t, 0), T - 1) for t in ts]
+
+
+def heldout_timesteps(per_band: int, num_train_timesteps: int, rng: np.random.Generator) -> list[int]:
+    T = num_train_timesteps
+    ts = []
+    for lo, hi in BANDS:
+        lo, hi = int(lo * T / 1000), int(hi * T / 1000)
+        ts += [int(lo + (k + rng.random()) * (hi - lo) / per_band) for k in range(per_band)]
+    return [min(max(t, 0), T - 1) for t in ts]
+
+
+def timestep_feed(spec: dict, t: int, batch: int) -> np.ndarray:
+    """The UNet ``timestep`` input as the graph declares it (float scalar or int64 [B] ...)."""
+    ts = next(i for i in spec["inputs"] if i["name"] == "timestep")
+    dt = np.dtype(ts["dtype"])
+    if ts["rank"] == 0:
+        return np.array(t, dtype=dt)
+    return np.full((batch,), t, dtype=dt)
+
+
+def make_inputs(info, fp32: dict[str, Path], table: np.ndarray, tokenizer, n: int, seed: int,
+                held_out: bool = False, per_band: int = 2) -> InputSet:
+    """Build feeds for all four graphs by running the FP32 graphs ``fp32`` (graph -> model.onnx)
+    on prompts and procedural images. Calibration: ``n`` samples per graph. Held-out: ``n`` for the
+    text encoder and VAEs, ``per_band`` per timestep band for the UNet."""
+    rng = np.random.default_rng(seed + (7919 if held_out else 0))
+    res, C = info.resolution, info.latent_channels
+    out = InputSet()
+
+    # text encoder
+    n_text = max(n, 2)
+    prompts = world_prompts(n_text, seed + (1 if held_out else 0), held_out)
+    prompts[0 if not held_out else -1] = ""  # the unconditional prompt, as classifier-free guidance runs it
+    ids = tokenize(tokenizer, prompts, info.max_length)
+    te_spec = io_spec(fp32["text_encoder"])
+    te_feeds = [text_feeds(te_spec, table, ids[k:k + 1]) for k in range(len(prompts))]
+    if held_out:
+        # a personalized placeholder: a fresh vector (row-norm scale) at the first word position
+        k = 1 if len(prompts) > 1 else 0
+        row_norm = float(np.median(np.linalg.norm(table[ids[k]], axis=-1)))
+        v = rng.standard_normal(table.shape[1]).astype(np.float32)
+        f = {kk: vv.copy() for kk, vv in te_feeds[k].items()}
+        f["inputs_embeds"][0, 1] = v / np.linalg.norm(v) * row_norm
+        te_feeds.append(f)
+        prompts.append(prompts[k] + " [placeholder]")
+    out.feeds["text_encoder"] = te_feeds
+    out.prompts = prompts
+    te = session(fp32["text_encoder"])
+    states = [te.run(["last_hidden_state"], f)[0] for f in te_feeds]
+    del te
+
+    # VAE encoder on procedural images
+    n_img = max(n, 1)
+    images = world_images(n_img, res, seed + (2 if held_out else 0), held_out)
+    out.feeds["vae_encoder"] = [{"sample": im[None]} for im in images]
+    enc = session(fp32["vae_encoder"])
+    enc_out = enc.get_outputs()[0].name
+    latents = []
+    for f in out.feeds["vae_encoder"]:
+        p = enc.run([enc_out], f)[0]
+        mean, logvar = p[:, :C], np.clip(p[:, C:2 * C], -30.0, 20.0)
+        latents.append((mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape)).astype(np.float32))
+    del enc
+    out.feeds["vae_decoder"] = [{"latent_sample": z} for z in latents]
+
+    # UNet: noised scaled latents over the schedule, conditioned on the prompts' states
+    unet_spec = io_spec(fp32["unet"])
+    ab = info.alphas_cumprod()
+    T = info.num_train_timesteps
+    ts = heldout_timesteps(per_band, T, rng) if held_out else calibration_timesteps(max(n, 1), T, rng)
+    unet_feeds = []
+    for k, t in enumerate(ts):
+        x0 = latents[k % len(latents)] * info.vae_scaling_factor
+        eps = rng.standard_normal(x0.shape).astype(np.float32)
+        xt = (np.sqrt(ab[t]) * x0 + np.sqrt(1.0 - ab[t]) * eps).astype(np.float32)
+        unet_feeds.append({"sample": xt, "timestep": timestep_feed(unet_spec, t, 1),
+                           "encoder_hidden_states": states[k % len(states)].astype(np.float32)})
+    out.feeds["unet"] = unet_feeds
+    out.unet_timesteps = ts
+    return out

@@ -1,0 +1,158 @@
+"""Small ONNX helpers shared by the converter: saving (external data past 2 GB), reading a graph's
+interface, pruning dead nodes, and ONNX Runtime sessions."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+# protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+DATA_SUFFIX = "_data"  # model.onnx -> model.onnx_data, the name Optimum uses too
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    n = 0
+    for t in model.graph.initializer:
+        try:
+            item = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:  # noqa: BLE001 (exotic dtype: count raw bytes)
+            item = 1
+        n += int(np.prod(t.dims, dtype=np.int64)) * item if t.dims else item
+    return n
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def save_model(model: onnx.ModelProto, path: str | Path, external: bool | None = None) -> list[Path]:
+    """Save ``model`` to ``path``; external data (``<name>_data``) when over 2 GB or asked.
+
+    Returns the files written (the .onnx first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external is None:
+        external = needs_external_data(model)
+    data = path.with_name(path.name + DATA_SUFFIX)
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024, convert_attribute=False)
+        return [path, data]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def graph_files(path: str | Path) -> list[Path]:
+    """The .onnx file and every external-data file it references (relative to its folder)."""
+    path = Path(path)
+    m = onnx.load(str(path), load_external_data=False)
+    files = [path]
+    seen = set()
+    for t in _all_tensors(m):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location" and e.value not in seen:
+                    seen.add(e.value)
+                    files.append(path.parent / e.value)
+    return files
+
+
+def _all_tensors(m: onnx.ModelProto):
+    yield from m.graph.initializer
+    for n in m.graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+
+
+def _value_spec(v: onnx.ValueInfoProto) -> dict:
+    tt = v.type.tensor_type
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+    except Exception:  # noqa: BLE001
+        dtype = onnx.TensorProto.DataType.Name(tt.elem_type).lower()
+    shape = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            shape.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            shape.append(d.dim_param)
+        else:
+            shape.append(None)
+    return {"name": v.name, "dtype": dtype, "rank": len(tt.shape.dim), "shape": shape}
+
+
+def io_spec(path_or_model) -> dict:
+    """``{"inputs": [...], "outputs": [...]}`` read from the graph: name, dtype, rank, shape
+    (ints for fixed dims, names for symbolic ones). Initializers listed as inputs are skipped."""
+    m = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    return {"inputs": [_value_spec(v) for v in m.graph.input if v.name not in inits],
+            "outputs": [_value_spec(v) for v in m.graph.output]}
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for a in node.attribute:
+        gs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+        for g in gs:
+            for n in g.node:
+                names.update(n.input)
+                names |= _subgraph_inputs(n)
+    return names
+
+
+def prune(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove nodes whose outputs nobody uses, then unused initializers and graph inputs. In place."""
+    g = model.graph
+    used = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o and o in used for o in node.output):
+            keep.append(node)
+            used.update(i for i in node.input if i)
+            used |= _subgraph_inputs(node)
+    keep.reverse()
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
+    inits = [t for t in g.initializer if t.name in used]
+    if len(inits) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(inits)
+    ins = [v for v in g.input if v.name in used]
+    if len(ins) != len(g.input):
+        del g.input[:]
+        g.input.extend(ins)
+    return model
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def session(path: str | Path, threads: int | None = None, provider: str = "cpu"):
+    """An ONNX Runtime CPU session with quiet logging."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS")
+        threads = int(env) if env and env.isdigit() else 0
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -1,0 +1,105 @@
+"""Graph fusions from ``onnxruntime.transformers.optimizer`` that run on the CPU provider.
+
+Only the UNet is fused. On CPU these fusions have no kernel and are switched off: GroupNorm,
+SkipGroupNorm, BiasSplitGelu, NhwcConv, BiasAdd, packed QKV and packed KV. What stays: LayerNorm,
+SkipLayerNorm, Gelu/BiasGelu, and attention (self-attention becomes ``Attention`` with packed
+QKV weights, cross-attention ``MultiHeadAttention`` fed by separate Q/K/V MatMuls).
+
+Before weight quantization, :func:`unpack_self_attention` turns each ``Attention`` back into three
+Q/K/V MatMuls feeding a ``MultiHeadAttention`` node: the projections become quantizable (the field
+notes found fused Attention weights staying FP32 after INT8) while the attention kernel itself
+stays fused (no QK^T / attn.V MatMuls, no transposes).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graphs import prune, save_model
+
+CPU_LESS_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_nhwc_conv",
+                    "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
+
+
+def cpu_fusion_options(model_type: str = "unet"):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    opts = FusionOptions(model_type)
+    for name in CPU_LESS_FUSIONS:
+        if hasattr(opts, name):
+            setattr(opts, name, False)
+    return opts
+
+
+def fuse_unet(src: str | Path, dst: str | Path) -> dict:
+    """Apply the CPU-safe fusions to the UNet at ``src``; save to ``dst``. Returns fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+    lg = logging.getLogger("onnxruntime.transformers")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        opt = optimize_model(str(src), model_type="unet", num_heads=0, hidden_size=0,
+                             optimization_options=cpu_fusion_options("unet"), opt_level=0, use_gpu=False,
+                             only_onnxruntime=False)
+    finally:
+        lg.setLevel(level)
+    model = opt.model
+    counts = fused_op_counts(model)
+    save_model(model, dst)
+    return counts
+
+
+def fused_op_counts(model: onnx.ModelProto) -> dict:
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.domain == "com.microsoft":
+            out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+def unpack_self_attention(model: onnx.ModelProto) -> int:
+    """Replace each com.microsoft ``Attention`` (packed QKV weight initializer) by Q/K/V MatMuls and a
+    ``MultiHeadAttention``. In place; returns how many were replaced."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    new_nodes, n_done = [], 0
+    for node in g.node:
+        if not (node.op_type == "Attention" and node.domain == "com.microsoft" and len(node.input) >= 2
+                and node.input[1] in inits):
+            new_nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if set(attrs) - {"num_heads", "scale"} or (len(node.input) > 3 and any(node.input[3:])):
+            new_nodes.append(node)  # mask / past / unusual attributes: leave it
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        c_in, three_out = w.shape
+        out = three_out // 3
+        w3 = w.reshape(c_in, 3, out)
+        x = node.input[0]
+        outs = []
+        for k, tag in enumerate("QKV"):
+            wn = f"{node.name}_{tag}_weight"
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w3[:, k, :]), wn))
+            on = f"{node.name}_{tag}_out"
+            new_nodes.append(helper.make_node("MatMul", [x, wn], [on], name=f"{node.name}_MatMul_{tag}"))
+            outs.append(on)
+        mha_in = list(outs)
+        if len(node.input) > 2 and node.input[2] and node.input[2] in inits:
+            b = numpy_helper.to_array(inits[node.input[2]])
+            if np.any(b != 0):
+                mha_in.append(node.input[2])  # MHA's bias input has the same [3 * hidden] layout
+        mha = helper.make_node("MultiHeadAttention", mha_in, [node.output[0]], name=f"{node.name}_MHA",
+                               domain="com.microsoft", num_heads=int(attrs["num_heads"]))
+        if "scale" in attrs:
+            mha.attribute.append(helper.make_attribute("scale", float(attrs["scale"])))
+        new_nodes.append(mha)
+        n_done += 1
+    if n_done:
+        del g.node[:]
+        g.node.extend(new_nodes)
+        prune(model)
+    return n_done

@@ -1,0 +1,181 @@
+"""Weight quantization recipes for the bundle graphs (ONNX Runtime quantization tools).
+
+``int8`` (default): static QDQ (``quantize_static``), calibrated on the model's own data (see
+calibrate.py): QUInt8 activations, QInt8 weights, MinMax ranges, per-tensor (``per_channel``
+optional). Only Conv / MatMul / Gemm *with a constant weight* are quantized; activation x
+activation MatMuls (attention QK^T and attn.V) and every normalization are listed in
+``nodes_to_exclude`` and stay float. Applies to the UNet, both VAE graphs and the text encoder
+(unless ``text_encoder_fp32``).
+
+``int4``: the UNet's constant-weight MatMuls become 4-bit weight-only ``MatMulNBits`` (block 32,
+symmetric, accuracy_level 4 = int8 compute on CPU); the UNet's Conv and Gemm get the INT8 static
+QDQ recipe above, since ``MatMulNBits`` covers MatMul only and FP32 convolutions would leave most
+of the UNet's bytes untouched. Text encoder and VAEs as in ``int8``.
+
+``fp32``: nothing.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from zo_runtime.errors import UserError
+
+from .calibrate import FeedsReader
+from .graphs import needs_external_data, prune, save_model
+
+WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
+NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization",
+            "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNorm", "SkipGroupNorm",
+            "BatchNormalization", "ReduceMean", "Softmax")
+WEIGHTS = ("int8", "int4", "fp32")
+INT4_BLOCK = 32
+INT4_ACCURACY_LEVEL = 4
+
+
+def _constant_names(model: onnx.ModelProto) -> set[str]:
+    names = {t.name for t in model.graph.initializer}
+    changed = True
+    prod = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            names.update(n.output)
+    while changed:  # Identity / Transpose / Cast / DequantizeLinear of a constant is constant
+        changed = False
+        for o, n in prod.items():
+            if o not in names and n.op_type in ("Identity", "Transpose", "Cast", "DequantizeLinear", "Reshape") \
+                    and n.input and all(i in names for i in n.input if i):
+                names.add(o)
+                changed = True
+    return names
+
+
+def exclusions(model: onnx.ModelProto) -> tuple[list[str], dict]:
+    """Node names to keep float: activation x activation MatMuls and normalization nodes.
+    Also names every unnamed node (quantize_static needs names to exclude)."""
+    const = _constant_names(model)
+    seen: set[str] = set()
+    for k, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_zo_{k}"
+        seen.add(n.name)
+    act_mm, norms = [], []
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and not any(i in const for i in n.input[:2]):
+            act_mm.append(n.name)
+        elif n.op_type in NORM_OPS:
+            norms.append(n.name)
+    return act_mm + norms, {"activation_matmuls": len(act_mm), "normalization": len(norms)}
+
+
+def weight_nodes(model: onnx.ModelProto, op_types=WEIGHT_OPS) -> int:
+    const = _constant_names(model)
+    return sum(1 for n in model.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in const)
+
+
+def preprocess(src: Path, dst: Path) -> str:
+    """``quant_pre_process`` (symbolic shape inference + basic ORT optimization + ONNX shape
+    inference). Graphs over 2 GB skip the ORT optimization step (it cannot write them back).
+    Returns what ran: "full", "shapes-only" or "skipped" (on failure, the input is used as is)."""
+    from onnxruntime.quantization import quant_pre_process
+    m = onnx.load(str(src), load_external_data=False)
+    big = any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+    del m
+    lg = logging.getLogger()
+    level = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        quant_pre_process(str(src), str(dst), skip_optimization=big, auto_merge=True,
+                          save_as_external_data=big, all_tensors_to_one_file=True,
+                          external_data_location=dst.name + "_data" if big else None)
+        return "shapes-only" if big else "full"
+    except Exception:  # noqa: BLE001 - pre-processing is an optimization; fall back to the raw graph
+        _copy_graph(src, dst)
+        return "skipped"
+    finally:
+        lg.setLevel(level)
+
+
+def _copy_graph(src: Path, dst: Path) -> None:
+    m = onnx.load(str(src))
+    save_model(m, dst)
+
+
+def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, per_channel: bool = False,
+                  extra_exclude: list[str] | None = None) -> dict:
+    """Static QDQ INT8 of ``src`` into ``dst``; returns the recipe details for the manifest."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    if not calib:
+        raise UserError("calibration needs at least one sample (--calibration-samples >= 1)")
+    work = Path(tempfile.mkdtemp(prefix="zo-quant-", dir=dst.parent))
+    try:
+        pre = work / "pre.onnx"
+        pre_mode = preprocess(src, pre)
+        model = onnx.load(str(pre))
+        exclude, counts = exclusions(model)
+        exclude += list(extra_exclude or [])
+        n_weight = weight_nodes(model, op_types)
+        big = needs_external_data(model)
+        named = work / "named.onnx"
+        save_model(model, named, external=big)
+        del model
+        lg = logging.getLogger()
+        level = lg.level
+        lg.setLevel(logging.ERROR)
+        try:
+            quantize_static(
+                model_input=str(named), model_output=str(dst), calibration_data_reader=FeedsReader(calib),
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types), per_channel=per_channel,
+                reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude, use_external_data_format=big, calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"MatMulConstBOnly": True, "CalibMaxIntermediateOutputs": 1,
+                               "CalibTensorRangeSymmetric": False, "ActivationSymmetric": False,
+                               "WeightSymmetric": True})
+        finally:
+            lg.setLevel(level)
+        if big:  # quantize_static names the data file after the model: make it model.onnx_data
+            m = onnx.load(str(dst))
+            for f in dst.parent.glob(dst.name + "*.data"):
+                f.unlink()
+            save_model(m, dst, external=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"method": "static QDQ", "op_types": list(op_types), "activation_type": "QUInt8",
+            "weight_type": "QInt8", "per_channel": per_channel, "reduce_range": False, "calibrate_method": "MinMax",
+            "calibration_samples": len(calib), "pre_process": pre_mode, "weight_nodes": n_weight,
+            "excluded": counts}
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK, accuracy_level: int = INT4_ACCURACY_LEVEL) -> dict:
+    """4-bit weight-only MatMulNBits for every MatMul with a constant 2-D weight."""
+    try:
+        from onnxruntime.quantization import QuantFormat
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                     MatMulNBitsQuantizer)
+    except ImportError as e:
+        raise UserError(f"--weights int4 needs the onnx-ir package (pip install onnx-ir): {e}") from None
+    model = onnx.load(str(src))
+    exclude, _ = exclusions(model)
+    n_mm = weight_nodes(model, ("MatMul",))
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                                       quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=4)
+    lg = logging.getLogger()
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=accuracy_level, nodes_to_exclude=exclude,
+                                 op_types_to_quantize=("MatMul",), algo_config=cfg)
+        q.process()
+    finally:
+        lg.setLevel(level)
+    out = q.model.model
+    prune(out)
+    n_nbits = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
+    save_model(out, dst)
+    return {"method": "MatMulNBits weight-only", "bits": 4, "block_size": block_size, "symmetric": True,
+            "accuracy_level": accuracy_level, "matmuls": n_mm, "matmul_nbits": n_nbits}

@@ -1,0 +1,97 @@
+"""Reference images for personalization: load, orient, crop, resize, encode once with the VAE.
+
+The reference implementation re-encodes every image through the VAE on every iteration. Here
+each image and its mirror image are encoded once; the latent distribution (mean, std) is cached
+and sampled each iteration, and the VAE encoder session is released before training starts.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"no images (JPEG, PNG, WebP) in {str(folder)!r}")
+    return files
+
+
+def load_image(path: str | Path, resolution: int, allow_upscale: bool = True) -> np.ndarray:
+    """One reference image: EXIF orientation applied, RGB, centre-cropped to a square and resized.
+
+    Returns uint8 [resolution, resolution, 3]. Images smaller than the resolution are upscaled
+    with a warning, or refused when ``allow_upscale`` is False.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, rgba)
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    w, h = im.size
+    side = min(w, h)
+    if side < resolution:
+        if not allow_upscale:
+            raise UserError(f"image {path} is {w}x{h}, smaller than the training resolution {resolution}")
+        print(f"warning: {path.name} is {w}x{h}, upscaling to {resolution}", file=sys.stderr)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(im, np.uint8)
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (the VAE encoder's input)."""
+    return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()
+
+
+@dataclass
+class LatentCache:
+    """Cached VAE posteriors of the reference images (and their mirror images).
+
+    mean, std: float32 [N, C, h, w], unscaled VAE latents. ``sample`` draws one scaled latent.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    scaling_factor: float
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """(image index, one latent [C, h, w] from its posterior times the VAE scaling factor).
+        With mirror images, index i >= N is the mirror of image i - N."""
+        i = int(rng.integers(len(self.mean)))
+        eps = rng.standard_normal(self.mean.shape[1:], dtype=np.float32)
+        return i, ((self.mean[i] + self.std[i] * eps) * self.scaling_factor).astype(np.float32)
+
+
+def encode_images(bundle, images: np.ndarray, flip: bool = True, batch: int = 1) -> LatentCache:
+    """Encode uint8 [N, H, W, 3] (plus mirror images when ``flip``) once with the bundle's VAE encoder."""
+    if flip:
+        images = np.concatenate([images, images[:, :, ::-1]])
+    sess = bundle.session("vae_encoder")
+    in_name = sess.get_inputs()[0].name
+    x = to_model_input(images)
+    params = np.concatenate([sess.run(None, {in_name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    mean, logvar = np.split(params.astype(np.float32), 2, axis=1)
+    logvar = np.clip(logvar, -30.0, 20.0)
+    return LatentCache(mean=mean, std=np.exp(0.5 * logvar).astype(np.float32), scaling_factor=bundle.scaling_factor)

@@ -1,0 +1,330 @@
+"""Forward-only textual inversion (ZOODiP) on a zo-edge bundle: the training loop.
+
+    cfg = PersonalizeConfig(model="sd15-int8", images="my_dog/", token="<my-dog>", init="dog",
+                            out="my_dog.safetensors", run_dir="runs/my_dog")
+    result = personalize(cfg)                 # or resume("runs/my_dog")
+
+Each iteration: draw one reference latent, noise, timestep (PUTS) and prompt; evaluate
+L(θ) and L(θ + μ zᵢ) for i = 1..n through the ONNX sessions; estimate ĝ (RGE); project it (SG);
+take an Adam step. No gradients are computed anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import optim
+from .bundle import Bundle
+from .data import encode_images, list_images, load_image
+from .embeddings import save_embedding
+from .errors import UserError
+from .oracle import LossOracle
+from .progress import Progress
+from .timesteps import puts, uniform
+from .tokenizer import CLIPTokenizer
+
+# Textual inversion's small ImageNet templates (Gal et al. 2022), as used by the paper's code.
+TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
+    "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)
+
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclass
+class PersonalizeConfig:
+    """Every flag of ``zo-edge personalize``; defaults are the paper's."""
+
+    model: str
+    images: str
+    token: str
+    init: str
+    out: str
+    run_dir: str | None = None
+    steps: int = 3000
+    num_vectors: int = 1
+    resolution: int | None = None       # None: the model's own
+    lr: float = 5e-3                    # ZO-Adam
+    adam_eps: float = 1e-8
+    n: int = 2                          # RGE perturbations
+    mu: float = 1e-3                    # RGE smoothing
+    sg: bool = True                     # Subspace Gradient
+    tau: int = 128
+    nu: float = 1e-3
+    puts: bool = True                   # PUTS: t ~ U[t_low, t_high)
+    t_low: int = 500
+    t_high: int = 900
+    batch_candidates: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 100
+    captions: str | None = None         # optional file: "<image file>\t<caption with {}>" per line
+    flip: bool = True
+    allow_upscale: bool = True
+    provider: str = "cpu"
+    threads: int = 0
+    overwrite: bool = False
+    templates: tuple = field(default=TEMPLATES)
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if self.n < 1:
+            raise UserError(f"--n (RGE perturbations) must be >= 1, got {self.n}")
+        if not self.mu > 0:
+            raise UserError(f"--mu must be > 0, got {self.mu}")
+        if self.tau < 2:
+            raise UserError(f"--tau must be >= 2, got {self.tau}")
+        if not 0 < self.nu < 1:
+            raise UserError(f"--nu must be in (0, 1), got {self.nu}")
+        if self.puts and not 0 <= self.t_low < self.t_high:
+            raise UserError(f"PUTS needs 0 <= T_L < T_U, got T_L={self.t_low}, T_U={self.t_high}")
+        if self.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {self.steps}")
+        if self.num_vectors < 1:
+            raise UserError(f"--num-vectors must be >= 1, got {self.num_vectors}")
+        if self.checkpoint_every < 1:
+            raise UserError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.batch_candidates not in ("auto", "on", "off"):
+            raise UserError(f"--batch-candidates must be auto, on or off, got {self.batch_candidates!r}")
+        if not self.templates:
+            raise UserError("no training prompt templates")
+
+
+def default_run_dir(token: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", token).strip("-") or "token"
+    return str(Path("runs") / name)
+
+
+def make_optimizer(cfg: PersonalizeConfig) -> optim.GradientTransformation:
+    """estimator → (SG) → Adam, as in ZOODiP."""
+    parts = []
+    if cfg.sg:
+        parts.append(optim.subspace_gradient(tau=cfg.tau, nu=cfg.nu))
+    parts.append(optim.adam(lr=cfg.lr, eps=cfg.adam_eps))
+    return optim.chain(*parts)
+
+
+def _read_captions(path: str, files: list[Path], token: str) -> list[str | None]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"captions file {path!r} does not exist")
+    table = {}
+    for k, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise UserError(f"{path}:{k}: expected '<image file><TAB><caption>'")
+        name, cap = line.split("\t", 1)
+        cap = cap.strip().replace(token, "{}")
+        if "{}" not in cap:
+            raise UserError(f"{path}:{k}: caption must contain {{}} or {token!r} where the subject goes")
+        table[name.strip()] = cap
+    return [table.get(f.name) for f in files]
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Result:
+    theta: np.ndarray          # [num_vectors, dim]
+    out: str
+    run_dir: str
+    steps: int
+    forward_passes: int
+    seconds: float
+    peak_rss_mb: float
+    final_loss: float
+
+
+class Trainer:
+    """One personalization run: setup (bundle, data, oracle), then ``train()``."""
+
+    def __init__(self, cfg: PersonalizeConfig, resume: bool = False):
+        cfg.validate()
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir or default_run_dir(cfg.token))
+        out = Path(cfg.out)
+        if not resume:
+            if out.exists() and not cfg.overwrite:
+                raise UserError(f"output {cfg.out} exists; pass --overwrite to replace it")
+            if (self.run_dir / CHECKPOINT).exists() and not cfg.overwrite:
+                raise UserError(f"run directory {self.run_dir} already holds a run; resume it with "
+                                f"--resume {self.run_dir} or pass --overwrite")
+        self.bundle = Bundle.load(cfg.model, provider=cfg.provider, threads=cfg.threads)
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.bundle.tokenizer_dir)
+        if self.tokenizer.is_in_vocab(cfg.token):
+            raise UserError(f"placeholder {cfg.token!r} is already a token of the vocabulary; "
+                            "choose a new string such as <my-thing>")
+        init_id = self.tokenizer.single_token_id(cfg.init)
+        if init_id is None:
+            raise UserError(f"init word {cfg.init!r} is not a single token of the vocabulary; "
+                            "choose a one-token word (e.g. dog, toy, star)")
+        self.init_id = init_id
+
+        res = cfg.resolution or self.bundle.resolution
+        if res % self.bundle.vae_scale_factor:
+            raise UserError(f"--resolution {res} is not divisible by the VAE factor {self.bundle.vae_scale_factor}")
+        self.files = list_images(cfg.images)
+        images = np.stack([load_image(f, res, cfg.allow_upscale) for f in self.files])
+        self.captions = (_read_captions(cfg.captions, self.files, cfg.token) if cfg.captions
+                         else [None] * len(self.files))
+        self.latents = encode_images(self.bundle, images, flip=cfg.flip)
+        self.bundle.release("vae_encoder")  # training needs only the text encoder and the UNet
+
+        self.oracle = LossOracle(self.bundle, cfg.batch_candidates)
+        self.rge = optim.RGE(n=cfg.n, mu=cfg.mu)
+        self.opt = make_optimizer(cfg)
+        self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
+            int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
+        self.placeholders = {cfg.token: cfg.num_vectors}
+        self._prompt_cache: dict[str, tuple[np.ndarray, list]] = {}
+
+    # -- state ------------------------------------------------------------------------------
+    def fresh_state(self):
+        row = np.asarray(self.bundle.token_table[self.init_id], np.float32)
+        theta = np.repeat(row[None], self.cfg.num_vectors, axis=0)
+        return 0, theta, self.opt.init(theta), np.random.default_rng(self.cfg.seed)
+
+    def save_checkpoint(self, step: int, theta, opt_state, rng) -> None:
+        flat = {f"opt/{k}": v for k, v in optim.flatten_state(opt_state).items()}
+        _atomic_savez(self.run_dir / CHECKPOINT, step=np.int64(step), theta=theta,
+                      rng=np.array(json.dumps(rng.bit_generator.state)),
+                      forward_passes=np.int64(self.oracle.forward_passes), **flat)
+
+    def load_checkpoint(self):
+        path = self.run_dir / CHECKPOINT
+        with np.load(path, allow_pickle=False) as z:
+            flat = {k[4:]: z[k] for k in z.files if k.startswith("opt/")}
+            rng = np.random.default_rng()
+            rng.bit_generator.state = json.loads(str(z["rng"]))
+            self.oracle.forward_passes = int(z["forward_passes"])
+            return int(z["step"]), z["theta"].astype(np.float32), optim.unflatten_state(flat), rng
+
+    def prompt(self, text: str):
+        if text not in self._prompt_cache:
+            ids, slots = self.tokenizer.encode_prompt(text, self.placeholders)
+            if not slots:
+                raise UserError(f"prompt {text!r} lost the placeholder (truncated?)")
+            self._prompt_cache[text] = (ids, slots)
+        return self._prompt_cache[text]
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self, theta, opt_state, rng):
+        """One ZOODiP iteration -> (theta, opt_state, loss at θ, timestep, projected dims)."""
+        cfg = self.cfg
+        i, latent = self.latents.sample(rng)
+        template = self.captions[i % len(self.files)] or cfg.templates[int(rng.integers(len(cfg.templates)))]
+        ids, slots = self.prompt(template.format(cfg.token))
+        noise = rng.standard_normal(latent.shape, dtype=np.float32)
+        t = self.sampler(rng)
+        z = self.rge.directions(rng, theta.shape)
+        losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t)
+        if not np.all(np.isfinite(losses)):
+            raise FloatingPointError(f"loss is {losses.tolist()} at timestep {t}")
+        g = self.rge.estimate(losses, z)
+        updates, opt_state = self.opt.update(g, opt_state, theta)
+        theta = optim.apply_updates(theta, updates)
+        dropped = int(opt_state["0"]["basis"].shape[0]) if cfg.sg else 0
+        return theta, opt_state, float(losses[0]), t, dropped
+
+    def train(self, resume: bool = False, callback=None) -> Result:
+        """Run to ``cfg.steps``. ``callback(step, theta)``, if given, is called after every step."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / "log.jsonl"
+        if resume:
+            start, theta, opt_state, rng = self.load_checkpoint()
+            # keep the log consistent with the checkpoint: drop lines written after it
+            if log_path.exists():
+                keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
+                _atomic_write_text(log_path, "".join(l + "\n" for l in keep))
+        else:
+            start, theta, opt_state, rng = self.fresh_state()
+            cfg_dict = dataclasses.asdict(cfg)
+            cfg_dict["templates"] = list(cfg.templates)
+            _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg_dict, indent=2))
+            if log_path.exists():
+                log_path.unlink()
+            self.save_checkpoint(0, theta, opt_state, rng)
+
+        progress = Progress("personalize", total=cfg.steps, start=start)
+        t0 = time.time()
+        loss = float("nan")
+        with open(log_path, "a") as log:
+            for step in range(start + 1, cfg.steps + 1):
+                try:
+                    theta, opt_state, loss, t, dropped = self.step(theta, opt_state, rng)
+                except FloatingPointError as e:
+                    progress.close()
+                    raise UserError(f"stopping at step {step}: {e}; the last good checkpoint in "
+                                    f"{self.run_dir} is intact") from None
+                log.write(json.dumps({"step": step, "loss": loss, "timestep": t, "projected_dims": dropped,
+                                      "forward_passes": self.oracle.forward_passes,
+                                      "wall_time": round(time.time() - t0, 3)}) + "\n")
+                progress.update(step, loss=loss)
+                if callback is not None:
+                    callback(step, theta)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    log.flush()
+                    self.save_checkpoint(step, theta, opt_state, rng)
+        progress.close()
+        save_embedding(cfg.out, cfg.token, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_method": "zoodip"})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        seconds = time.time() - t0
+        print(f"done: {cfg.out} ({cfg.steps} steps, {self.oracle.forward_passes} UNet forward passes, "
+              f"{seconds:.1f} s, peak RSS {peak:.0f} MB)", file=sys.stderr)
+        return Result(theta=theta, out=cfg.out, run_dir=str(self.run_dir), steps=cfg.steps,
+                      forward_passes=self.oracle.forward_passes, seconds=seconds, peak_rss_mb=peak,
+                      final_loss=loss)
+
+
+def personalize(cfg: PersonalizeConfig) -> Result:
+    return Trainer(cfg).train()
+
+
+def load_run_config(run_dir: str | Path) -> PersonalizeConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file() or not (Path(run_dir) / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir} is not a personalize run directory (config.json and {CHECKPOINT} expected)")
+    d = json.loads(path.read_text())
+    d["templates"] = tuple(d.get("templates", TEMPLATES))
+    known = {f.name for f in dataclasses.fields(PersonalizeConfig)}
+    return PersonalizeConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def resume(run_dir: str | Path, steps: int | None = None) -> Result:
+    """Continue an interrupted run exactly where its last checkpoint left it."""
+    cfg = load_run_config(run_dir)
+    cfg.run_dir = str(run_dir)
+    if steps is not None:
+        cfg.steps = steps
+    return Trainer(cfg, resume=True).train(resume=True)
