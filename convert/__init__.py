@@ -1,0 +1,26 @@
+"""zo_edge.convert: diffusers Stable Diffusion folder -> zo-edge bundle (docs/bundle.md).
+
+    from zo_edge.convert import convert_pipeline
+    manifest = convert_pipeline("sd15/", "sd15.zo", weights="int8")
+
+Heavy imports (torch, optimum, onnxruntime.quantization) happen only when a function is used.
+"""
+from __future__ import annotations
+
+__all__ = ["convert_pipeline", "inspect_source", "read_manifest", "verify_files", "build_pipeline"]
+
+
+def __getattr__(name):
+    if name == "convert_pipeline":
+        from .pipeline import convert_pipeline
+        return convert_pipeline
+    if name == "inspect_source":
+        from .source import inspect_source
+        return inspect_source
+    if name in ("read_manifest", "verify_files"):
+        from . import manifest
+        return getattr(manifest, name)
+    if name == "build_pipeline":
+        from .tiny import build_pipeline
+        return build_pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -132,7 +132,7 @@ def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, 
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types), per_channel=per_channel,
                 reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude, use_external_data_format=big, calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"MatMulConstBOnly": True, "CalibMaxIntermediateOutputs": 1,
+                extra_options={"MatMulConstBOnly": True,
                                "CalibTensorRangeSymmetric": False, "ActivationSymmetric": False,
                                "WeightSymmetric": True})
         finally:

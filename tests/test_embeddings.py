@@ -223,7 +223,7 @@ def tiny_pipe(tmp_path_factory):
         block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     return diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=diffusers.DDIMScheduler(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

@@ -1,10 +1,16 @@
 """Parity of zo_runtime.schedulers (NumPy) with diffusers' schedulers (torch).
 
 Every sampling test runs the same loop in both implementations, each on its own trajectory, with the same
-deterministic stand-in for the UNet, and checks every step's UNet input and prev_sample. Tolerance: elementwise
-``|ours - diffusers| <= ATOL + RTOL * |diffusers|`` with ATOL = RTOL = 1e-5 (``np.testing.assert_allclose``).
-diffusers computes in float32 with a float32 noise schedule; ours in float64, so part of this budget is diffusers'
-own rounding.
+deterministic stand-in for the UNet, and checks the timesteps (exactly equal), init_noise_sigma and every step's
+UNet input and prev_sample. Tolerance: elementwise ``|ours - diffusers| <= ATOL + RTOL * |diffusers|`` with
+ATOL = RTOL = 1e-5 (``np.testing.assert_allclose``). diffusers computes in float32 with a float32 noise schedule;
+ours in float64, so part of this budget is diffusers' own rounding.
+
+Two places where diffusers' float32 rounding alone exceeds 1e-5, handled explicitly below:
+- ``rescale_betas_zero_snr``: diffusers' float32 rescale cancels digits (alpha_bar off by up to 2e-4 relative), so
+  the reference runs diffusers' own rescale function in float64 (fixture ``precise_zero_snr``).
+- Euler with Karras sigmas: the fractional timesteps come from log-sigma interpolation on diffusers' float32
+  sigmas; they are compared with rtol 1e-4 instead of exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +33,21 @@ from zo_runtime.errors import UserError  # noqa: E402
 from zo_runtime.schedulers import common  # noqa: E402
 
 torch.set_num_threads(1)
+
+RESCALING_MODULES = ["scheduling_ddim", "scheduling_ddpm", "scheduling_euler_discrete",
+                     "scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep"]
+
+
+@pytest.fixture(autouse=True)
+def precise_zero_snr(monkeypatch):
+    """Run diffusers' rescale_zero_terminal_snr in float64 (then back to float32, as diffusers stores betas)."""
+    import importlib
+
+    for name in RESCALING_MODULES:
+        module = importlib.import_module(f"diffusers.schedulers.{name}")
+        original = module.rescale_zero_terminal_snr
+        monkeypatch.setattr(module, "rescale_zero_terminal_snr",
+                            lambda betas, original=original: original(betas.double()).float())
 
 RTOL = ATOL = 1e-5
 SHAPE = (2, 4, 8, 8)
@@ -95,14 +116,17 @@ class NoiseFeed:
 
 
 def run_loop(ours, ref, steps: int, noises: list[np.ndarray] | None = None, ddim_eta: float = 0.0,
-             what: str = "") -> np.ndarray:
+             what: str = "", exact_timesteps: bool = True) -> np.ndarray:
     """Sample with both schedulers from the same initial noise; compare timesteps, init_noise_sigma and every
     step's UNet input and prev_sample. Returns our final sample."""
     ours.set_timesteps(steps)
     ref.set_timesteps(steps)
     ref_t = ref.timesteps.numpy()
     assert ours.timesteps.dtype == ref_t.dtype, f"{what}: timesteps dtype"
-    np.testing.assert_array_equal(ours.timesteps, ref_t, err_msg=f"{what}: timesteps")
+    if exact_timesteps:
+        np.testing.assert_array_equal(ours.timesteps, ref_t, err_msg=f"{what}: timesteps")
+    else:
+        np.testing.assert_allclose(ours.timesteps, ref_t, rtol=1e-4, atol=1e-4, err_msg=f"{what}: timesteps")
     assert isinstance(ours.init_noise_sigma, float)
     np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-6,
                                err_msg=f"{what}: init_noise_sigma")
@@ -187,7 +211,8 @@ def test_pndm_prk_matches_diffusers(spacing):
 @pytest.mark.parametrize("steps", [8, 20])
 def test_options_match_diffusers(name, overrides, steps):
     ours, ref = make_pair(name, SD15, **overrides)
-    run_loop(ours, ref, steps, what=f"{name} {overrides} {steps}")
+    exact = not (name == "euler" and overrides.get("use_karras_sigmas"))  # fractional timesteps (see top)
+    run_loop(ours, ref, steps, what=f"{name} {overrides} {steps}", exact_timesteps=exact)
 
 
 def test_trained_betas():

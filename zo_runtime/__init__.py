@@ -1,1 +1,33 @@
-"""zo_runtime"""
+"""zo_runtime: forward-only (zeroth-order) personalization for ONNX Runtime applications.
+
+NumPy + onnxruntime only. The pieces, each usable alone with plain arrays:
+
+- :class:`RGE` — random gradient estimator; :func:`subspace_gradient` — SG; :func:`adam`;
+  :func:`chain` / :func:`apply_updates` (``zo_runtime.optim``, optax-style);
+- :func:`puts` / :func:`uniform` — timestep samplers (``zo_runtime.timesteps``);
+- :class:`LossOracle` — the ORT text encoder + UNet as a black-box loss (``zo_runtime.oracle``);
+- :class:`Bundle` — a converted model; :class:`Pipeline` — text-to-image;
+- ``zo_runtime.personalize``: :class:`PersonalizeConfig`, :class:`Trainer`, ``personalize(cfg)`` and
+  ``resume(run_dir)`` — the whole training loop.
+"""
+from .bundle import Bundle
+from .errors import UserError
+from .optim import RGE, adam, apply_updates, chain, pca_drop_basis, subspace_gradient
+from .oracle import LossOracle
+from .timesteps import puts, uniform
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # heavier modules on first use
+    if name in ("PersonalizeConfig", "Trainer"):
+        from . import personalize as _p
+        return getattr(_p, name)
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+        return Pipeline
+    raise AttributeError(name)
+
+
+__all__ = ["Bundle", "UserError", "RGE", "adam", "apply_updates", "chain", "pca_drop_basis", "subspace_gradient",
+           "LossOracle", "puts", "uniform", "PersonalizeConfig", "Trainer", "Pipeline"]

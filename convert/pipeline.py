@@ -1,0 +1,325 @@
+"""``convert_pipeline``: diffusers Stable Diffusion folder -> zo-edge bundle (docs/bundle.md).
+
+Stages, each announced with its time and peak RSS: export, rewrite, optimize, calibrate,
+quantize, verify (and finalize). Everything is built in a hidden temporary folder next to OUT
+(``.OUT.zo-convert-XXXX``) and moved into place with ``os.replace`` only at the very end, so an
+interrupted convert never leaves a bundle-looking folder, and ``--overwrite`` replaces an old
+bundle only once the new one is complete.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from zo_runtime.errors import UserError
+
+from . import accuracy as acc_mod
+from .export import GRAPHS, export_onnx
+from .graphs import graph_files, save_model, session
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, graph_entry, write_manifest
+from .quantize import WEIGHTS, quantize_int4, quantize_int8
+from .source import SourceInfo, inspect_source
+from .surgery import check_parity, rewrite_text_encoder
+
+PROVIDERS = ("cpu",)
+# Fusion default per weights, from measurements on CPU (see docs/bundle.md "Conversion recipe").
+DEFAULT_FUSE = {"fp32": True, "int8": False, "int4": False}
+PARITY_TOL = 1e-5
+PARITY_PROMPTS = ("a photo of a cat", "a red striped star on a grass background",
+                  "an oil painting of a harbour at dawn, highly detailed", "")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the process's lifetime peak is the best we have
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Stages:
+    """Times each stage and samples this process's RSS to report the stage's peak."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.progress = progress
+        self.records: dict[str, dict] = {}
+        self.t0 = time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        if self.progress:
+            self.progress(msg)
+
+    def run(self, name: str, what: str, fn: Callable, *a, **kw):
+        self.say(f"[{name}] {what} ...")
+        peak = [_rss_bytes()]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], _rss_bytes())
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        t = time.perf_counter()
+        try:
+            result = fn(*a, **kw)
+        finally:
+            stop.set()
+            th.join()
+        dt = time.perf_counter() - t
+        peak[0] = max(peak[0], _rss_bytes())
+        rec = self.records.setdefault(name, {"seconds": 0.0, "peak_rss_mb": 0.0})
+        rec["seconds"] = round(rec["seconds"] + dt, 3)
+        rec["peak_rss_mb"] = round(max(rec["peak_rss_mb"], peak[0] / 2**20), 1)
+        self.say(f"[{name}] done in {dt:.1f} s (peak RSS {peak[0] / 2**20:,.0f} MB)")
+        return result
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it")
+        if not out.is_dir():
+            raise UserError(f"{out} exists and is not a folder; refusing to replace it")
+        if (out / MANIFEST).is_file() or not any(out.iterdir()):
+            return
+        raise UserError(f"{out} exists and is not a zo-edge bundle; refusing to replace it")
+
+
+def _copy_graph(src: Path, dst: Path) -> None:
+    """Copy an ONNX graph with its external data, normalizing the data file to model.onnx_data."""
+    files = graph_files(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if len(files) == 1:
+        shutil.copyfile(src, dst)
+    else:
+        save_model(onnx.load(str(src)), dst, external=True)
+
+
+def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: str = "int8",
+                     text_encoder_fp32: bool = False, overwrite: bool = False, calibration_samples: int = 8,
+                     provider: str = "cpu", fuse: bool | None = None, per_channel: bool = False,
+                     heldout_samples: int = 4, heldout_per_band: int = 2, seed: int = 0,
+                     export_dir: str | os.PathLike | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """Convert the diffusers Stable Diffusion folder ``src`` (SD1.x / SD2.x) into a bundle at ``out``.
+
+    ``weights``: ``int8`` (static QDQ, default), ``int4`` (UNet MatMuls 4-bit weight-only, rest INT8)
+    or ``fp32``. ``text_encoder_fp32`` keeps the text encoder FP32. ``fuse``: apply the CPU-safe
+    onnxruntime.transformers fusions to the UNet (None: the measured default for ``weights``).
+    ``calibration_samples``: calibration inputs per graph. ``heldout_samples`` / ``heldout_per_band``:
+    accuracy-report inputs (per UNet timestep band). ``export_dir``: reuse an existing Optimum
+    export of ``src`` (skips the export stage). ``progress``: called with one line per stage event.
+
+    Returns the manifest written to ``out/zo-edge.json``. Bad input raises UserError.
+    """
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown --weights {weights!r}; one of {', '.join(WEIGHTS)}")
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown --provider {provider!r}; supported: {', '.join(PROVIDERS)}")
+    if weights != "fp32" and calibration_samples < 1:
+        raise UserError("--calibration-samples must be at least 1")
+    if heldout_samples < 1 or heldout_per_band < 1:
+        raise UserError("held-out sample counts must be at least 1")
+    info = inspect_source(src)
+    out = Path(out).expanduser().absolute()
+    _check_out(out, overwrite)
+    if out == info.path or info.path in out.parents:
+        raise UserError(f"output {out} must not be inside the source folder {info.path}")
+    if export_dir is not None:
+        ed = Path(export_dir)
+        missing = [g for g in GRAPHS if not (ed / g / "model.onnx").is_file()]
+        if missing:
+            raise UserError(f"export folder {ed} lacks {', '.join(missing)}")
+    fuse = DEFAULT_FUSE[weights] if fuse is None else bool(fuse)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    st = Stages(progress)
+    st.say(f"converting {info.path} ({info.family}, {info.prediction_type}, {info.resolution} px) "
+           f"-> {out}  weights={weights}{' text-encoder=fp32' if text_encoder_fp32 else ''} fuse={fuse}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zo-convert-", dir=out.parent))
+    try:
+        manifest = _build(info, tmp, weights, text_encoder_fp32, calibration_samples, provider, fuse, per_channel,
+                          heldout_samples, heldout_per_band, seed, export_dir, st)
+        bundle = tmp / "bundle"
+        if out.exists():
+            os.replace(out, tmp / "old")
+        os.replace(bundle, out)
+        st.say(f"bundle written to {out} in {st.total:.1f} s")
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: int, provider: str, fuse: bool,
+           per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, st: Stages) -> dict:
+    from zo_edge import __version__
+
+    from .calibrate import load_tokenizer, make_inputs, tokenize
+
+    bundle = tmp / "bundle"
+    bundle.mkdir()
+    # -- export
+    if export_dir is None:
+        exported = st.run("export", "optimum main_export(task=text-to-image)", export_onnx, info.path, tmp / "export")
+    else:
+        exported = {g: Path(export_dir) / g / "model.onnx" for g in GRAPHS}
+        st.say(f"[export] reusing {export_dir}")
+
+    # -- rewrite: text encoder takes inputs_embeds; the token table goes to a .npy
+    te_fp32_path = tmp / "fp32" / "text_encoder" / "model.onnx"
+    table_path = bundle / "text_encoder" / "token_embedding.npy"
+    tokenizer = load_tokenizer(info.path / "tokenizer")
+
+    def rewrite():
+        res = rewrite_text_encoder(exported["text_encoder"], te_fp32_path, table_path,
+                                   vocab_size=int(info.text_encoder.get("vocab_size", 0)) or None)
+        table = np.load(table_path, mmap_mode="r")
+        ids = tokenize(tokenizer, list(PARITY_PROMPTS), info.max_length)
+        diff = check_parity(exported["text_encoder"], te_fp32_path, table, ids)
+        if not diff <= PARITY_TOL:
+            raise RuntimeError(f"text encoder surgery changed the output: max abs diff {diff:.3g} > {PARITY_TOL}")
+        return res, diff
+    surgery, parity = st.run("rewrite", "text encoder: token lookup -> inputs_embeds", rewrite)
+    st.say(f"[rewrite] dropped {surgery.table_name} {surgery.vocab_size}x{surgery.dim}; "
+           f"input_ids kept: {surgery.kept_input_ids}; parity max abs diff {parity:.2e}")
+    table = np.load(table_path, mmap_mode="r")
+    reference = {"text_encoder": te_fp32_path, "unet": exported["unet"],
+                 "vae_encoder": exported["vae_encoder"], "vae_decoder": exported["vae_decoder"]}
+
+    # -- optimize: CPU-safe fusions on the UNet
+    unet_src = exported["unet"]
+    fusion_counts: dict = {}
+    if fuse:
+        from .optimize import fuse_unet, unpack_self_attention
+        fused = tmp / "fused" / "unet" / "model.onnx"
+
+        def optimize():
+            counts = fuse_unet(exported["unet"], fused)
+            if weights != "fp32":
+                m = onnx.load(str(fused))
+                counts["unpacked_self_attention"] = unpack_self_attention(m)
+                save_model(m, fused)
+            return counts
+        fusion_counts = st.run("optimize", "UNet fusions (CPU kernels only)", optimize)
+        st.say(f"[optimize] fused ops: {fusion_counts}")
+        unet_src = fused
+
+    # -- calibrate + quantize
+    recipes: dict[str, dict] = {}
+    precision: dict[str, str] = {}
+    if weights != "fp32":
+        calib = st.run("calibrate", f"{n_calib} samples per graph from the model's own data", make_inputs,
+                       info, reference, table, tokenizer, n_calib, seed, False)
+        st.say(f"[calibrate] UNet timesteps {sorted(calib.unet_timesteps)}")
+
+        def quantize():
+            q = tmp / "q"
+            q.mkdir(exist_ok=True)
+            dst = {g: bundle / g / "model.onnx" for g in GRAPHS}
+            for g in GRAPHS:
+                dst[g].parent.mkdir(parents=True, exist_ok=True)
+            if te_fp32:
+                _copy_graph(te_fp32_path, dst["text_encoder"])
+                precision["text_encoder"] = "fp32"
+            else:
+                recipes["text_encoder"] = quantize_int8(te_fp32_path, dst["text_encoder"], calib.feeds["text_encoder"],
+                                                        per_channel=per_channel)
+                precision["text_encoder"] = "int8"
+            for g in ("vae_encoder", "vae_decoder"):
+                recipes[g] = quantize_int8(reference[g], dst[g], calib.feeds[g], per_channel=per_channel)
+                precision[g] = "int8"
+            if weights == "int8":
+                recipes["unet"] = quantize_int8(unet_src, dst["unet"], calib.feeds["unet"], per_channel=per_channel)
+                precision["unet"] = "int8"
+            else:
+                conv8 = q / "unet_conv8" / "model.onnx"
+                conv8.parent.mkdir(parents=True)
+                r8 = quantize_int8(unet_src, conv8, calib.feeds["unet"], op_types=("Conv", "Gemm"),
+                                   per_channel=per_channel)
+                r4 = quantize_int4(conv8, dst["unet"])
+                recipes["unet"] = {"matmul": r4, "conv_gemm": r8}
+                precision["unet"] = "int4"
+        st.run("quantize", f"weights {weights}", quantize)
+    else:
+        def copy_fp32():
+            for g in GRAPHS:
+                _copy_graph(unet_src if g == "unet" else reference[g], bundle / g / "model.onnx")
+                precision[g] = "fp32"
+        st.run("quantize", "weights fp32: graphs copied unchanged", copy_fp32)
+
+    # -- verify: every graph loads; accuracy vs the FP32 export on held-out inputs
+    changed = {g: precision[g] != "fp32" or (g == "unet" and fuse) for g in GRAPHS}
+
+    def verify():
+        held = make_inputs(info, reference, table, tokenizer, n_held, seed + 1000, True, per_band)
+        report = {}
+        for g in GRAPHS:
+            if changed[g]:
+                report[g] = acc_mod.graph_accuracy(g, reference[g], bundle / g / "model.onnx", held,
+                                                   info.num_train_timesteps)
+            else:
+                session(bundle / g / "model.onnx")  # it must load
+                report[g] = {"output": acc_mod.MAIN_OUTPUT[g], "cosine": 1.0, "rel_l2": 0.0, "identical": True}
+        return report
+    accuracy = st.run("verify", "held-out accuracy vs the FP32 export", verify)
+    for line in acc_mod.format_accuracy(accuracy):
+        st.say(f"[verify] {line.strip()}")
+
+    # -- finalize: tokenizer, scheduler, manifest
+    def finalize():
+        shutil.copytree(info.path / "tokenizer", bundle / "tokenizer")
+        (bundle / "scheduler").mkdir()
+        shutil.copyfile(info.path / "scheduler" / "scheduler_config.json", bundle / "scheduler" / "scheduler_config.json")
+        graphs = {}
+        for g in GRAPHS:
+            extra = {}
+            if g == "unet":
+                extra["fused"] = fuse
+                if fusion_counts:
+                    extra["fusions"] = fusion_counts
+            graphs[g] = graph_entry(bundle, g, precision[g], extra)
+        quant = {"weights": weights, "text_encoder_fp32": te_fp32, "fuse": fuse, "provider": provider,
+                 "per_channel": per_channel,
+                 "calibration": None if weights == "fp32" else {
+                     "samples": n_calib, "seed": seed,
+                     "text_encoder": "shapes-world captions + everyday prompts + empty prompt",
+                     "vae_encoder": "zo_edge.models.world renders at the model resolution",
+                     "vae_decoder": "latents sampled from the FP32 VAE encoder on those renders",
+                     "unet": "noised scaled latents; timesteps over the whole schedule + 500-900",
+                     "unet_timesteps": sorted(int(t) for t in calib.unet_timesteps)},
+                 "graphs": recipes}
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"zo-edge {__version__}",
+            "family": info.family,
+            "source": {"path": str(info.path), "pipeline_class": info.pipeline_class or "StableDiffusionPipeline"},
+            "resolution": info.resolution, "vae_scale_factor": info.vae_scale_factor,
+            "vae_scaling_factor": info.vae_scaling_factor, "latent_channels": info.latent_channels,
+            "embedding_dim": info.embedding_dim, "max_length": info.max_length,
+            "prediction_type": info.prediction_type, "noise_schedule": info.noise_schedule,
+            "graphs": graphs,
+            "token_embedding": {"path": "text_encoder/token_embedding.npy", "shape": [int(s) for s in table.shape],
+                                "dtype": "float32"},
+            "text_encoder_surgery": {"removed_initializer": surgery.table_name,
+                                     "input_ids_kept": surgery.kept_input_ids, "parity_max_abs_diff": parity},
+            "tokenizer": "tokenizer", "scheduler_config": "scheduler/scheduler_config.json",
+            "quantization": quant, "accuracy": accuracy,
+            "build": {"seconds": None, "stages": st.records},
+        }
+        return manifest
+    manifest = st.run("finalize", "tokenizer, scheduler, manifest", finalize)
+    manifest["build"]["seconds"] = st.total
+    return write_manifest(bundle, manifest)

@@ -1,0 +1,226 @@
+"""zo-edge personalize end to end on a tiny converted bundle: runs, writes a loadable file,
+reproduces bit for bit, resumes exactly, and refuses bad input with one line."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from zo_edge.cli.main import main as cli
+from zo_edge.models import world
+from zo_runtime.bundle import Bundle
+from zo_runtime.embeddings import load_embeddings
+from zo_runtime.errors import UserError
+from zo_runtime.oracle import LossOracle
+from zo_runtime.personalize import PersonalizeConfig, Trainer, resume
+
+
+@pytest.fixture(scope="module")
+def ref_images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("refs")
+    for i, im in enumerate(world.reference_images(world.Subject("star", "red", "striped"), n=3, size=24)):
+        Image.fromarray(im).save(d / f"ref_{i}.png")
+    return d
+
+
+def make_cfg(bundle, images, tmp_path, **kw):
+    base = dict(model=str(bundle), images=str(images), token="<zz-tok>", init="dog",
+                out=str(tmp_path / "tok.safetensors"), run_dir=str(tmp_path / "run"), steps=12,
+                checkpoint_every=4, tau=4, seed=3)
+    base.update(kw)
+    return PersonalizeConfig(**base)
+
+
+def test_end_to_end_writes_loadable_embedding(tiny_bundle_int8, ref_images, tmp_path):
+    res = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path)).train()
+    emb = load_embeddings(res.out)
+    dim = Bundle.load(tiny_bundle_int8).embedding_dim
+    assert list(emb) == ["<zz-tok>"] and emb["<zz-tok>"].shape == (1, dim)
+    np.testing.assert_array_equal(emb["<zz-tok>"], res.theta)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 13))
+    assert all(500 <= l["timestep"] < 900 for l in lines)
+    assert lines[-1]["forward_passes"] == 12 * 3
+    assert res.forward_passes == 36
+    # SG switched on after τ = 4 tokens: some directions get projected out
+    assert max(l["projected_dims"] for l in lines) > 0
+    # θ moved away from the init word's row
+    table = Bundle.load(tiny_bundle_int8).token_table
+    assert not np.allclose(res.theta[0], table[1929])  # "dog</w>"
+
+
+def test_same_seed_same_embedding_bit_for_bit(tiny_bundle_int8, ref_images, tmp_path):
+    a = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "a")).train().theta
+    b = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "b")).train().theta
+    c = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "c", seed=4)).train().theta
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_bundle_int8, ref_images, tmp_path):
+    full = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "full", num_vectors=2)).train().theta
+
+    cfg = make_cfg(tiny_bundle_int8, ref_images, tmp_path / "cut", num_vectors=2)
+
+    def kill(step, theta):
+        if step == 10:  # after the checkpoint at step 8, before the one at 12
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(cfg).train(callback=kill)
+    assert not Path(cfg.out).exists()
+    resumed = resume(cfg.run_dir).theta
+    np.testing.assert_array_equal(resumed, full)
+    steps = [json.loads(l)["step"] for l in (Path(cfg.run_dir) / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_after_sigkill_of_cli_process(tiny_bundle_int8, ref_images, tmp_path):
+    """A real kill -9 of the command mid-run, then --resume, matches an uninterrupted run."""
+    args = ["--model", str(tiny_bundle_int8), "--images", str(ref_images), "--token", "<zz-tok>", "--init", "dog",
+            "--steps", "60", "--checkpoint-every", "5", "--tau", "4", "--seed", "1"]
+    ref = CliRunner().invoke(cli, ["personalize", *args, "--out", str(tmp_path / "ref.safetensors"),
+                                   "--run-dir", str(tmp_path / "ref")])
+    assert ref.exit_code == 0, ref.output
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "zo_edge.cli.main", "personalize", *args, "--out",
+                             str(tmp_path / "k.safetensors"), "--run-dir", str(run_dir), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+    deadline = time.time() + 120
+    log = run_dir / "log.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    if (tmp_path / "k.safetensors").exists():
+        pytest.skip("the run finished before it could be killed")
+    res = CliRunner().invoke(cli, ["personalize", "--resume", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    a = load_embeddings(tmp_path / "ref.safetensors")["<zz-tok>"]
+    b = load_embeddings(tmp_path / "k.safetensors")["<zz-tok>"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_oracle_batched_equals_sequential(tiny_bundle_int8, ref_images):
+    b = Bundle.load(tiny_bundle_int8)
+    from zo_runtime.tokenizer import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(b.tokenizer_dir)
+    ids, slots = tok.encode_prompt("a photo of a <x>", {"<x>": 1})
+    rng = np.random.default_rng(0)
+    thetas = rng.standard_normal((3, 1, b.embedding_dim)).astype(np.float32) * 0.02
+    h = b.resolution // b.vae_scale_factor
+    latent = rng.standard_normal((b.latent_channels, h, h)).astype(np.float32)
+    noise = rng.standard_normal(latent.shape).astype(np.float32)
+    on = LossOracle(b, "on").losses(thetas, ids, slots, latent, noise, 700)
+    off = LossOracle(b, "off").losses(thetas, ids, slots, latent, noise, 700)
+    assert on.shape == (3,)
+    np.testing.assert_allclose(on, off, rtol=1e-5)
+    assert len(set(on.round(12))) > 1  # θ changes the loss
+
+
+def test_nan_loss_stops_with_checkpoint_intact(tiny_bundle_int8, ref_images, tmp_path, monkeypatch):
+    cfg = make_cfg(tiny_bundle_int8, ref_images, tmp_path)
+    trainer = Trainer(cfg)
+    real = trainer.oracle.losses
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * np.nan if calls["n"] == 7 else out
+
+    trainer.oracle.losses = flaky
+    with pytest.raises(UserError, match="NaN|nan"):
+        trainer.train()
+    with np.load(Path(cfg.run_dir) / "checkpoint.npz") as z:
+        assert int(z["step"]) == 4 and np.all(np.isfinite(z["theta"]))
+    assert not Path(cfg.out).exists()
+
+
+def cli_err(args):
+    r = CliRunner().invoke(cli, ["personalize", *args])
+    assert r.exit_code != 0
+    msg = (r.output or "").strip().splitlines()
+    return msg[-1] if msg else str(r.exception)
+
+
+@pytest.fixture
+def base_args(tiny_bundle_int8, ref_images, tmp_path):
+    return ["--model", str(tiny_bundle_int8), "--images", str(ref_images), "--token", "<zz-tok>", "--init", "dog",
+            "--out", str(tmp_path / "o.safetensors"), "--run-dir", str(tmp_path / "r"), "--steps", "2"]
+
+
+def replace(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--lr", "0", "--lr"), ("--n", "0", "--n"), ("--tau", "1", "--tau"), ("--t-low", "900", "T_L"),
+    ("--token", "dog", "already a token"), ("--init", "zzzqqqxyzzy", "single token"),
+])
+def test_bad_flags_one_line(base_args, flag, value, needle):
+    args = list(base_args)
+    if flag in args:
+        args = replace(args, flag, value)
+    else:
+        args += [flag, value]
+    line = cli_err(args)
+    assert line.startswith("zo-edge: error:") and needle in line
+
+
+def test_bad_images(base_args, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images" in cli_err(replace(base_args, "--images", str(empty)))
+    assert "does not exist" in cli_err(replace(base_args, "--images", str(tmp_path / "nope")))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    good = np.zeros((32, 32, 3), np.uint8)
+    Image.fromarray(good).save(broken / "a.png")
+    data = (broken / "a.png").read_bytes()
+    (broken / "b.png").write_bytes(data[: len(data) // 2])
+    assert "cannot read image" in cli_err(replace(base_args, "--images", str(broken)))
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(small / "s.png")
+    assert "smaller than" in cli_err(replace(base_args, "--images", str(small)) + ["--no-upscale"])
+
+
+def test_bad_bundle(base_args, tiny_bundle_int8, tmp_path):
+    assert "zo-edge.json is missing" in cli_err(replace(base_args, "--model", str(tmp_path)))
+    broken = tmp_path / "broken-bundle"
+    shutil.copytree(tiny_bundle_int8, broken)
+    with open(broken / "text_encoder" / "token_embedding.npy", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    assert "sha256" in cli_err(replace(base_args, "--model", str(broken)))
+
+
+def test_existing_output_not_overwritten(base_args, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    assert "exists" in cli_err(base_args)
+    assert out.read_bytes() == b"keep me"
+
+
+def test_runtime_imports_no_torch():
+    code = ("import sys, zo_runtime, zo_runtime.personalize, zo_runtime.pipeline, zo_runtime.optim, "
+            "zo_runtime.bundle, zo_runtime.schedulers, zo_runtime.embeddings, zo_runtime.tokenizer\n"
+            "bad = [m for m in ('torch', 'transformers', 'diffusers', 'optimum') if m in sys.modules]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
