@@ -345,13 +345,13 @@ def test_cli_evaluate(bundle_dir, subject):
     (root / "empty").mkdir()
     cases = [
         (["evaluate", "--metrics", root / "nope", *base[3:]], "convert-metrics"),
-        (base[:3] + [root / "empty"] + base[4:], "no images"),
-        (base[:5] + [root / "empty"] + base[6:], "no images"),
-        (base[:7] + [root / "missing.txt"], "does not exist"),
+        (base[:4] + [root / "empty"] + base[5:], "references folder"),
+        (base[:6] + [root / "empty"] + base[7:], "generated images folder"),
+        (base[:8] + [root / "missing.txt"], "does not exist"),
         (base + ["--placeholder", "<my-dog>"], "--class-word"),
     ]
     (root / "three.txt").write_text("a photo of <my-dog>\na <my-dog> dog on the beach\na <my-dog> in the snow\n")
-    cases.append((base[:7] + [root / "three.txt"], "no generated images"))
+    cases.append((base[:8] + [root / "three.txt"], "no generated images"))
     for args, needle in cases:
         line = _one_error_line(_cli(args))
         assert needle in line, line
@@ -443,9 +443,13 @@ def test_load_subjects(tmp_path):
     assert templates == {} and len(subs[0].images()) == 2
     subs, _ = db.load_subjects(ds, classes={"dog": ("puppy", False)}, names=["dog"])
     assert subs == [db.Subject("dog", "puppy", False, ds / "dog")]
-    ds2 = _dataset(tmp_path / "b", with_file=False)
-    with pytest.raises(UserError, match="no class word"):
+    ds2 = _dataset(tmp_path / "b", with_file=False)       # official names: the built-in list
+    assert [(s.class_word, s.live) for s in db.load_subjects(ds2)[0]] == [("backpack", False), ("cat", True),
+                                                                          ("dog", True)]
+    (ds2 / "dog").rename(ds2 / "rex")
+    with pytest.raises(UserError, match="no class word for subject.s. rex"):
         db.load_subjects(ds2)
+    assert db.load_subjects(ds2, classes=db.parse_class_mapping(["rex=dog"]), names=["rex"])[0][0].live
     with pytest.raises(UserError, match="no image folder"):
         db.load_subjects(ds, names=["teapot"])
 

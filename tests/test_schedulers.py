@@ -9,6 +9,10 @@ ours in float64, so part of this budget is diffusers' own rounding.
 Two places where diffusers' float32 rounding alone exceeds 1e-5, handled explicitly below:
 - ``rescale_betas_zero_snr``: diffusers' float32 rescale cancels digits (alpha_bar off by up to 2e-4 relative), so
   the reference runs diffusers' own rescale function in float64 (fixture ``precise_zero_snr``).
+- Euler / Euler ancestral on the zero-SNR config start at sigma = 4096: the first step subtracts numbers of
+  magnitude ~1e4 whose float32 ulp is ~1e-3. There (``zero_snr=True``) ATOL grows to 4 float32 ulps of the step's
+  input magnitude, and each step starts from diffusers' previous sample, so diffusers' rounding is not carried
+  along our trajectory (per-step parity instead of trajectory parity).
 - Euler with Karras sigmas: the fractional timesteps come from log-sigma interpolation on diffusers' float32
   sigmas; they are compared with rtol 1e-4 instead of exactly.
 """
@@ -33,6 +37,8 @@ from zo_runtime.errors import UserError  # noqa: E402
 from zo_runtime.schedulers import common  # noqa: E402
 
 torch.set_num_threads(1)
+# diffusers' own numpy-2 / deprecation noise
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers", "ignore::FutureWarning:diffusers")
 
 RESCALING_MODULES = ["scheduling_ddim", "scheduling_ddpm", "scheduling_euler_discrete",
                      "scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep"]
@@ -88,10 +94,10 @@ def fake_unet(x: np.ndarray, t) -> np.ndarray:
     return (np.tanh(0.5 * x) * np.cos(t / 300.0) + 0.1 * np.sin(3.0 * x + t / 100.0)).astype(np.float32)
 
 
-def close(ours, ref, what: str) -> None:
+def close(ours, ref, what: str, atol: float = ATOL) -> None:
     ref = ref.numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
     assert ours.dtype == np.float32, f"{what}: dtype {ours.dtype}"
-    np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=ATOL, err_msg=what)
+    np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=atol, err_msg=what)
 
 
 def make_pair(name: str, config: dict, **overrides):
@@ -116,7 +122,7 @@ class NoiseFeed:
 
 
 def run_loop(ours, ref, steps: int, noises: list[np.ndarray] | None = None, ddim_eta: float = 0.0,
-             what: str = "", exact_timesteps: bool = True) -> np.ndarray:
+             what: str = "", exact_timesteps: bool = True, zero_snr: bool = False) -> np.ndarray:
     """Sample with both schedulers from the same initial noise; compare timesteps, init_noise_sigma and every
     step's UNet input and prev_sample. Returns our final sample."""
     ours.set_timesteps(steps)
@@ -139,12 +145,15 @@ def run_loop(ours, ref, steps: int, noises: list[np.ndarray] | None = None, ddim
         inp_ref = ref.scale_model_input(xr, tr)
         close(inp, inp_ref, f"{what}: scale_model_input at step {i} (t={t})")
         noise = noises[i] if noises is not None else None
+        atol = max(ATOL, 4 * np.finfo(np.float32).eps * float(np.abs(x).max())) if zero_snr else ATOL
         x = ours.step(fake_unet(inp, t), t, x, noise=noise)
         kwargs = {}
         if ddim_eta:
             kwargs = {"eta": ddim_eta, "variance_noise": torch.from_numpy(noise)}
         xr = ref.step(torch.from_numpy(fake_unet(inp_ref.numpy(), tr)), tr, xr, **kwargs).prev_sample
-        close(x, xr, f"{what}: prev_sample at step {i} (t={t})")
+        close(x, xr, f"{what}: prev_sample at step {i} (t={t})", atol)
+        if zero_snr:
+            x = xr.numpy().copy()
     assert np.isfinite(x).all()
     return x
 
@@ -159,7 +168,7 @@ def run_loop(ours, ref, steps: int, noises: list[np.ndarray] | None = None, ddim
 @pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "dpm++2m"])
 def test_deterministic_sampling_matches_diffusers(name, config, steps):
     ours, ref = make_pair(name, CONFIGS[config])
-    run_loop(ours, ref, steps, what=f"{name}/{config}/{steps}")
+    run_loop(ours, ref, steps, what=f"{name}/{config}/{steps}", zero_snr=config == "zsnr" and name == "euler")
 
 
 @pytest.mark.parametrize("steps", [10, 25])
@@ -170,7 +179,7 @@ def test_euler_ancestral_matches_diffusers_with_injected_noise(config, steps, mo
     noises = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(steps)]
     feed = NoiseFeed(noises)
     monkeypatch.setattr("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", feed)
-    run_loop(ours, ref, steps, noises=noises, what=f"euler_a/{config}/{steps}")
+    run_loop(ours, ref, steps, noises=noises, what=f"euler_a/{config}/{steps}", zero_snr=config == "zsnr")
     assert feed.used == steps
 
 

@@ -12,7 +12,8 @@
 Dataset layout read by :func:`load_subjects`::
 
     dataset/
-      prompts_and_classes.txt      optional (also looked for one level up); else give classes=
+      prompts_and_classes.txt      optional (also looked for one level up); else classes= or the
+                                   built-in official subject -> class list
       backpack/00.jpg 01.jpg ...   one folder per subject, images at its top level
       dog/...
 
@@ -222,16 +223,20 @@ def parse_class_mapping(items: Iterable[str]) -> dict[str, tuple[str, bool | Non
 def load_subjects(dataset_dir: str | Path, classes: Mapping[str, Any] | None = None,
                   names: Sequence[str] | None = None) -> tuple[list[Subject], dict[str, list[str]]]:
     """The subjects of a DreamBooth-layout dataset folder, and any prompt templates its
-    ``prompts_and_classes.txt`` gives. ``classes`` (name -> class word, or (class word, live))
-    overrides the file; ``names`` selects subjects (default: every subject folder)."""
+    ``prompts_and_classes.txt`` gives. Class words come from ``classes`` (name -> class word, or
+    (class word, live)), else the file, else :data:`DREAMBOOTH_CLASSES` (the official subject
+    names); ``names`` selects subjects (default: every subject folder). Live unless said otherwise
+    in the file or ``classes``: class word in :data:`LIVE_CLASSES`."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise UserError(f"dataset folder {str(root)!r} does not exist")
-    known: dict[str, tuple[str, bool | None]] = {}
+    # Class words: classes= over prompts_and_classes.txt over the built-in official list.
+    known: dict[str, tuple[str, bool | None]] = {k: (v, None) for k, v in DREAMBOOTH_CLASSES.items()}
     templates: dict[str, list[str]] = {}
     for cand in (root / CLASSES_FILE, root.parent / CLASSES_FILE):
         if cand.is_file():
-            known, templates = parse_prompts_and_classes(cand)
+            from_file, templates = parse_prompts_and_classes(cand)
+            known.update(from_file)
             break
     for k, v in (classes or {}).items():
         known[k] = (v, None) if isinstance(v, str) else (v[0], v[1])
