@@ -33,6 +33,8 @@ NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization",
             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNorm", "SkipGroupNorm",
             "BatchNormalization", "ReduceMean", "Softmax")
 WEIGHTS = ("int8", "int4", "fp32")
+WEIGHT_TYPE = "QInt8"
+REDUCE_RANGE = False
 INT4_BLOCK = 32
 INT4_ACCURACY_LEVEL = 4
 
@@ -106,7 +108,8 @@ def _copy_graph(src: Path, dst: Path) -> None:
 
 
 def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, per_channel: bool = False,
-                  extra_exclude: list[str] | None = None) -> dict:
+                  extra_exclude: list[str] | None = None, weight_type: str = WEIGHT_TYPE,
+                  reduce_range: bool = REDUCE_RANGE) -> dict:
     """Static QDQ INT8 of ``src`` into ``dst``; returns the recipe details for the manifest."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     if not calib:
@@ -130,7 +133,7 @@ def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, 
             quantize_static(
                 model_input=str(named), model_output=str(dst), calibration_data_reader=FeedsReader(calib),
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types), per_channel=per_channel,
-                reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
                 nodes_to_exclude=exclude, use_external_data_format=big, calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"MatMulConstBOnly": True,
                                "CalibTensorRangeSymmetric": False, "ActivationSymmetric": False,
@@ -145,7 +148,7 @@ def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"method": "static QDQ", "op_types": list(op_types), "activation_type": "QUInt8",
-            "weight_type": "QInt8", "per_channel": per_channel, "reduce_range": False, "calibrate_method": "MinMax",
+            "weight_type": weight_type, "per_channel": per_channel, "reduce_range": reduce_range, "calibrate_method": "MinMax",
             "calibration_samples": len(calib), "pre_process": pre_mode, "weight_nodes": n_weight,
             "excluded": counts}
 

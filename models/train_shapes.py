@@ -111,7 +111,7 @@ def train_vae(images: np.ndarray, steps: int, batch: int, seed: int):
         for g in opt.param_groups:
             g["lr"] = lr
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if step % 100 == 0 or step == steps:
+        if step % 50 == 0 or step == steps:
             progress("vae", step, steps, avg, t0)
     return vae.eval()
 
@@ -185,13 +185,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="diffusers folder to write")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=30000)
-    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-steps", type=int, default=800)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormal floats slow CPU training several-fold as weights settle
     out = Path(args.out)
     clock = Clock()
 

@@ -257,7 +257,7 @@ def subject(tmp_path):
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(refs / f"{i:02d}.jpg")
     prompts = ["a photo of <my-dog>", "a <my-dog> dog on the beach"]
-    (tmp_path / "prompts.txt").write_text("# prompts\n" + "\n".join(prompts) + "\n\n")
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
     for p in range(2):
         for k in range(3):
             _save(Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)), gen / f"img{p}{k}.png", prompts[p])
@@ -308,9 +308,23 @@ def test_assign_generated_errors(subject):
     (root / "gen" / "007_0.png").unlink()
     with pytest.raises(UserError, match="1 of 3 prompts have no generated images"):
         M.assign_generated(root / "gen", prompts + ["a <my-dog> in the snow"])
-    (root / "dup.txt").write_text("a\nb\na\n")
-    with pytest.raises(UserError, match="twice"):
-        M.read_prompts(root / "dup.txt")
+    # a prompt listed twice: the file name tells which
+    dup = prompts + [prompts[0]]
+    d = root / "dup"
+    d.mkdir()
+    for name, p in (("000_0.png", 0), ("001_0.png", 1), ("002_0.png", 0), ("002_1.png", 0)):
+        _save(Image.new("RGB", (8, 8)), d / name, prompts[p])
+    assert [len(g) for g in M.assign_generated(d, dup)] == [1, 1, 2]
+    _save(Image.new("RGB", (8, 8)), d / "zz.png", prompts[0])
+    with pytest.raises(UserError, match="listed 2 times"):
+        M.assign_generated(d, dup)
+    # generate --grid writes grid.png (no metadata): left out
+    Image.new("RGB", (8, 8)).save(root / "gen" / "grid.png")
+    skipped = []
+    assert [len(g) for g in M.assign_generated(root / "gen", prompts, skipped)] == [3, 3]
+    assert skipped == ["grid.png"]
+    (root / "lines.txt").write_text("  # not a comment \n\n a  b\n")
+    assert M.read_prompts(root / "lines.txt") == ["# not a comment", "a  b"]
     (root / "p.json").write_text(json.dumps(prompts))
     assert M.read_prompts(root / "p.json") == prompts
 

@@ -351,6 +351,35 @@ def test_single_step_and_step_before_set_timesteps():
         np.testing.assert_array_equal(sched.timesteps, ref.timesteps.numpy())
 
 
+@pytest.mark.parametrize("name", list(zs.SCHEDULERS))
+def test_set_timesteps_resets_state(name):
+    """A second loop on the same scheduler (after set_timesteps) gives the same result: history/step index reset."""
+    sched = zs.load_scheduler(SD15, name)
+
+    def sample(steps):
+        sched.set_timesteps(steps)
+        x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32) * sched.init_noise_sigma
+        noise = np.random.default_rng(1)
+        for t in sched.timesteps:
+            x = sched.step(fake_unet(sched.scale_model_input(x, t), t), t, x, rng=noise)
+        return x
+
+    first = sample(12)
+    sample(7)
+    np.testing.assert_array_equal(sample(12), first)
+
+
+def test_from_diffusers_frozen_config():
+    """A live diffusers scheduler's .config (a FrozenDict with _use_default_values) works as the config."""
+    source = PNDMScheduler.from_config(SD15)
+    for name in zs.SCHEDULERS:
+        ours, ref = zs.load_scheduler(source.config, name), DIFFUSERS[name].from_config(source.config)
+        ours.set_timesteps(20)
+        ref.set_timesteps(20)
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    assert isinstance(zs.load_scheduler(source.config), zs.PNDMScheduler)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Noise sources
 # --------------------------------------------------------------------------------------------------------------------
@@ -407,7 +436,6 @@ def test_add_noise_velocity_and_targets_match_ddpm(config):
     rng = np.random.default_rng(3)
     x0 = rng.standard_normal(SHAPE, dtype=np.float32)
     noise = rng.standard_normal(SHAPE, dtype=np.float32)
-    t = np.array([0, 999], dtype=np.int64)
     for t in (np.array([0, 999]), np.array([17, 500]), np.array([981, 981])):
         tt = torch.from_numpy(t)
         noisy = common.add_noise(x0, noise, t, ac)

@@ -408,6 +408,9 @@ def run_dreambooth(subjects: Sequence[Subject | str] | None, dataset_dir: str | 
                 break
     if not subjects:
         raise UserError("no subjects to run")
+    nofolder = [s.name for s in subjects if s.folder is None or not Path(s.folder).is_dir()]
+    if nofolder:
+        raise UserError(f"no image folder for subject(s) {', '.join(nofolder)}")
     dup = {s.name for s in subjects if sum(t.name == s.name for t in subjects) > 1}
     if dup:
         raise UserError(f"subject(s) listed twice: {', '.join(sorted(dup))}")

@@ -21,11 +21,15 @@ Generated images and their prompts (:func:`assign_generated`): every image in ``
 (top level; .png .jpg .jpeg .webp .bmp) is assigned to a prompt of the prompts file by
 
 1. its PNG text metadata key ``"prompt"`` (what ``zo-edge generate`` writes), which must equal one
-   of the prompts (whitespace-insensitive); else
-2. its file name ``{prompt_index}_{k}.png`` (e.g. ``003_1.png``: prompt 3 of the file, 0-based).
+   of the prompts (whitespace-insensitive; a prompt listed twice is told apart by the file name);
+2. else its file name ``{prompt_index}_{k}.png`` (``zo-edge generate --out-dir`` writes
+   ``003_1.png``: prompt 3 of the file, 0-based, image 1).
 
-The prompts file is UTF-8 text, one prompt per line (blank lines and lines starting with ``#``
-skipped), or a ``.json`` list of strings.
+``grid.png`` without metadata (``generate --grid``) and dot-files are left out; any other image
+that cannot be assigned is an error, and so is a prompt with no image.
+
+The prompts file is read as ``zo-edge generate --prompts`` reads it: UTF-8 text, every non-blank
+line a prompt (stripped); or a ``.json`` list of strings.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_KEY = "prompt"
 _INDEX_NAME = re.compile(r"^(\d+)_")
+SKIP_NAMES = frozenset({"grid.png"})  # zo-edge generate --grid
 
 
 # -- image preprocessing ----------------------------------------------------------------------
@@ -183,7 +188,10 @@ class MetricsBundle:
                             f"{FORMAT_VERSION}: convert the metrics again")
         if "clip" not in manifest and "dino" not in manifest:
             raise UserError(f"{mf} lists neither a CLIP nor a DINOv2 model")
-        b = cls(root, manifest, provider=provider, threads=threads)
+        try:
+            b = cls(root, manifest, provider=provider, threads=threads)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{mf} is damaged ({type(e).__name__}: {e}): convert the metrics again") from None
         if verify:
             b.verify()
         return b
@@ -354,7 +362,8 @@ def list_images(folder: str | Path, what: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{what} folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise UserError(f"{what} folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
@@ -365,7 +374,8 @@ def _norm_ws(s: str) -> str:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one a line; blank and ``#`` lines skipped) or a JSON list."""
+    """Prompts as ``zo-edge generate --prompts`` reads them: every non-blank line of a UTF-8 text
+    file, stripped (so line i is prompt i); or a ``.json`` list of strings."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {str(path)!r} does not exist")
@@ -384,15 +394,9 @@ def read_prompts(path: str | Path) -> list[str]:
             raise UserError(f"prompts file {str(path)!r} must hold a JSON list of strings")
         prompts = [p.strip() for p in data if p.strip()]
     else:
-        prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
         raise UserError(f"prompts file {str(path)!r} has no prompts")
-    seen: dict[str, int] = {}
-    for i, p in enumerate(prompts):
-        k = _norm_ws(p)
-        if k in seen:
-            raise UserError(f"prompts file {str(path)!r} lists {p!r} twice (lines {seen[k] + 1} and {i + 1})")
-        seen[k] = i
     return prompts
 
 
@@ -409,33 +413,52 @@ def png_prompt(path: str | Path) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def assign_generated(generated_dir: str | Path, prompts: Sequence[str]) -> list[list[Path]]:
-    """Generated images grouped by prompt index (see the module docstring for the rules)."""
+def assign_generated(generated_dir: str | Path, prompts: Sequence[str],
+                     skipped: list[str] | None = None) -> list[list[Path]]:
+    """Generated images grouped by prompt index (see the module docstring for the rules).
+
+    ``grid.png`` without prompt metadata (``zo-edge generate --grid``) is left out and its name
+    appended to ``skipped``."""
     files = list_images(generated_dir, "generated images")
-    index = {_norm_ws(p): i for i, p in enumerate(prompts)}
+    index: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        index.setdefault(_norm_ws(p), []).append(i)
     groups: list[list[Path]] = [[] for _ in prompts]
     for f in files:
         meta = png_prompt(f)
+        m = _INDEX_NAME.match(f.name)
+        named = int(m.group(1)) if m else None
         if meta is not None:
-            i = index.get(_norm_ws(meta))
-            if i is None:
+            cands = index.get(_norm_ws(meta), [])
+            if not cands:
                 raise UserError(f"generated image {f.name} was made from prompt {meta!r}, which is not in the "
                                 "prompts file")
-        else:
-            m = _INDEX_NAME.match(f.name)
-            if not m:
-                raise UserError(f"cannot tell which prompt generated image {f.name} belongs to: it has no PNG "
-                                f"'{PROMPT_KEY}' metadata and its name is not {{prompt_index}}_{{k}}.png")
-            i = int(m.group(1))
+            if named in cands:
+                i = named
+            elif len(cands) == 1:
+                i = cands[0]
+            else:
+                raise UserError(f"generated image {f.name}: its prompt {meta!r} is listed {len(cands)} times in the "
+                                "prompts file and its name does not say which ({prompt_index}_{k}.png)")
+        elif named is not None:
+            i = named
             if i >= len(prompts):
                 raise UserError(f"generated image {f.name} names prompt {i}, but the prompts file has only "
                                 f"{len(prompts)} (0-based)")
+        elif f.name.lower() in SKIP_NAMES:
+            if skipped is not None:
+                skipped.append(f.name)
+            continue
+        else:
+            raise UserError(f"cannot tell which prompt generated image {f.name} belongs to: it has no PNG "
+                            f"'{PROMPT_KEY}' metadata and its name is not {{prompt_index}}_{{k}}.png")
         groups[i].append(f)
     empty = [i for i, g in enumerate(groups) if not g]
     if empty:
         shown = ", ".join(str(i) for i in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        n = sum(len(g) for g in groups)
         raise UserError(f"{len(empty)} of {len(prompts)} prompts have no generated images (prompt {shown}); "
-                        f"{len(files)} images in {str(generated_dir)!r}")
+                        f"{n} images in {str(generated_dir)!r}")
     return groups
 
 
@@ -457,11 +480,12 @@ def evaluate(metrics_dir: str | Path | MetricsBundle, references_dir: str | Path
         bundle = MetricsBundle.load(metrics_dir, provider=provider, verify=False)
     prompts = read_prompts(prompts_file)
     refs = list_images(references_dir, "references")
-    groups = assign_generated(generated_dir, prompts)
+    skipped: list[str] = []
+    groups = assign_generated(generated_dir, prompts, skipped)
     if verify and not isinstance(metrics_dir, MetricsBundle):
         bundle.verify()
 
-    warnings: list[str] = []
+    warnings: list[str] = [f"left out {name} (no prompt metadata)" for name in skipped]
     if placeholder and not any(placeholder in p for p in prompts):
         warnings.append(f"placeholder {placeholder!r} appears in no prompt")
     if not placeholder and any(re.search(r"<[^<>\s]+>", p) for p in prompts):
