@@ -77,4 +77,57 @@ def prompts(model, n, seed, steps, guidance, out):
         Path(out).write_text(json.dumps(rows, indent=2))
 
 
+@bench.command("dreambooth")
+@click.option("--model", required=True, help="Bundle to personalize and generate with.")
+@click.option("--metrics", "metrics_dir", required=True, type=click.Path(), help="Bundle from `zo-edge convert-metrics`.")
+@click.option("--dataset", required=True, type=click.Path(), help="DreamBooth dataset folder (one folder per subject).")
+@click.option("--subjects", default=None, help="Comma-separated subject folder names (default: all).")
+@click.option("--class", "classes", multiple=True, help="name=class[:live|object] for subjects missing from the lists.")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--images-per-prompt", type=int, default=5, show_default=True)
+@click.option("--gen-steps", type=int, default=30, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--resolution", type=int, default=None, help="Personalize at this size (e.g. 256 on a laptop).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sg/--no-sg", default=True, show_default=True)
+@click.option("--puts/--no-puts", default=True, show_default=True)
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(), default="dreambooth-run", show_default=True)
+@click.option("--keep-going", is_flag=True, help="Log a failing subject and go on.")
+def dreambooth(model, metrics_dir, dataset, subjects, classes, steps, images_per_prompt, gen_steps, guidance,
+               resolution, seed, sg, puts, provider, out_dir, keep_going):
+    """The paper's DreamBooth protocol: personalize -> generate -> evaluate per subject, resumable."""
+    import functools
+
+    from zo_runtime import dreambooth as db
+    from zo_runtime import metrics
+    from zo_runtime.bundle import Bundle
+    from zo_runtime.personalize import PersonalizeConfig, Trainer
+    from zo_runtime.pipeline import Pipeline, save_png
+
+    bundle = Bundle.load(resolve_model(model), provider=provider)
+    mb = metrics.MetricsBundle.load(metrics_dir, provider=provider)
+
+    def personalize_fn(subject, placeholder, work):
+        init = subject.class_word if " " not in subject.class_word else subject.class_word.split()[-1]
+        cfg = PersonalizeConfig(model=str(bundle.root), images=str(subject.folder), token=placeholder, init=init,
+                                out=str(work / "learned_embeds.safetensors"), run_dir=str(work / "run"), steps=steps,
+                                resolution=resolution, seed=seed, sg=sg, puts=puts, provider=provider, overwrite=True)
+        return {placeholder: Trainer(cfg).train().theta}
+
+    def generate_fn(subject, learned, prompts, k, gen_dir):
+        pipe = Pipeline(bundle, embeddings=learned)
+        for i, prompt in enumerate(prompts):
+            images = pipe(prompt, num_images=k, steps=gen_steps, guidance=guidance, seed=seed + i, progress=False)
+            for j, im in enumerate(images):
+                save_png(gen_dir / f"{i:03d}_{j}.png", im, {"prompt": prompt, "seed": seed + i, "index": j})
+
+    summary = db.run_dreambooth([s.strip() for s in subjects.split(",")] if subjects else None, dataset, out_dir,
+                                personalize_fn, generate_fn, functools.partial(metrics.evaluate, mb),
+                                images_per_prompt=images_per_prompt, method=f"zo-edge{'' if sg else '-nosg'}"
+                                f"{'' if puts else '-noputs'}", classes=db.parse_class_mapping(classes) or None,
+                                keep_going=keep_going, log=lambda m: click.echo(m, err=True))
+    click.echo(db.format_table(summary))
+
+
 COMMANDS = [bench]

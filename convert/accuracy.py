@@ -67,9 +67,11 @@ def format_accuracy(acc: dict) -> list[str]:
     for g, r in acc.items():
         if not isinstance(r, dict) or "cosine" not in r:
             continue
-        note = " (unchanged FP32 export)" if r.get("identical") else ""
+        if r.get("identical"):
+            lines.append(f"  {g:<13} unchanged FP32 export (cosine 1, rel_l2 0)")
+            continue
         lines.append(f"  {g:<13} cosine {r['cosine']:.6f}  rel_l2 {r['rel_l2']:.4f}  "
-                     f"worst cos {r.get('worst_cosine', r['cosine']):.6f}  n={r.get('samples', 0)}{note}")
+                     f"worst cos {r.get('worst_cosine', r['cosine']):.6f}  n={r.get('samples', 0)}")
         for band, b in (r.get("bands") or {}).items():
             lines.append(f"    t {band:<9} cosine {b['cosine']:.6f}  rel_l2 {b['rel_l2']:.4f}  n={b['samples']}")
     return lines

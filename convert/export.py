@@ -29,6 +29,14 @@ def export_onnx(src: str | Path, out: str | Path, opset: int | None = None, quie
     loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "diffusers", "torch.onnx")]
     levels = [lg.level for lg in loggers]
     sink = io.StringIO()
+    bars = None
+    if quiet:
+        try:
+            from diffusers.utils import logging as dlog
+            bars = dlog.is_progress_bar_enabled()
+            dlog.disable_progress_bar()  # "Loading pipeline components..."
+        except Exception:  # noqa: BLE001
+            bars = None
     try:
         for lg in loggers:
             if quiet:
@@ -47,6 +55,9 @@ def export_onnx(src: str | Path, out: str | Path, opset: int | None = None, quie
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+        if bars:
+            from diffusers.utils import logging as dlog
+            dlog.enable_progress_bar()
     paths = {}
     for g in GRAPHS:
         p = out / g / "model.onnx"

@@ -13,6 +13,7 @@ stays fused (no QK^T / attn.V MatMuls, no transposes).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +37,33 @@ def cpu_fusion_options(model_type: str = "unet"):
 
 def fuse_unet(src: str | Path, dst: str | Path) -> dict:
     """Apply the CPU-safe fusions to the UNet at ``src``; save to ``dst``. Returns fused-op counts."""
+    from onnxruntime.transformers import onnx_model_unet
     from onnxruntime.transformers.optimizer import optimize_model
-    lg = logging.getLogger("onnxruntime.transformers")
-    level = lg.level
-    lg.setLevel(logging.ERROR)
+    is_installed = onnx_model_unet.is_installed
+    onnx_model_unet.is_installed = lambda name: False if name == "tqdm" else is_installed(name)  # no progress bar
+    logging.disable(logging.WARNING)  # its INFO / WARNING chatter
     try:
-        opt = optimize_model(str(src), model_type="unet", num_heads=0, hidden_size=0,
-                             optimization_options=cpu_fusion_options("unet"), opt_level=0, use_gpu=False,
-                             only_onnxruntime=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy: int() of a 1-element array
+            opt = optimize_model(str(src), model_type="unet", num_heads=0, hidden_size=0,
+                                 optimization_options=cpu_fusion_options("unet"), opt_level=0, use_gpu=False,
+                                 only_onnxruntime=False)
     finally:
-        lg.setLevel(level)
+        logging.disable(logging.NOTSET)
+        onnx_model_unet.is_installed = is_installed
     model = opt.model
+    ensure_ms_domain(model)
     counts = fused_op_counts(model)
     save_model(model, dst)
     return counts
+
+
+def ensure_ms_domain(model: onnx.ModelProto) -> None:
+    """Contrib ops need a ``com.microsoft`` opset import, or ONNX shape inference (which the
+    quantizer runs) rejects the graph; ONNX Runtime itself does not mind."""
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and \
+            not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def fused_op_counts(model: onnx.ModelProto) -> dict:
@@ -102,4 +116,5 @@ def unpack_self_attention(model: onnx.ModelProto) -> int:
         del g.node[:]
         g.node.extend(new_nodes)
         prune(model)
+        ensure_ms_domain(model)
     return n_done

@@ -137,7 +137,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     info = inspect_source(src)
     out = Path(out).expanduser().absolute()
     _check_out(out, overwrite)
-    if out == info.path or info.path in out.parents:
+    if out.resolve() == info.path or info.path in out.resolve().parents:
         raise UserError(f"output {out} must not be inside the source folder {info.path}")
     if export_dir is not None:
         ed = Path(export_dir)
@@ -155,9 +155,16 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
         manifest = _build(info, tmp, weights, text_encoder_fp32, calibration_samples, provider, fuse, per_channel,
                           heldout_samples, heldout_per_band, seed, export_dir, st)
         bundle = tmp / "bundle"
+        old = None
         if out.exists():
-            os.replace(out, tmp / "old")
-        os.replace(bundle, out)
+            old = tmp / "old"
+            os.replace(out, old)
+        try:
+            os.replace(bundle, out)
+        except BaseException:
+            if old is not None and not out.exists():
+                os.replace(old, out)  # put the previous bundle back
+            raise
         st.say(f"bundle written to {out} in {st.total:.1f} s")
         return manifest
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .clip_vocab import write_clip_tokenizer
 
-SIZES = ("tiny", "sd15")
+SIZES = ("tiny", "mid", "sd15")
 FAMILIES = ("sd1", "sd2")
 
 
@@ -28,6 +28,15 @@ def _unet_config(family: str, size: str) -> dict:
         else:
             cfg.update(attention_head_dim=8)
         return cfg
+    if size == "mid":
+        # the top two SD1.5 levels (320 / 640 channels, 8 heads of 40 / 80, cross-attention width 768)
+        # at SD1.5's latent size: the attention at 64x64 latents dominates, as in the real UNet
+        cfg = dict(sample_size=64, block_out_channels=(320, 640), layers_per_block=1,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768, attention_head_dim=8)
+        if family == "sd2":
+            cfg.update(cross_attention_dim=1024, attention_head_dim=(5, 10), use_linear_projection=True)
+        return cfg
     # SD1.5 / SD2.x shapes; everything else is UNet2DConditionModel's default (the SD1.x layout).
     if family == "sd2":
         return dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
@@ -41,6 +50,10 @@ def _vae_config(size: str) -> dict:
         return dict(in_channels=3, out_channels=3, block_out_channels=(32, 64),
                     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                     latent_channels=4, sample_size=16, layers_per_block=1, norm_num_groups=32)
+    if size == "mid":  # SD's 8x downsampling with narrow channels
+        return dict(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64, 64),
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                    latent_channels=4, sample_size=512, layers_per_block=1, norm_num_groups=32)
     return dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 latent_channels=4, sample_size=512, layers_per_block=2)
@@ -53,6 +66,10 @@ def _text_config(family: str, size: str) -> dict:
     if size == "tiny":
         return dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                     projection_dim=32)
+    if size == "mid":  # full width (it sets the cross-attention width), 2 layers
+        width = 1024 if family == "sd2" else 768
+        return dict(common, hidden_size=width, intermediate_size=4 * width, num_attention_heads=width // 64,
+                    num_hidden_layers=2, projection_dim=width)
     if family == "sd2":
         return dict(common, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                     num_hidden_layers=23, projection_dim=512)
@@ -64,7 +81,8 @@ def build_pipeline(out_dir: str | Path, family: str = "sd1", size: str = "tiny",
     """Build a random-weight Stable Diffusion pipeline and save it as a diffusers folder.
 
     ``family``: ``sd1`` (epsilon, PNDM scheduler, quick_gelu CLIP) or ``sd2`` (v_prediction, DDIM,
-    gelu text encoder, linear-projection transformer blocks). ``size``: ``tiny`` or ``sd15``.
+    gelu text encoder, linear-projection transformer blocks). ``size``: ``tiny``, ``mid`` (SD1.5's two top UNet levels at 64x64 latents, narrow VAE, 2-layer CLIP-L
+    width text encoder) or ``sd15`` (full SD1.5 / SD2 shapes).
     Deterministic for a given seed. Returns ``out_dir``.
     """
     if family not in FAMILIES:

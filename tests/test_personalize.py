@@ -31,7 +31,7 @@ def ref_images(tmp_path_factory):
 def make_cfg(bundle, images, tmp_path, **kw):
     base = dict(model=str(bundle), images=str(images), token="<zz-tok>", init="dog",
                 out=str(tmp_path / "tok.safetensors"), run_dir=str(tmp_path / "run"), steps=12,
-                checkpoint_every=4, tau=4, seed=3)
+                checkpoint_every=4, tau=4, nu=0.3, seed=3)
     base.update(kw)
     return PersonalizeConfig(**base)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,8 +161,9 @@ class Bundle:
 
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
+            threads = self.threads or int(os.environ.get("ZO_EDGE_THREADS", "0") or 0)
+            if threads:
+                opts.intra_op_num_threads = threads
             path = self.root / self.graph(name)["path"]
             self._sessions[name] = ort.InferenceSession(str(path), sess_options=opts,
                                                         providers=resolve_provider(self.provider))

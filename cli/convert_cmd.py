@@ -1,0 +1,70 @@
+"""``zo-edge convert SRC OUT`` and ``zo-edge info BUNDLE``."""
+from __future__ import annotations
+
+import click
+
+from zo_runtime.errors import UserError
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(file_okay=True, dir_okay=True, path_type=str))
+@click.argument("out", type=click.Path(file_okay=True, dir_okay=True, path_type=str))
+@click.option("--weights", type=click.Choice(["int8", "int4", "fp32"]), default="int8", show_default=True,
+              help="int8: static QDQ on all graphs; int4: UNet MatMuls 4-bit weight-only, rest int8; fp32: none.")
+@click.option("--text-encoder-fp32", is_flag=True, help="Keep the text encoder in FP32.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUT (only once the new one is complete).")
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calibration inputs per graph.")
+@click.option("--provider", type=click.Choice(["cpu"]), default="cpu", show_default=True,
+              help="Execution provider the bundle is optimized for.")
+@click.option("--fuse/--no-fuse", default=None,
+              help="CPU-safe UNet fusions (default: on for fp32, off for int8/int4, as measured).")
+@click.option("--per-channel", is_flag=True, help="Per-channel INT8 weight scales (default per-tensor).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration and held-out inputs.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
+def convert(src, out, weights, text_encoder_fp32, overwrite, calibration_samples, provider, fuse, per_channel,
+            seed, quiet):
+    """Convert a diffusers Stable Diffusion folder SRC (SD1.x / SD2.x) into a zo-edge bundle OUT."""
+    from zo_edge.convert.accuracy import format_accuracy
+    from zo_edge.convert.pipeline import convert_pipeline
+
+    def progress(line: str) -> None:
+        if not quiet:
+            click.echo(line, err=True)
+
+    m = convert_pipeline(src, out, weights=weights, text_encoder_fp32=text_encoder_fp32, overwrite=overwrite,
+                         calibration_samples=calibration_samples, provider=provider, fuse=fuse,
+                         per_channel=per_channel, seed=seed, progress=progress)
+    total = sum(e["bytes"] for e in m["files"].values())
+    click.echo(f"wrote {out}: {m['family']} {m['resolution']} px, weights {weights}, "
+               f"{len(m['files'])} files, {total / 1e6:,.1f} MB, {m['build']['seconds']:.1f} s")
+    click.echo("accuracy vs FP32 export (held-out inputs):")
+    for line in format_accuracy(m["accuracy"]):
+        click.echo(line)
+
+
+@click.command("info")
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--verify", is_flag=True, help="Also check every file's size and sha256 against the manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(bundle, verify, as_json):
+    """Describe the zo-edge bundle BUNDLE: family, graphs, precision, sizes, accuracy report."""
+    import json
+
+    from zo_edge.convert.manifest import format_info, read_manifest, verify_files
+
+    m = read_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+    else:
+        for line in format_info(m, bundle):
+            click.echo(line)
+    if verify:
+        bad = verify_files(bundle, m)
+        if bad:
+            raise UserError(f"bundle {bundle} failed verification: {'; '.join(bad[:3])}"
+                            f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}")
+        click.echo(f"verified {len(m['files'])} files (sha256)")
+
+
+COMMANDS = [convert, info]

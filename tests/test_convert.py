@@ -1,0 +1,438 @@
+"""zo-edge convert / info: tiny SD1 + SD2 pipelines -> bundles (docs/bundle.md)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from zo_runtime.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+PROMPTS = ["a photo of a cat", "a red striped star on a grass background", "an astronaut riding a horse", ""]
+
+
+def cli(*args):
+    from zo_edge.cli.main import main
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def manifest(bundle) -> dict:
+    return json.loads((Path(bundle) / "zo-edge.json").read_text())
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in Path(parent).iterdir() if "zo-convert" in p.name]
+
+
+def tokenize(bundle, prompts=PROMPTS, max_length=77):
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(str(Path(bundle) / "tokenizer"))
+    return np.asarray(tok(prompts, padding="max_length", max_length=max_length, truncation=True,
+                          return_tensors="np").input_ids, np.int64)
+
+
+def session(path):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_bundle(bundle, batch=2):
+    """Run all four graphs of a bundle end to end; returns the outputs."""
+    m = manifest(bundle)
+    b = Path(bundle)
+    table = np.load(b / m["token_embedding"]["path"], mmap_mode="r")
+    ids = tokenize(bundle, PROMPTS[:batch], m["max_length"])
+    te = session(b / m["graphs"]["text_encoder"]["path"])
+    feeds = {"inputs_embeds": np.ascontiguousarray(table[ids])}
+    if any(i["name"] == "input_ids" for i in m["graphs"]["text_encoder"]["inputs"]):
+        feeds["input_ids"] = ids
+    hidden, pooled = te.run(["last_hidden_state", "pooler_output"], feeds)
+    res, f, C = m["resolution"], m["vae_scale_factor"], m["latent_channels"]
+    img = np.random.default_rng(0).uniform(-1, 1, (batch, 3, res, res)).astype(np.float32)
+    params = session(b / m["graphs"]["vae_encoder"]["path"]).run(None, {"sample": img})[0]
+    lat = params[:, :C] * m["vae_scaling_factor"]
+    ts = next(i for i in m["graphs"]["unet"]["inputs"] if i["name"] == "timestep")
+    t = np.array(600, ts["dtype"]) if ts["rank"] == 0 else np.full((batch,), 600, ts["dtype"])
+    eps = session(b / m["graphs"]["unet"]["path"]).run(None, {"sample": lat.astype(np.float32), "timestep": t,
+                                                             "encoder_hidden_states": hidden})[0]
+    dec = session(b / m["graphs"]["vae_decoder"]["path"]).run(None, {"latent_sample": params[:, :C]})[0]
+    assert hidden.shape == (batch, m["max_length"], m["embedding_dim"])
+    assert pooled.shape == (batch, m["embedding_dim"])
+    assert params.shape == (batch, 2 * C, res // f, res // f)
+    assert eps.shape == (batch, C, res // f, res // f)
+    assert dec.shape == (batch, 3, res, res)
+    for a in (hidden, pooled, params, eps, dec):
+        assert np.isfinite(a).all()
+    return hidden, eps, dec
+
+
+# ---------------------------------------------------------------- manifest and layout
+
+def test_int8_bundle_layout_and_manifest(tiny_bundle_int8, tiny_sd1_dir):
+    b = tiny_bundle_int8
+    m = manifest(b)
+    for rel in ["zo-edge.json", "text_encoder/model.onnx", "text_encoder/token_embedding.npy", "unet/model.onnx",
+                "vae_encoder/model.onnx", "vae_decoder/model.onnx", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                "scheduler/scheduler_config.json"]:
+        assert (b / rel).is_file(), rel
+    assert m["format"] == "zo-edge-bundle" and m["format_version"] == 1
+    assert m["created_by"].startswith("zo-edge ")
+    assert m["family"] == "sd1" and m["prediction_type"] == "epsilon"
+    assert m["source"]["pipeline_class"] == "StableDiffusionPipeline"
+    assert m["resolution"] == 16 and m["vae_scale_factor"] == 2 and m["latent_channels"] == 4
+    assert m["vae_scaling_factor"] == pytest.approx(0.18215)
+    assert m["embedding_dim"] == 32 and m["max_length"] == 77
+    ns = m["noise_schedule"]
+    assert (ns["num_train_timesteps"], ns["beta_schedule"]) == (1000, "scaled_linear")
+    assert ns["beta_start"] == pytest.approx(0.00085) and ns["beta_end"] == pytest.approx(0.012)
+    assert m["token_embedding"] == {"path": "text_encoder/token_embedding.npy", "shape": [49408, 32],
+                                    "dtype": "float32"}
+    table = np.load(b / "text_encoder/token_embedding.npy", mmap_mode="r")
+    assert table.dtype == np.float32 and table.shape == (49408, 32)
+    assert m["tokenizer"] == "tokenizer" and m["scheduler_config"] == "scheduler/scheduler_config.json"
+    assert json.loads((b / "scheduler/scheduler_config.json").read_text()) == \
+        json.loads((tiny_sd1_dir / "scheduler/scheduler_config.json").read_text())
+    q = m["quantization"]
+    assert q["weights"] == "int8" and q["provider"] == "cpu" and isinstance(q["fuse"], bool)
+    assert {g: m["graphs"][g]["precision"] for g in GRAPHS} == dict.fromkeys(GRAPHS, "int8")
+    # recipe: only weight ops quantized, activation x activation MatMuls excluded
+    unet_recipe = q["graphs"]["unet"]
+    assert unet_recipe["op_types"] == ["Conv", "MatMul", "Gemm"]
+    assert unet_recipe["excluded"]["activation_matmuls"] > 0 or q["fuse"]
+
+
+def test_files_table_has_every_file_with_sha256(tiny_bundle_int8):
+    b = tiny_bundle_int8
+    m = manifest(b)
+    on_disk = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()} - {"zo-edge.json"}
+    assert set(m["files"]) == on_disk
+    for rel, e in m["files"].items():
+        data = (b / rel).read_bytes()
+        assert e["bytes"] == len(data)
+        assert e["sha256"] == hashlib.sha256(data).hexdigest()
+    from zo_edge.convert.manifest import verify_files
+    assert verify_files(b, m) == []
+
+
+def test_graph_io_read_from_graphs(tiny_bundle_int8, tiny_bundle_fp32):
+    for b in (tiny_bundle_int8, tiny_bundle_fp32):
+        m = manifest(b)
+        for g in GRAPHS:
+            e = m["graphs"][g]
+            assert e["path"] == f"{g}/model.onnx"
+            model = onnx.load(str(b / e["path"]), load_external_data=False)
+            inits = {t.name for t in model.graph.initializer}
+            names = [v.name for v in model.graph.input if v.name not in inits]
+            assert [i["name"] for i in e["inputs"]] == names
+            assert [o["name"] for o in e["outputs"]] == [v.name for v in model.graph.output]
+            for spec, v in zip(e["inputs"], [v for v in model.graph.input if v.name not in inits]):
+                assert spec["rank"] == len(v.type.tensor_type.shape.dim)
+                assert spec["dtype"] == onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+        ins = {i["name"]: i for i in m["graphs"]["unet"]["inputs"]}
+        assert set(ins) == {"sample", "timestep", "encoder_hidden_states"}
+        assert ins["sample"]["rank"] == 4 and ins["encoder_hidden_states"]["rank"] == 3
+        assert (ins["timestep"]["dtype"], ins["timestep"]["rank"]) in {("float32", 0), ("int64", 1), ("float32", 1)}
+        te = {i["name"]: i for i in m["graphs"]["text_encoder"]["inputs"]}
+        assert te["inputs_embeds"]["dtype"] == "float32" and te["inputs_embeds"]["rank"] == 3
+        assert te["inputs_embeds"]["shape"][-1] == 32
+        assert [o["name"] for o in m["graphs"]["text_encoder"]["outputs"]] == ["last_hidden_state", "pooler_output"]
+        assert [o["name"] for o in m["graphs"]["vae_encoder"]["outputs"]] == ["latent_parameters"]
+        assert [i["name"] for i in m["graphs"]["vae_decoder"]["inputs"]] == ["latent_sample"]
+
+
+# ---------------------------------------------------------------- text encoder surgery
+
+def test_surgery_parity_fp32(tiny_sd1_export, tiny_bundle_fp32):
+    """The rewritten FP32 graph fed table[ids] reproduces the export fed ids (<= 1e-5)."""
+    b = tiny_bundle_fp32
+    assert manifest(b)["graphs"]["text_encoder"]["precision"] == "fp32"
+    ids = tokenize(b)
+    table = np.load(b / "text_encoder/token_embedding.npy")
+    ref = session(tiny_sd1_export / "text_encoder/model.onnx").run(["last_hidden_state", "pooler_output"],
+                                                                     {"input_ids": ids})
+    feeds = {"inputs_embeds": table[ids], "input_ids": ids}
+    new = session(b / "text_encoder/model.onnx").run(["last_hidden_state", "pooler_output"], feeds)
+    assert np.max(np.abs(ref[0] - new[0])) <= 1e-5
+    assert np.max(np.abs(ref[1] - new[1])) <= 1e-5
+    assert manifest(b)["text_encoder_surgery"]["parity_max_abs_diff"] <= 1e-5
+
+
+def test_surgery_removes_table_and_gather(tiny_bundle_fp32, tiny_bundle_int8):
+    for b in (tiny_bundle_fp32, tiny_bundle_int8):
+        model = onnx.load(str(b / "text_encoder/model.onnx"))
+        names = {t.name for t in model.graph.initializer}
+        assert not any("token_embedding" in n for n in names)
+        assert not any(tuple(t.dims) == (49408, 32) for t in model.graph.initializer)
+        assert "inputs_embeds" in {v.name for v in model.graph.input}
+        # pooling still reads the ids, so input_ids is kept, and the manifest says so
+        m = manifest(b)
+        kept = any(v.name == "input_ids" for v in model.graph.input)
+        assert kept == m["text_encoder_surgery"]["input_ids_kept"]
+
+
+def test_surgery_finds_renamed_table(tiny_sd1_export, tmp_path):
+    """The token table is found by structure (rank-2 constant gathered by input_ids), not by name."""
+    from zo_edge.convert.surgery import check_parity, rewrite_text_encoder
+    model = onnx.load(str(tiny_sd1_export / "text_encoder/model.onnx"))
+    old = "text_model.embeddings.token_embedding.weight"
+    for t in model.graph.initializer:
+        if t.name == old:
+            t.name = "weight_17"
+    for n in model.graph.node:
+        for k, i in enumerate(n.input):
+            if i == old:
+                n.input[k] = "weight_17"
+        if "token_embedding" in n.name:
+            n.name = "gather_x"
+    onnx.save(model, str(tmp_path / "renamed.onnx"))
+    res = rewrite_text_encoder(tmp_path / "renamed.onnx", tmp_path / "te/model.onnx", tmp_path / "te/table.npy")
+    assert res.table_name == "weight_17" and (res.vocab_size, res.dim) == (49408, 32)
+    ids = np.array([[49406, 320, 1125, 539, 320, 2368] + [49407] * 71], np.int64)
+    table = np.load(tmp_path / "te/table.npy")
+    assert check_parity(tmp_path / "renamed.onnx", tmp_path / "te/model.onnx", table, ids) <= 1e-5
+
+
+# ---------------------------------------------------------------- bundles run; accuracy
+
+def test_fp32_bundle_runs_and_matches_export(tiny_bundle_fp32, tiny_sd1_export):
+    hidden, eps, dec = run_bundle(tiny_bundle_fp32, batch=2)
+    acc = manifest(tiny_bundle_fp32)["accuracy"]
+    for g in GRAPHS:
+        assert acc[g]["cosine"] > 0.99999 and acc[g]["rel_l2"] < 1e-4
+
+
+def test_int8_bundle_runs(tiny_bundle_int8):
+    run_bundle(tiny_bundle_int8, batch=3)
+    model = onnx.load(str(tiny_bundle_int8 / "unet/model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_int8_activation_matmuls_stay_float(tiny_bundle_int8):
+    """Attention's QK^T and attn.V MatMuls (no constant input) get no QDQ; weight MatMuls do."""
+    model = onnx.load(str(tiny_bundle_int8 / "unet/model.onnx"))
+    prod = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+
+    def dq_of_const(name):
+        s = prod.get(name)
+        return s is not None and s.op_type == "DequantizeLinear" and s.input[0] in inits
+    act, weight = 0, 0
+    for n in model.graph.node:
+        if n.op_type != "MatMul":
+            continue
+        if any(i in inits or dq_of_const(i) for i in n.input[:2]):
+            weight += 1
+            assert any(dq_of_const(i) for i in n.input[:2]), f"{n.name}: weight MatMul not quantized"
+        else:
+            act += 1
+            assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in n.input[:2]), n.name
+    assert weight > 0
+    assert act > 0 or manifest(tiny_bundle_int8)["quantization"]["fuse"]
+
+
+def test_accuracy_report(tiny_bundle_int8):
+    acc = manifest(tiny_bundle_int8)["accuracy"]
+    assert set(acc) == set(GRAPHS)
+    for g in GRAPHS:
+        assert 0.5 < acc[g]["cosine"] <= 1.0 + 1e-9
+        assert 0.0 <= acc[g]["rel_l2"] < 1.0
+        assert acc[g]["samples"] >= 1
+    bands = acc["unet"]["bands"]
+    assert list(bands) == ["0-250", "250-500", "500-900", "900-1000"]
+    for b in bands.values():
+        assert {"cosine", "rel_l2", "samples"} <= set(b)
+    # the reduced-range recipe keeps the tiny UNet close to FP32
+    assert acc["unet"]["cosine"] > 0.98 and acc["text_encoder"]["cosine"] > 0.99
+
+
+def test_info_command(tiny_bundle_int8):
+    r = cli("info", tiny_bundle_int8, "--verify")
+    assert r.exit_code == 0, r.output
+    for word in ("sd1", "int8", "unet", "inputs_embeds", "accuracy", "500-900", "verified"):
+        assert word in r.output
+    r = cli("info", tiny_bundle_int8, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["family"] == "sd1"
+
+
+def test_int4_bundle(tiny_sd1_dir, tiny_sd1_export, tmp_path):
+    pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBits quantizer needs onnx-ir")
+    from zo_edge.convert import convert_pipeline
+    out = tmp_path / "int4"
+    m = convert_pipeline(tiny_sd1_dir, out, weights="int4", export_dir=tiny_sd1_export, calibration_samples=4)
+    assert m["graphs"]["unet"]["precision"] == "int4"
+    assert m["quantization"]["weights"] == "int4"
+    unet_ops = {n.op_type for n in onnx.load(str(out / "unet/model.onnx")).graph.node}
+    assert "MatMulNBits" in unet_ops
+    assert m["quantization"]["graphs"]["unet"]["matmul"]["matmul_nbits"] > 0
+    run_bundle(out, batch=1)
+    assert m["accuracy"]["unet"]["cosine"] > 0.95
+
+
+# ---------------------------------------------------------------- SD2 and the CLI path (real export)
+
+def test_sd2_convert_cli(tiny_sd2_dir, tmp_path):
+    out = tmp_path / "sd2.zo"
+    r = cli("convert", tiny_sd2_dir, out, "--text-encoder-fp32", "--calibration-samples", "2")
+    assert r.exit_code == 0, r.output
+    for stage in ("[export]", "[rewrite]", "[calibrate]", "[quantize]", "[verify]"):
+        assert stage in r.output
+    assert "accuracy" in r.output
+    m = manifest(out)
+    assert m["family"] == "sd2" and m["prediction_type"] == "v_prediction"
+    assert m["graphs"]["text_encoder"]["precision"] == "fp32"
+    assert m["graphs"]["unet"]["precision"] == "int8"
+    assert m["quantization"]["text_encoder_fp32"] is True
+    assert m["accuracy"]["text_encoder"].get("identical") is True
+    assert m["text_encoder_surgery"]["parity_max_abs_diff"] <= 1e-5
+    assert leftovers(tmp_path) == []
+    run_bundle(out, batch=2)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _fake_source(tmp_path, src, drop=None, edit=None):
+    """A copy of the tiny pipeline's configs (weights as empty files) with one thing changed."""
+    dst = tmp_path / "fake"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    for comp in ("unet", "vae"):
+        (dst / comp / "diffusion_pytorch_model.safetensors").touch()
+    (dst / "text_encoder" / "model.safetensors").touch()
+    if drop:
+        shutil.rmtree(dst / drop)
+    if edit:
+        path, fn = edit
+        p = dst / path
+        p.write_text(json.dumps(fn(json.loads(p.read_text()))))
+    return dst
+
+
+def _one_line_error(r):
+    assert r.exit_code != 0
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.output
+    assert "error" in lines[0]
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+def test_bad_inputs_one_line_errors(tiny_sd1_dir, tmp_path):
+    out = tmp_path / "out"
+    assert "does not exist" in _one_line_error(cli("convert", tmp_path / "nope", out))
+    (tmp_path / "empty").mkdir()
+    assert "model_index.json" in _one_line_error(cli("convert", tmp_path / "empty", out))
+    src = _fake_source(tmp_path, tiny_sd1_dir, drop="vae")
+    assert "vae" in _one_line_error(cli("convert", src, out))
+    shutil.rmtree(src)
+    src = _fake_source(tmp_path, tiny_sd1_dir, edit=("model_index.json",
+                                                     lambda d: {k: v for k, v in d.items() if k != "unet"}))
+    assert "unet" in _one_line_error(cli("convert", src, out))
+    shutil.rmtree(src)
+    src = _fake_source(tmp_path, tiny_sd1_dir, edit=("text_encoder/config.json", lambda d: {**d, "hidden_size": 48}))
+    assert "unknown model family" in _one_line_error(cli("convert", src, out))
+    shutil.rmtree(src)
+    src = _fake_source(tmp_path, tiny_sd1_dir, edit=("model_index.json",
+                                                     lambda d: {**d, "text_encoder": ["transformers", "T5EncoderModel"]}))
+    assert "unknown model family" in _one_line_error(cli("convert", src, out))
+    shutil.rmtree(src)
+    src = _fake_source(tmp_path, tiny_sd1_dir, edit=("model_index.json",
+                                                     lambda d: {**d, "_class_name": "StableDiffusionXLPipeline",
+                                                                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    assert "SDXL" in _one_line_error(cli("convert", src, out))
+    r = cli("convert", tiny_sd1_dir, out, "--weights", "int3")
+    assert r.exit_code != 0
+    assert "not a zo-edge bundle" in _one_line_error(cli("info", tmp_path / "empty"))
+    assert "does not exist" in _one_line_error(cli("info", tmp_path / "nope"))
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_family_detection(tiny_sd1_dir, tiny_sd2_dir, tmp_path):
+    from zo_edge.convert.source import inspect_source
+    assert inspect_source(tiny_sd1_dir).family == "sd1"
+    assert inspect_source(tiny_sd2_dir).family == "sd2"
+    src = _fake_source(tmp_path, tiny_sd1_dir, edit=("unet/config.json", lambda d: {**d, "in_channels": 9}))
+    with pytest.raises(UserError, match="inpainting"):
+        inspect_source(src)
+
+
+def test_existing_out_not_overwritten_without_flag(tiny_bundle_int8, tiny_sd1_dir, tmp_path):
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_int8, out)
+    before = (out / "zo-edge.json").read_bytes()
+    line = _one_line_error(cli("convert", tiny_sd1_dir, out, "--weights", "fp32"))
+    assert "--overwrite" in line
+    assert (out / "zo-edge.json").read_bytes() == before
+    # a folder that is not a bundle is never replaced, even with --overwrite
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert "not a zo-edge bundle" in _one_line_error(cli("convert", tiny_sd1_dir, other, "--overwrite"))
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_overwrite_replaces_only_at_the_end(tiny_bundle_int8, tiny_sd1_dir, tiny_sd1_export, tmp_path, monkeypatch):
+    from zo_edge.convert import convert_pipeline, pipeline
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_int8, out)
+    before = (out / "zo-edge.json").read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure in verify")
+    monkeypatch.setattr(pipeline.acc_mod, "graph_accuracy", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        convert_pipeline(tiny_sd1_dir, out, weights="fp32", fuse=True, overwrite=True, export_dir=tiny_sd1_export)
+    assert (out / "zo-edge.json").read_bytes() == before  # old bundle intact
+    assert leftovers(tmp_path) == []
+    monkeypatch.undo()
+    m = convert_pipeline(tiny_sd1_dir, out, weights="fp32", fuse=False, overwrite=True, export_dir=tiny_sd1_export)
+    assert manifest(out)["quantization"]["weights"] == "fp32" == m["quantization"]["weights"]
+    assert leftovers(tmp_path) == []
+    from zo_edge.convert.manifest import verify_files
+    assert verify_files(out, m) == []
+
+
+def test_interrupted_convert_leaves_no_bundle(tiny_sd1_dir, tiny_sd1_export, tmp_path, monkeypatch):
+    from zo_edge.convert import convert_pipeline, pipeline
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "quantize_int8", interrupt)
+    out = tmp_path / "bundle"
+    with pytest.raises(KeyboardInterrupt):
+        convert_pipeline(tiny_sd1_dir, out, weights="int8", export_dir=tiny_sd1_export)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timestep_feed_follows_graph():
+    from zo_edge.convert.calibrate import timestep_feed
+    f = timestep_feed({"inputs": [{"name": "timestep", "dtype": "float32", "rank": 0}]}, 500, 3)
+    assert f.shape == () and f.dtype == np.float32
+    f = timestep_feed({"inputs": [{"name": "timestep", "dtype": "int64", "rank": 1}]}, 500, 3)
+    assert f.shape == (3,) and f.dtype == np.int64
+
+
+def test_external_data_path(tiny_sd1_dir, tiny_sd1_export, tmp_path, monkeypatch):
+    """Graphs over the external-data threshold (2 GB for real; 1 MB here) are saved as
+    model.onnx + model.onnx_data, listed in the manifest, and still run."""
+    from zo_edge.convert import convert_pipeline, graphs
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD", 1_000_000)
+    out = tmp_path / "ext"
+    m = convert_pipeline(tiny_sd1_dir, out, weights="int8", fuse=True, export_dir=tiny_sd1_export,
+                         calibration_samples=2, heldout_samples=1, heldout_per_band=1)
+    assert (out / "unet/model.onnx_data").is_file()
+    assert m["graphs"]["unet"]["external_data"] == "unet/model.onnx_data"
+    assert "unet/model.onnx_data" in m["files"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".data")]
+    run_bundle(out, batch=1)
+    assert m["accuracy"]["unet"]["cosine"] > 0.98
