@@ -188,7 +188,7 @@ def _print_summary(r: dict) -> None:
         cells = [f"{c['stages'][s]['seconds']:.1f} s / {c['stages'][s]['peak_rss_mb']:,.0f} MB" if s in c["stages"]
                  else "–" for s in stages]
         print(f"| {k} | " + " | ".join(cells) + f" | {c['seconds']:.1f} | {c['peak_rss_mb']:,.0f} |")
-    print("\n## Bundle sizes (MB)")
+    print("\n## Bundle sizes (MB; text_encoder includes the token table .npy)")
     print("| bundle | " + " | ".join(GRAPHS) + " | total |")
     print("|---" * (len(GRAPHS) + 2) + "|")
     for k, c in r["convert"].items():

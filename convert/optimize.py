@@ -12,7 +12,9 @@ stays fused (no QK^T / attn.V MatMuls, no transposes).
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,8 +39,10 @@ def cpu_fusion_options(model_type: str = "unet"):
 
 def fuse_unet(src: str | Path, dst: str | Path) -> dict:
     """Apply the CPU-safe fusions to the UNet at ``src``; save to ``dst``. Returns fused-op counts."""
-    from onnxruntime.transformers import onnx_model_unet
     from onnxruntime.transformers.optimizer import optimize_model
+    # optimizer.py imports its helpers as top-level modules (its folder is put on sys.path)
+    onnx_model_unet = sys.modules.get("onnx_model_unet") or importlib.import_module(
+        "onnxruntime.transformers.onnx_model_unet")
     is_installed = onnx_model_unet.is_installed
     onnx_model_unet.is_installed = lambda name: False if name == "tqdm" else is_installed(name)  # no progress bar
     logging.disable(logging.WARNING)  # its INFO / WARNING chatter

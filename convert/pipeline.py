@@ -31,8 +31,11 @@ from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
 
 PROVIDERS = ("cpu",)
-# Fusion default per weights, from measurements on CPU (see docs/bundle.md "Conversion recipe").
-DEFAULT_FUSE = {"fp32": True, "int8": False, "int4": False}
+# Fusion default per weights, measured on CPU (docs/bundle.md "Conversion recipe"): with the fused
+# self-attention unpacked before quantization, fusion keeps the projections INT8 and replaces the
+# QK^T / softmax / attn.V chain by one kernel: at 512 px (64x64 latents, SD1.5's top UNet levels)
+# INT8 peak RSS 820 MB fused vs 1,916 MB unfused, FP32 1,735 vs 2,877 MB, and no slower.
+DEFAULT_FUSE = {"fp32": True, "int8": True, "int4": True}
 PARITY_TOL = 1e-5
 PARITY_PROMPTS = ("a photo of a cat", "a red striped star on a grass background",
                   "an oil painting of a harbour at dawn, highly detailed", "")
@@ -224,6 +227,8 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
         fusion_counts = st.run("optimize", "UNet fusions (CPU kernels only)", optimize)
         st.say(f"[optimize] fused ops: {fusion_counts}")
         unet_src = fused
+    else:
+        st.say("[optimize] skipped (--no-fuse)")
 
     # -- calibrate + quantize
     recipes: dict[str, dict] = {}
@@ -262,6 +267,8 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                 precision["unet"] = "int4"
         st.run("quantize", f"weights {weights}", quantize)
     else:
+        st.say("[calibrate] skipped (weights fp32)")
+
         def copy_fp32():
             for g in GRAPHS:
                 _copy_graph(unet_src if g == "unet" else reference[g], bundle / g / "model.onnx")

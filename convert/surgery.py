@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from zo_runtime.errors import UserError
 
-from .graphs import consumers, io_spec, producers, prune, save_model
+from .graphs import io_spec, producers, prune, save_model
 
 INPUTS_EMBEDS = "inputs_embeds"
 SHAPE_ONLY = {"Shape", "Size"}
@@ -131,7 +131,7 @@ def rewrite_text_encoder(src: str | Path, dst: str | Path, table_path: str | Pat
         for k, name in enumerate(node.input):
             if name == out_name:
                 node.input[k] = INPUTS_EMBEDS
-    for k, o in enumerate(g.output):
+    for o in g.output:
         if o.name == out_name:  # pathological: the lookup is itself an output
             raise UserError("token-embedding lookup is a graph output; nothing to rewrite")
     g.node.remove(gather)

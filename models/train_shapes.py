@@ -184,15 +184,16 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="diffusers folder to write")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=int, default=30000)
-    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--vae-steps", type=int, default=500)
     ap.add_argument("--vae-batch", type=int, default=32)
-    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--unet-steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 avoids OpenMP barrier stalls when the machine is shared")
     args = ap.parse_args(argv)
+    torch.set_flush_denormal(True)  # before any thread starts: denormals slow CPU training as weights settle
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormal floats slow CPU training several-fold as weights settle
     out = Path(args.out)
     clock = Clock()
 

@@ -218,9 +218,15 @@ def test_int8_bundle_runs(tiny_bundle_int8):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
 
 
-def test_int8_activation_matmuls_stay_float(tiny_bundle_int8):
-    """Attention's QK^T and attn.V MatMuls (no constant input) get no QDQ; weight MatMuls do."""
-    model = onnx.load(str(tiny_bundle_int8 / "unet/model.onnx"))
+def test_int8_activation_matmuls_stay_float(tiny_sd1_dir, tiny_sd1_export, tmp_path):
+    """Unfused: attention's QK^T and attn.V MatMuls (no constant input) get no QDQ; weight MatMuls do."""
+    from zo_edge.convert import convert_pipeline
+    out = tmp_path / "unfused"
+    m = convert_pipeline(tiny_sd1_dir, out, weights="int8", fuse=False, export_dir=tiny_sd1_export,
+                         calibration_samples=2, heldout_samples=1, heldout_per_band=1)
+    assert m["quantization"]["fuse"] is False and m["graphs"]["unet"]["fused"] is False
+    assert m["quantization"]["graphs"]["unet"]["excluded"]["activation_matmuls"] > 0
+    model = onnx.load(str(out / "unet/model.onnx"))
     prod = {o: n for n in model.graph.node for o in n.output}
     inits = {t.name for t in model.graph.initializer}
 
@@ -237,8 +243,29 @@ def test_int8_activation_matmuls_stay_float(tiny_bundle_int8):
         else:
             act += 1
             assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in n.input[:2]), n.name
-    assert weight > 0
-    assert act > 0 or manifest(tiny_bundle_int8)["quantization"]["fuse"]
+    assert weight > 0 and act > 0
+
+
+def test_int8_fused_unet_quantizes_attention_projections(tiny_bundle_int8):
+    """Fused (the default): self-attention is MultiHeadAttention fed by quantized Q/K/V MatMuls."""
+    m = manifest(tiny_bundle_int8)
+    assert m["quantization"]["fuse"] is True
+    assert m["graphs"]["unet"]["fusions"]["unpacked_self_attention"] > 0
+    model = onnx.load(str(tiny_bundle_int8 / "unet/model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert "MultiHeadAttention" in ops and "Attention" not in ops
+    for bad in ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv", "BiasAdd"):
+        assert bad not in ops
+    prod = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    for n in mha:
+        q = prod[n.input[0]]
+        while q.op_type in ("DequantizeLinear", "QuantizeLinear"):  # an output QDQ pair may sit between
+            q = prod[q.input[0]]
+        assert q.op_type == "MatMul"
+        assert any(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear" and prod[i].input[0] in inits
+                   for i in q.input), "Q projection not INT8"
 
 
 def test_accuracy_report(tiny_bundle_int8):

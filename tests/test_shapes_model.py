@@ -1,0 +1,66 @@
+"""The embedded shapes model ships inside the package: it loads, follows prompts, and the demo runs."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from zo_edge.cli.main import main as cli
+from zo_edge.models import SHAPES_BUNDLE, world
+from zo_runtime.bundle import Bundle
+from zo_runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.skipif(not (SHAPES_BUNDLE / "zo-edge.json").exists(), reason="shapes bundle not built")
+
+
+def test_world_is_deterministic_and_validates():
+    a = world.render("star", "red", "striped", "grass", seed=3)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, world.render("star", "red", "striped", "grass", seed=3))
+    assert not np.array_equal(a, world.render("star", "red", "striped", "grass", seed=4))
+    with pytest.raises(ValueError):
+        world.render("blob", "red", "solid", "grass")
+    with pytest.raises(ValueError):
+        world.Subject.parse("red:star")
+    assert str(world.Subject.parse("red:striped:star")) == "red:striped:star"
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        s, _ = world.sample(rng)
+        assert not world.is_held_out(s.shape, s.colour, s.pattern)
+
+
+def test_shipped_bundle_verifies_and_is_small():
+    b = Bundle.load(SHAPES_BUNDLE)  # checks every file's sha256
+    m = b.manifest
+    assert m["quantization"]["weights"] == "int8"
+    total = sum(f["bytes"] for f in m["files"].values())
+    assert total < 30 * 2 ** 20
+    assert b.resolution == 32 and b.embedding_dim == 64
+
+
+def test_base_model_follows_backgrounds_and_colours():
+    from zo_edge.models.probe import Probe
+
+    pipe = Pipeline(Bundle.load(SHAPES_BUNDLE))
+    probe = Probe.load()
+    cases = [("red", "sky"), ("blue", "sand"), ("yellow", "night"), ("green", "grey"), ("white", "grass"),
+             ("purple", "sand")]
+    bg_hits = colour_hits = 0
+    for i, (colour, bg) in enumerate(cases):
+        img = pipe(f"a {colour} circle on a {bg} background", steps=20, seed=i, progress=False)
+        p = probe.predict(img)
+        bg_hits += p["background"][0] == bg
+        colour_hits += p["colour"][0] == colour
+    assert bg_hits >= 5 and colour_hits >= 4, (bg_hits, colour_hits)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(cli, ["demo", "--steps", "6", "--out-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "my-shape.safetensors").exists() and (out / "grid.png").exists()
+    assert len(list((out / "samples").glob("*.png"))) == 20
+    log = [json.loads(l) for l in (out / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 6
+    r = CliRunner().invoke(cli, ["demo", "--steps", "6", "--out-dir", str(out)])
+    assert r.exit_code != 0 and "exists" in r.output
