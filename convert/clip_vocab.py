@@ -12,19 +12,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+from zo_runtime.tokenizer import _bytes_to_unicode as bytes_to_unicode
+
 N_MERGES = 49152 - 256 - 2
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def find_bpe_file() -> Path:

@@ -47,6 +47,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def verify_files(root: Path, files: dict, what: str, remedy: str) -> None:
+    """files: {relative path: {"sha256": hex, "bytes": n}}; one UserError line for the first bad file."""
+    for rel, meta in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise UserError(f"{what} file {rel} is missing from {root}")
+        if "bytes" in meta and p.stat().st_size != meta["bytes"]:
+            raise UserError(f"{what} file {rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}: "
+                            f"it is damaged; {remedy}")
+        if sha256_file(p) != meta["sha256"]:
+            raise UserError(f"{what} file {rel} fails its sha256 check: it is damaged; {remedy}")
+
+
 @dataclass
 class Bundle:
     """A converted model. ``Bundle.load(path)`` reads and checks the manifest; sessions are opened
@@ -84,15 +97,7 @@ class Bundle:
 
     def verify(self) -> None:
         """Check every file listed in the manifest exists with its recorded size and sha256."""
-        for rel, meta in self.manifest.get("files", {}).items():
-            p = self.root / rel
-            if not p.is_file():
-                raise UserError(f"bundle file {rel} is missing from {self.root}")
-            if "bytes" in meta and p.stat().st_size != meta["bytes"]:
-                raise UserError(f"bundle file {rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']}: "
-                                "the bundle is damaged; convert it again")
-            if sha256_file(p) != meta["sha256"]:
-                raise UserError(f"bundle file {rel} fails its sha256 check: the bundle is damaged; convert it again")
+        verify_files(self.root, self.manifest.get("files", {}), "bundle", "convert it again")
 
     # -- manifest accessors -------------------------------------------------------------
     def __getitem__(self, key):

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .bundle import resolve_provider, sha256_file
+from .bundle import resolve_provider, verify_files
 from .errors import UserError
 
 MANIFEST = "metrics.json"
@@ -198,14 +198,7 @@ class MetricsBundle:
 
     def verify(self) -> None:
         """Check every file listed in the manifest exists with its recorded size and sha256."""
-        for rel, meta in self.manifest.get("files", {}).items():
-            p = self.root / rel
-            if not p.is_file():
-                raise UserError(f"metrics bundle file {rel} is missing from {self.root}")
-            if "bytes" in meta and p.stat().st_size != meta["bytes"]:
-                raise UserError(f"metrics bundle file {rel} has the wrong size: convert the metrics again")
-            if sha256_file(p) != meta["sha256"]:
-                raise UserError(f"metrics bundle file {rel} fails its sha256 check: convert the metrics again")
+        verify_files(self.root, self.manifest.get("files", {}), "metrics bundle", "convert the metrics again")
 
     @property
     def has_clip(self) -> bool:
