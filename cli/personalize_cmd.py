@@ -32,13 +32,14 @@ from zo_runtime.errors import UserError
 @click.option("--captions", type=click.Path(), help="Per-image captions: '<file>\\t<caption with {}>' lines.")
 @click.option("--no-upscale", is_flag=True, help="Refuse images smaller than the resolution.")
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--preview-every", type=int, default=0, show_default=True, help="Write a preview image every K steps (0: off).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--provider", default="cpu", show_default=True, help="ORT execution provider: cpu, cuda, dml, coreml, openvino, qnn.")
 @click.option("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file or run directory.")
 def personalize(model, images, token, init_word, out, run_dir, resume_dir, steps, num_vectors, resolution, lr,
                 adam_eps, n, mu, sg, tau, nu, puts, t_low, t_high, batch_candidates, captions, no_upscale,
-                checkpoint_every, seed, provider, threads, overwrite):
+                checkpoint_every, preview_every, seed, provider, threads, overwrite):
     """Learn a token from a few images with ZOODiP (RGE + SG + PUTS + ZO-Adam), forward passes only."""
     from zo_runtime.personalize import PersonalizeConfig, Trainer, default_run_dir, resume
 
@@ -54,7 +55,7 @@ def personalize(model, images, token, init_word, out, run_dir, resume_dir, steps
                             resolution=resolution, lr=lr, adam_eps=adam_eps, n=n, mu=mu, sg=sg, tau=tau, nu=nu,
                             puts=puts, t_low=t_low, t_high=t_high, batch_candidates=batch_candidates,
                             captions=captions, allow_upscale=not no_upscale, checkpoint_every=checkpoint_every,
-                            seed=seed, provider=provider, threads=threads, overwrite=overwrite)
+                            preview_every=preview_every, seed=seed, provider=provider, threads=threads, overwrite=overwrite)
     Trainer(cfg).train()
 
 

@@ -570,3 +570,22 @@ def test_run_dreambooth_with_real_metrics(tmp_path, bundle_dir):
     assert all(-1 <= r[m] <= 1 for m in ("clip_i", "clip_t", "dino", "dino_inter"))
     ev = json.loads((tmp_path / "bench/dog/result.json").read_text())["evaluation"]
     assert ev["per_prompt"][0]["clip_t_text"] == "a dog in the jungle" and ev["n_generated"] == 50
+
+
+def test_cli_bench_dreambooth_end_to_end(tmp_path, bundle_dir, tiny_bundle_int8):
+    """The real wiring: personalize -> generate -> evaluate on a tiny bundle, then a resumed rerun."""
+    from click.testing import CliRunner
+    from zo_edge.cli.main import main
+
+    ds = _dataset(tmp_path)
+    args = ["bench", "dreambooth", "--model", str(tiny_bundle_int8), "--metrics", str(bundle_dir), "--dataset", str(ds),
+            "--subjects", "dog", "--steps", "3", "--images-per-prompt", "2", "--gen-steps", "2",
+            "--out", str(tmp_path / "run")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "run" / "dog" / "result.json").read_text())
+    for key in ("clip_i", "clip_t", "dino", "dino_inter"):
+        assert np.isfinite(result["scores"][key] if "scores" in result else result[key])
+    assert len(list((tmp_path / "run" / "dog" / "generated").glob("*.png"))) == 25 * 2
+    r2 = CliRunner().invoke(main, args)
+    assert r2.exit_code == 0 and "CLIP-I" in r2.output

@@ -54,6 +54,12 @@ def test_end_to_end_writes_loadable_embedding(tiny_bundle_int8, ref_images, tmp_
     assert not np.allclose(res.theta[0], table[1929])  # "dog</w>"
 
 
+def test_preview_images(tiny_bundle_int8, ref_images, tmp_path):
+    Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path, steps=4, preview_every=2)).train()
+    previews = sorted(p.name for p in (tmp_path / "run" / "previews").iterdir())
+    assert previews == ["step_000002.png", "step_000004.png"]
+
+
 def test_same_seed_same_embedding_bit_for_bit(tiny_bundle_int8, ref_images, tmp_path):
     a = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "a")).train().theta
     b = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "b")).train().theta

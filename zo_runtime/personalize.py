@@ -74,6 +74,7 @@ class PersonalizeConfig:
     batch_candidates: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
+    preview_every: int = 0              # >0: a preview image through the generate path every K steps
     captions: str | None = None         # optional file: "<image file>\t<caption with {}>" per line
     flip: bool = True
     allow_upscale: bool = True
@@ -256,6 +257,18 @@ class Trainer:
         dropped = int(opt_state["0"]["basis"].shape[0]) if cfg.sg else 0
         return theta, opt_state, float(losses[0]), t, dropped
 
+    def preview(self, step: int, theta: np.ndarray) -> None:
+        """One image of the token so far, through the generate path, to run_dir/previews/."""
+        from .pipeline import Pipeline, save_png
+
+        prompt = self.cfg.templates[0].format(self.cfg.token)
+        pipe = Pipeline(self.bundle, embeddings={self.cfg.token: theta})
+        image = pipe(prompt, steps=20, seed=self.cfg.seed, height=self.latents.mean.shape[2] * self.bundle.vae_scale_factor,
+                     width=self.latents.mean.shape[3] * self.bundle.vae_scale_factor, progress=False)[0]
+        folder = self.run_dir / "previews"
+        folder.mkdir(exist_ok=True)
+        save_png(folder / f"step_{step:06d}.png", image, {"prompt": prompt, "step": step})
+
     def train(self, resume: bool = False, callback=None) -> Result:
         """Run to ``cfg.steps``. ``callback(step, theta)``, if given, is called after every step."""
         cfg = self.cfg
@@ -293,6 +306,8 @@ class Trainer:
                 progress.update(step, loss=loss)
                 if callback is not None:
                     callback(step, theta)
+                if cfg.preview_every and step % cfg.preview_every == 0:
+                    self.preview(step, theta)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     log.flush()
                     self.save_checkpoint(step, theta, opt_state, rng)
