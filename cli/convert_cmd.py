@@ -9,8 +9,10 @@ from zo_runtime.errors import UserError
 @click.command("convert")
 @click.argument("src", type=click.Path(file_okay=True, dir_okay=True, path_type=str))
 @click.argument("out", type=click.Path(file_okay=True, dir_okay=True, path_type=str))
-@click.option("--weights", type=click.Choice(["int8", "int4", "fp32"]), default="int8", show_default=True,
-              help="int8: static QDQ on all graphs; int4: UNet MatMuls 4-bit weight-only, rest int8; fp32: none.")
+@click.option("--weights", type=click.Choice(["int8", "int8w", "int4", "fp32"]), default="int8", show_default=True,
+              help="int8: static QDQ on all graphs (fastest; for generation); int8w: weight-only INT8, float "
+                   "activations (for personalize: keeps the zeroth-order signal); int4: UNet MatMuls 4-bit "
+                   "weight-only, rest int8; fp32: none.")
 @click.option("--text-encoder-fp32", is_flag=True, help="Keep the text encoder in FP32.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUT (only once the new one is complete).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=8, show_default=True,

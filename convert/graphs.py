@@ -155,4 +155,15 @@ def session(path: str | Path, threads: int | None = None, provider: str = "cpu")
         threads = int(env) if env and env.isdigit() else 0
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    if is_weight_only(path):  # as the runtime runs it: see zo_runtime.bundle.session_options
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+WEIGHT_ONLY_KEY = "zo_edge.weight_only"
+
+
+def is_weight_only(path: str | Path) -> bool:
+    """True for graphs written by quantize_weight_only_int8 (marked in their metadata)."""
+    m = onnx.load(str(path), load_external_data=False)
+    return any(p.key == WEIGHT_ONLY_KEY and p.value == "1" for p in m.metadata_props)

@@ -26,7 +26,7 @@ from . import accuracy as acc_mod
 from .export import GRAPHS, export_onnx
 from .graphs import graph_files, save_model, session
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, graph_entry, write_manifest
-from .quantize import WEIGHTS, quantize_int4, quantize_int8
+from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only_int8
 from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
 
@@ -35,7 +35,7 @@ PROVIDERS = ("cpu",)
 # self-attention unpacked before quantization, fusion keeps the projections INT8 and replaces the
 # QK^T / softmax / attn.V chain by one kernel: at 512 px (64x64 latents, SD1.5's top UNet levels)
 # INT8 peak RSS 820 MB fused vs 1,916 MB unfused, FP32 1,735 vs 2,877 MB, and no slower.
-DEFAULT_FUSE = {"fp32": True, "int8": True, "int4": True}
+DEFAULT_FUSE = {"fp32": True, "int8": True, "int8w": True, "int4": True}
 PARITY_TOL = 1e-5
 PARITY_PROMPTS = ("a photo of a cat", "a red striped star on a grass background",
                   "an oil painting of a harbour at dawn, highly detailed", "")
@@ -234,9 +234,13 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
     recipes: dict[str, dict] = {}
     precision: dict[str, str] = {}
     if weights != "fp32":
-        calib = st.run("calibrate", f"{n_calib} samples per graph from the model's own data", make_inputs,
-                       info, reference, table, tokenizer, n_calib, seed, False)
-        st.say(f"[calibrate] UNet timesteps {sorted(calib.unet_timesteps)}")
+        if weights == "int8w":
+            calib = None
+            st.say("[calibrate] skipped (weight-only: activations stay float)")
+        else:
+            calib = st.run("calibrate", f"{n_calib} samples per graph from the model's own data", make_inputs,
+                           info, reference, table, tokenizer, n_calib, seed, False)
+            st.say(f"[calibrate] UNet timesteps {sorted(calib.unet_timesteps)}")
 
         def quantize():
             q = tmp / "q"
@@ -244,6 +248,16 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             dst = {g: bundle / g / "model.onnx" for g in GRAPHS}
             for g in GRAPHS:
                 dst[g].parent.mkdir(parents=True, exist_ok=True)
+            if weights == "int8w":
+                for g in GRAPHS:
+                    if g == "text_encoder" and te_fp32:
+                        _copy_graph(te_fp32_path, dst[g])
+                        precision[g] = "fp32"
+                        continue
+                    src_g = {"unet": unet_src, "text_encoder": te_fp32_path}.get(g, reference[g])
+                    recipes[g] = quantize_weight_only_int8(src_g, dst[g])
+                    precision[g] = "int8w"
+                return
             if te_fp32:
                 _copy_graph(te_fp32_path, dst["text_encoder"])
                 precision["text_encoder"] = "fp32"
@@ -308,7 +322,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             graphs[g] = graph_entry(bundle, g, precision[g], extra)
         quant = {"weights": weights, "text_encoder_fp32": te_fp32, "fuse": fuse, "provider": provider,
                  "per_channel": per_channel,
-                 "calibration": None if weights == "fp32" else {
+                 "calibration": None if weights in ("fp32", "int8w") else {
                      "samples": n_calib, "seed": seed,
                      "text_encoder": "shapes-world captions + everyday prompts + empty prompt",
                      "vae_encoder": "zo_edge.models.world renders at the model resolution",

@@ -17,6 +17,10 @@ symmetric, accuracy_level 4 = int8 compute on CPU); the UNet's Conv and Gemm get
 QDQ recipe above, since ``MatMulNBits`` covers MatMul only and FP32 convolutions would leave most
 of the UNet's bytes untouched. Text encoder and VAEs as in ``int8``.
 
+``int8w``: weight-only INT8 on every graph (``quantize_weight_only_int8``): int8 per-channel weights
+behind DequantizeLinear, float activations. The recipe for personalization: static QDQ's
+activation rounding drowns the zeroth-order signal (see that function's doc).
+
 ``fp32``: nothing.
 """
 from __future__ import annotations
@@ -26,18 +30,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from zo_runtime.errors import UserError
 
 from .calibrate import FeedsReader
-from .graphs import needs_external_data, prune, save_model
+from .graphs import WEIGHT_ONLY_KEY, needs_external_data, prune, save_model
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization",
             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNorm", "SkipGroupNorm",
             "BatchNormalization", "ReduceMean", "Softmax")
-WEIGHTS = ("int8", "int4", "fp32")
+WEIGHTS = ("int8", "int8w", "int4", "fp32")
 WEIGHT_TYPE = "QInt8"
 REDUCE_RANGE = True  # 7-bit weights: AVX2 u8s8 (vpmaddubsw) saturates otherwise; see module doc
 INT4_BLOCK = 32
@@ -192,3 +197,72 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK, accuracy_l
     save_model(out, dst)
     return {"method": "MatMulNBits weight-only", "bits": 4, "block_size": block_size, "symmetric": True,
             "accuracy_level": accuracy_level, "matmuls": n_mm, "matmul_nbits": n_nbits}
+
+
+# ops whose weight input (index 1) is a constant matrix / kernel, and the axis of its output channels
+_WEIGHT_AXIS = {"Conv": lambda n, w: 0, "ConvTranspose": lambda n, w: 1,
+                "MatMul": lambda n, w: w.ndim - 1, "Attention": lambda n, w: w.ndim - 1,
+                "Gemm": lambda n, w: 0 if any(a.name == "transB" and a.i for a in n.attribute) else 1}
+
+
+def quantize_weight_only_int8(src: Path, dst: Path, min_size: int = 1024) -> dict:
+    """Weight-only INT8: every constant weight of Conv / MatMul / Gemm / Attention is stored as int8
+    with a symmetric per-output-channel scale and a DequantizeLinear in front; activations stay
+    float. ORT keeps the DequantizeLinear nodes (it does not constant-fold QDQ), so weights sit in
+    memory as int8 and are widened layer by layer at run time.
+
+    Why this exists: static QDQ rounds activations to 256 levels, which makes the loss a step
+    function of the token embedding; zeroth-order differences with μ = 1e-3 then measure rounding,
+    not the gradient (benchmarks/bench_zo_signal.py). Weight-only keeps the loss smooth in θ, as in
+    the paper (optimum-quanto qint8 weights, float activations)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, list] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            users.setdefault(name, []).append((n, i))
+    done, new_nodes, q_bytes, f_bytes = {}, [], 0, 0
+    for n in model.graph.node:
+        axis_of = _WEIGHT_AXIS.get(n.op_type)
+        if axis_of is None or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        name = n.input[1]
+        t = inits[name]
+        if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2 or int(np.prod(t.dims)) < min_size:
+            continue
+        if name not in done:
+            w = numpy_helper.to_array(t)
+            axis = axis_of(n, w)
+            red = tuple(i for i in range(w.ndim) if i != axis)
+            scale = np.abs(w).max(axis=red) / 127.0
+            scale[scale == 0] = 1.0
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            wq = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+            qn, sn, zn, out = name + "_w8", name + "_w8_scale", name + "_w8_zp", name + "_w8_dq"
+            model.graph.initializer.extend([numpy_helper.from_array(wq, qn),
+                                            numpy_helper.from_array(scale.astype(np.float32), sn),
+                                            numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)])
+            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=name + "_w8_DQ", axis=axis))
+            done[name] = out
+            q_bytes += wq.nbytes + scale.nbytes
+            f_bytes += w.nbytes
+        n.input[1] = done[name]
+    # drop the float originals nobody reads any more
+    still = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in still or t.name.endswith(("_w8", "_w8_scale", "_w8_zp"))]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    # DequantizeLinear nodes first, so the graph stays topologically sorted
+    nodes = new_nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, WEIGHT_ONLY_KEY: "1"})
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in model.opset_import):
+        raise UserError(f"{src}: weight-only INT8 needs opset >= 13 (per-axis DequantizeLinear)")
+    save_model(model, dst, external=needs_external_data(model))
+    return {"method": "weight-only", "weight_type": "QInt8", "symmetric": True, "per_channel": True,
+            "activations": "float32", "weights_quantized": len(done),
+            "weight_bytes_fp32": int(f_bytes), "weight_bytes_int8": int(q_bytes)}

@@ -55,3 +55,11 @@ def tiny_bundle_int8(tiny_sd1_dir, tiny_sd1_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny_sd1_int8"
     convert_pipeline(tiny_sd1_dir, out, weights="int8", export_dir=tiny_sd1_export)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8w(tiny_sd1_dir, tiny_sd1_export, tmp_path_factory):
+    from zo_edge.convert import convert_pipeline
+    out = tmp_path_factory.mktemp("bundles") / "tiny_sd1_int8w"
+    convert_pipeline(tiny_sd1_dir, out, weights="int8w", export_dir=tiny_sd1_export)
+    return out

@@ -169,6 +169,11 @@ class Bundle:
             threads = self.threads or int(os.environ.get("ZO_EDGE_THREADS", "0") or 0)
             if threads:
                 opts.intra_op_num_threads = threads
+            if self.graph(name).get("precision") == "int8w":
+                # Weight-only INT8: level-2 fusions would turn DequantizeLinear -> MatMul into a kernel
+                # that quantizes activations on the fly, and the loss into a step function of θ
+                # (benchmarks/bench_zo_signal.py). Basic level keeps the int8 weights and float math.
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             path = self.root / self.graph(name)["path"]
             self._sessions[name] = ort.InferenceSession(str(path), sess_options=opts,
                                                         providers=resolve_provider(self.provider))

@@ -181,6 +181,11 @@ class Trainer:
                 raise UserError(f"run directory {self.run_dir} already holds a run; resume it with "
                                 f"--resume {self.run_dir} or pass --overwrite")
         self.bundle = Bundle.load(cfg.model, provider=cfg.provider, threads=cfg.threads)
+        static = [g for g in ("text_encoder", "unet") if self.bundle.graph(g).get("precision") in ("int8", "int4")]
+        if static:
+            print(f"warning: this bundle's {' and '.join(static)} quantize activations (static INT8 QDQ); measured, "
+                  "that rounding drowns the zeroth-order signal at mu=1e-3. For personalization convert with "
+                  "--weights int8w (weight-only INT8) or fp32.", file=sys.stderr)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.bundle.tokenizer_dir)
         if self.tokenizer.is_in_vocab(cfg.token):
             raise UserError(f"placeholder {cfg.token!r} is already a token of the vocabulary; "
