@@ -69,4 +69,14 @@ def info(bundle, verify, as_json):
         click.echo(f"verified {len(m['files'])} files (sha256)")
 
 
-COMMANDS = [convert, info]
+@click.command()
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--overwrite", is_flag=True)
+def requantize(src, out, overwrite):
+    """Derive a weight-only INT8 (int8w) bundle from an fp32 bundle, with no export or fusion."""
+    from zo_edge.convert.requantize import requantize_bundle
+    requantize_bundle(src, out, overwrite=overwrite, progress=lambda m: click.echo(m, err=True))
+
+
+COMMANDS = [requantize, convert, info]
