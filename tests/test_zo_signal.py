@@ -34,3 +34,21 @@ def test_weight_only_int8_keeps_the_zo_signal(tiny_bundle_fp32, tiny_bundle_int8
     assert np.corrcoef(got[:, 0], ref[:, 0])[0, 1] > 0.95          # and it follows FP32's derivative
     m = Bundle.load(tiny_bundle_int8w).manifest
     assert {g["precision"] for g in m["graphs"].values()} == {"int8w"}
+
+
+def test_requantize_fp32_bundle_to_int8w(tiny_bundle_fp32, tmp_path):
+    from click.testing import CliRunner
+
+    from zo_edge.cli.main import main
+
+    out = tmp_path / "rq"
+    r = CliRunner().invoke(main, ["requantize", str(tiny_bundle_fp32), str(out)])
+    assert r.exit_code == 0, r.output
+    b = Bundle.load(out)  # sha256 of every file
+    assert {g["precision"] for g in b.manifest["graphs"].values()} == {"int8w"}
+    ref, got = directional(tiny_bundle_fp32), directional(out)
+    assert np.corrcoef(got[:, 0], ref[:, 0])[0, 1] > 0.95
+    r = CliRunner().invoke(main, ["requantize", str(out), str(tmp_path / "again")])
+    assert r.exit_code != 0 and "not an fp32 bundle" in r.output
+    r = CliRunner().invoke(main, ["requantize", str(tiny_bundle_fp32), str(out)])
+    assert r.exit_code != 0 and "exists" in r.output
