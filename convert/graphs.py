@@ -155,8 +155,9 @@ def session(path: str | Path, threads: int | None = None, provider: str = "cpu")
         threads = int(env) if env and env.isdigit() else 0
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    if is_weight_only(path):  # as the runtime runs it: see zo_runtime.bundle.session_options
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if is_weight_only(path):  # as the runtime runs it
+        from zo_runtime.bundle import weight_only_options
+        weight_only_options(so)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

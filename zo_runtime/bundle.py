@@ -47,6 +47,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def weight_only_options(opts) -> None:
+    """Session options for weight-only INT8 (int8w) graphs. ORT fuses DequantizeLinear -> MatMul into
+    MatMulNBits (8-bit) with accuracy_level 4 by default, which quantizes activations on the fly and
+    turns the loss into a step function of θ (benchmarks/bench_zo_signal.py): ask for float compute."""
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+
+
 def verify_files(root: Path, files: dict, what: str, remedy: str) -> None:
     """files: {relative path: {"sha256": hex, "bytes": n}}; one UserError line for the first bad file."""
     for rel, meta in files.items():
@@ -170,10 +177,7 @@ class Bundle:
             if threads:
                 opts.intra_op_num_threads = threads
             if self.graph(name).get("precision") == "int8w":
-                # Weight-only INT8: level-2 fusions would turn DequantizeLinear -> MatMul into a kernel
-                # that quantizes activations on the fly, and the loss into a step function of θ
-                # (benchmarks/bench_zo_signal.py). Basic level keeps the int8 weights and float math.
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                weight_only_options(opts)
             path = self.root / self.graph(name)["path"]
             self._sessions[name] = ort.InferenceSession(str(path), sess_options=opts,
                                                         providers=resolve_provider(self.provider))
