@@ -49,10 +49,12 @@ def child_zo(args) -> dict:
     t_setup = time.time()
     trainer = Trainer(cfg)
     setup = time.time() - t_setup
+    setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # VAE encoding included
     stamps = []
     trainer.train(callback=lambda s, th: stamps.append(time.time()))
     per = np.diff(stamps[args.warmup - 1:]) if args.warmup else np.diff([stamps[0]] + stamps)
-    return {"setup_s": setup, "s_per_iter": float(np.median(per)), "unet_passes_per_iter": cfg.n + 1}
+    return {"setup_s": setup, "setup_peak_rss_mb": setup_peak, "s_per_iter": float(np.median(per)),
+            "unet_passes_per_iter": cfg.n + 1}
 
 
 def child_torch(args, backprop: bool) -> dict:
