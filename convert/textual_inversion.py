@@ -45,7 +45,7 @@ def textual_inversion(model_dir: str | Path, images: np.ndarray, token: str, ini
     names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
     tok.add_tokens(names)
     new_ids = tok.convert_tokens_to_ids(names)
-    text.resize_token_embeddings(len(tok))
+    text.resize_token_embeddings(len(tok), mean_resizing=False)
     emb = text.get_input_embeddings()
     with torch.no_grad():
         for i in new_ids:
@@ -86,7 +86,7 @@ def textual_inversion(model_dir: str | Path, images: np.ndarray, token: str, ini
         opt.step()
         with torch.no_grad():
             emb.weight[keep] = original[keep]
-        losses.append(float(loss))
+        losses.append(loss.item())
         if snapshot is not None:
             snapshot(step + 1, emb.weight[new_ids].detach().numpy().astype(np.float32))
         if log_every and (step + 1) % log_every == 0:
