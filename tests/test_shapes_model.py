@@ -32,7 +32,7 @@ def test_world_is_deterministic_and_validates():
 def test_shipped_bundle_verifies_and_is_small():
     b = Bundle.load(SHAPES_BUNDLE)  # checks every file's sha256
     m = b.manifest
-    assert m["quantization"]["weights"] == "int8"
+    assert m["quantization"]["weights"] == "int8w"  # weight-only: keeps the zeroth-order signal
     total = sum(f["bytes"] for f in m["files"].values())
     assert total < 30 * 2 ** 20
     assert b.resolution == 32 and b.embedding_dim == 64
