@@ -161,7 +161,8 @@ def quality_benchmark(bundle: str, source: str, subjects: list[world.Subject], m
 
 
 def summarize(report: dict, methods: list[str]) -> dict:
-    keys = ("subject_fidelity", "feature_similarity", "prompt_fidelity", "seconds", "peak_rss_mb", "unet_passes")
+    keys = ("subject_fidelity", "shape_acc", "colour_acc", "pattern_acc", "feature_similarity", "prompt_fidelity",
+            "seconds", "peak_rss_mb", "unet_passes")
     out = {}
     for m in methods:
         rows = [s[m]["final"] for s in report["subjects"].values() if m in s]
@@ -170,10 +171,12 @@ def summarize(report: dict, methods: list[str]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    lines = ["| method | subject fidelity | feature sim. | prompt fidelity | UNet passes | wall s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | subject fidelity | shape | colour | pattern | feature sim. | prompt fidelity | UNet passes "
+             "| wall s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary.items():
-        lines.append(f"| {m} | {100 * r['subject_fidelity']:.1f} | {r['feature_similarity']:.3f} | "
+        lines.append(f"| {m} | {100 * r['subject_fidelity']:.1f} | {100 * r['shape_acc']:.1f} | "
+                     f"{100 * r['colour_acc']:.1f} | {100 * r['pattern_acc']:.1f} | {r['feature_similarity']:.3f} | "
                      f"{100 * r['prompt_fidelity']:.1f} | {r['unet_passes']:.0f} | {r['seconds']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
