@@ -81,17 +81,8 @@ def read_manifest(bundle: str | Path) -> dict:
 
 def verify_files(bundle: str | Path, manifest: dict) -> list[str]:
     """Problems found checking every listed file's size and sha256 (empty list: all good)."""
-    b = Path(bundle)
-    bad = []
-    for rel, e in manifest.get("files", {}).items():
-        p = b / rel
-        if not p.is_file():
-            bad.append(f"{rel}: missing")
-        elif p.stat().st_size != e.get("bytes"):
-            bad.append(f"{rel}: {p.stat().st_size} bytes, manifest says {e.get('bytes')}")
-        elif sha256_file(p) != e.get("sha256"):
-            bad.append(f"{rel}: sha256 mismatch")
-    return bad
+    from zo_runtime.bundle import file_problems
+    return file_problems(Path(bundle), manifest.get("files", {}))
 
 
 def _mb(n: int) -> str:

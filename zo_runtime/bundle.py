@@ -54,17 +54,25 @@ def weight_only_options(opts) -> None:
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
 
 
-def verify_files(root: Path, files: dict, what: str, remedy: str) -> None:
-    """files: {relative path: {"sha256": hex, "bytes": n}}; one UserError line for the first bad file."""
+def file_problems(root: Path, files: dict) -> list[str]:
+    """files: {relative path: {"sha256": hex, "bytes": n}} -> one line per missing or damaged file."""
+    bad = []
     for rel, meta in files.items():
-        p = root / rel
+        p = Path(root) / rel
         if not p.is_file():
-            raise UserError(f"{what} file {rel} is missing from {root}")
-        if "bytes" in meta and p.stat().st_size != meta["bytes"]:
-            raise UserError(f"{what} file {rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}: "
-                            f"it is damaged; {remedy}")
-        if sha256_file(p) != meta["sha256"]:
-            raise UserError(f"{what} file {rel} fails its sha256 check: it is damaged; {remedy}")
+            bad.append(f"{rel}: missing")
+        elif "bytes" in meta and p.stat().st_size != meta["bytes"]:
+            bad.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {meta['bytes']}")
+        elif sha256_file(p) != meta["sha256"]:
+            bad.append(f"{rel}: fails its sha256 check")
+    return bad
+
+
+def verify_files(root: Path, files: dict, what: str, remedy: str) -> None:
+    """One UserError line for the first missing or damaged file."""
+    bad = file_problems(root, files)
+    if bad:
+        raise UserError(f"{what} file {bad[0]}: it is damaged or incomplete; {remedy}")
 
 
 @dataclass
