@@ -1,11 +1,12 @@
 """The bundle manifest ``zo-edge.json`` (docs/bundle.md): writing, reading, checking, printing."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from zo_runtime.errors import UserError
+
+from zo_runtime.bundle import sha256_file
 
 from .graphs import io_spec
 
@@ -15,22 +16,11 @@ FORMAT_VERSION = 1
 GRAPH_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def file_table(root: Path) -> dict:
+def file_table(root: Path, manifest_name: str = MANIFEST) -> dict:
     """Every file under ``root`` except the manifest: relative posix path -> sha256 + bytes."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name != manifest_name:
             rel = p.relative_to(root).as_posix()
             out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return out

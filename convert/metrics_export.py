@@ -44,8 +44,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from zo_runtime.bundle import sha256_file
 from zo_runtime.errors import UserError
+
+from .manifest import file_table
 
 MANIFEST = "metrics.json"
 FORMAT = "zo-edge-metrics"
@@ -338,14 +339,6 @@ def export_dino(folder: Path, out: Path, rel: str = "dino") -> dict:
     }
 
 
-def _files(root: Path) -> dict:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    return out
-
-
 def export_metrics(out_dir: str | Path, clip_dir: str | Path | None = None, dino_dir: str | Path | None = None,
                    force: bool = False, log=print) -> Path:
     """Export CLIP and/or DINOv2 into a metrics bundle at ``out_dir``; returns its path."""
@@ -375,7 +368,7 @@ def export_metrics(out_dir: str | Path, clip_dir: str | Path | None = None, dino
         if dino_dir is not None:
             log(f"exporting DINOv2 from {dino_dir}")
             manifest["dino"] = export_dino(Path(dino_dir), tmp)
-        manifest["files"] = _files(tmp)
+        manifest["files"] = file_table(tmp, MANIFEST)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         old = None
         if out.exists():
