@@ -10,7 +10,7 @@ from zo_edge.models import SHAPES_BUNDLE, world
 from zo_runtime.bundle import Bundle
 from zo_runtime.pipeline import Pipeline
 
-pytestmark = pytest.mark.skipif(not (SHAPES_BUNDLE / "zo-edge.json").exists(), reason="shapes bundle not built")
+needs_bundle = pytest.mark.skipif(not (SHAPES_BUNDLE / "zo-edge.json").exists(), reason="shapes bundle not built")
 
 
 def test_world_is_deterministic_and_validates():
@@ -29,6 +29,7 @@ def test_world_is_deterministic_and_validates():
         assert not world.is_held_out(s.shape, s.colour, s.pattern)
 
 
+@needs_bundle
 def test_shipped_bundle_verifies_and_is_small():
     b = Bundle.load(SHAPES_BUNDLE)  # checks every file's sha256
     m = b.manifest
@@ -38,6 +39,7 @@ def test_shipped_bundle_verifies_and_is_small():
     assert b.resolution == 32 and b.embedding_dim == 64
 
 
+@needs_bundle
 def test_base_model_follows_colours():
     """Colour is the attribute the shipped model follows best (README: prompt-following table); the
     probe must find the asked colour in most images. A broken pipeline (scaling, guidance, text
@@ -55,6 +57,7 @@ def test_base_model_follows_colours():
     assert hits >= 6, list(zip(colours, cases))
 
 
+@needs_bundle
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = CliRunner().invoke(cli, ["demo", "--steps", "6", "--out-dir", str(out)])
@@ -65,3 +68,19 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(log) == 6
     r = CliRunner().invoke(cli, ["demo", "--steps", "6", "--out-dir", str(out)])
     assert r.exit_code != 0 and "exists" in r.output
+
+
+def test_recipe_runs_and_writes_a_diffusers_folder(tmp_path):
+    """The shapes recipe end to end at toy size: a loadable StableDiffusionPipeline folder plus its record."""
+    pytest.importorskip("diffusers")
+    from diffusers import StableDiffusionPipeline
+    from zo_edge.models import train_shapes
+
+    out = tmp_path / "shapes"
+    train_shapes.main(["--out", str(out), "--images", "16", "--vae-steps", "2", "--vae-batch", "4",
+                       "--unet-steps", "2", "--batch", "4", "--threads", "1"])
+    recipe = json.loads((out / "zo_edge_recipe.json").read_text())
+    assert recipe["unet_steps"] == 2 and recipe["offset_noise"] == 0.1 and recipe["lr"] == 1e-3
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.unet.config.sample_size == 16 and pipe.text_encoder.config.hidden_size == 64
+    assert pipe.vae.config.scaling_factor > 0
