@@ -230,3 +230,15 @@ def test_runtime_imports_no_torch():
             "bad = [m for m in ('torch', 'transformers', 'diffusers', 'optimum') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sg_history_wider_than_token_warns(tiny_bundle_int8, ref_images, tmp_path, capsys):
+    """SG with tau >= d drops most of the space (README, shapes model); say so, and name the scaled tau."""
+    from zo_runtime.personalize import sg_tau_for
+
+    dim = Bundle.load(tiny_bundle_int8).embedding_dim
+    Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path, steps=1, tau=dim))
+    assert f"--tau {sg_tau_for(dim)}" in capsys.readouterr().err
+    Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path, steps=1, tau=dim - 1, overwrite=True))
+    assert "SG keeps" not in capsys.readouterr().err
+    assert sg_tau_for(768) == 128 and sg_tau_for(64) == 11 and sg_tau_for(4) == 2

@@ -115,6 +115,11 @@ def default_run_dir(token: str) -> str:
     return str(Path("runs") / name)
 
 
+def sg_tau_for(dim: int) -> int:
+    """The paper's SG history length scaled to a token width: tau = 128 at d = 768 (SD 1.x)."""
+    return max(2, round(dim * 128 / 768))
+
+
 def make_optimizer(cfg: PersonalizeConfig) -> optim.GradientTransformation:
     """estimator → (SG) → Adam, as in ZOODiP."""
     parts = []
@@ -186,6 +191,11 @@ class Trainer:
             print(f"warning: this bundle's {' and '.join(static)} quantize activations (static INT8 QDQ); measured, "
                   "that rounding drowns the zeroth-order signal at mu=1e-3. For personalization convert with "
                   "--weights int8w (weight-only INT8) or fp32.", file=sys.stderr)
+        d = self.bundle.embedding_dim
+        if cfg.sg and cfg.tau >= d:
+            print(f"warning: SG keeps tau={cfg.tau} tokens but a token has only {d} dimensions: the history spans "
+                  f"the whole space and SG drops most of it (measured on the shapes model, README). The paper's "
+                  f"ratio (128 of 768) gives --tau {sg_tau_for(d)}; or use --no-sg.", file=sys.stderr)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.bundle.tokenizer_dir)
         if self.tokenizer.is_in_vocab(cfg.token):
             raise UserError(f"placeholder {cfg.token!r} is already a token of the vocabulary; "
