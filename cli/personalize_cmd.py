@@ -94,7 +94,7 @@ def demo(subject, steps, out_dir, seed, overwrite):
     token = "<my-shape>"
     cfg = PersonalizeConfig(model=str(SHAPES_BUNDLE), images=str(refs_dir), token=token, init="shape",
                             out=str(out / "my-shape.safetensors"), run_dir=str(out / "run"), steps=steps,
-                            seed=seed, overwrite=True)
+                            seed=seed, overwrite=True, sg=False)  # SG needs d >> tau; here d = 64 (README)
     result = Trainer(cfg).train()
     pipe = Pipeline(bundle, embeddings={token: result.theta})
     samples = out / "samples"
