@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
-from zo_runtime.errors import UserError
-
 from zo_runtime.bundle import sha256_file
+from zo_runtime.errors import UserError
 
 from .graphs import io_spec
 
@@ -14,6 +15,23 @@ MANIFEST = "zo-edge.json"
 FORMAT = "zo-edge-bundle"
 FORMAT_VERSION = 1
 GRAPH_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move the finished folder ``new`` to ``out`` (same filesystem). A folder already at ``out`` is
+    moved aside first, put back if the move fails, and deleted only once ``new`` is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def file_table(root: Path, manifest_name: str = MANIFEST) -> dict:

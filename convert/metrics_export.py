@@ -38,7 +38,6 @@ never leaves a half-written OUT.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -46,7 +45,7 @@ from pathlib import Path
 
 from zo_runtime.errors import UserError
 
-from .manifest import file_table
+from .manifest import file_table, replace_dir
 
 MANIFEST = "metrics.json"
 FORMAT = "zo-edge-metrics"
@@ -370,13 +369,7 @@ def export_metrics(out_dir: str | Path, clip_dir: str | Path | None = None, dino
             manifest["dino"] = export_dino(Path(dino_dir), tmp)
         manifest["files"] = file_table(tmp, MANIFEST)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

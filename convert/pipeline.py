@@ -25,7 +25,7 @@ from zo_runtime.errors import UserError
 from . import accuracy as acc_mod
 from .export import GRAPHS, export_onnx
 from .graphs import graph_files, save_model, session
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, graph_entry, write_manifest
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, graph_entry, replace_dir, write_manifest
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only_int8
 from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
@@ -157,17 +157,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     try:
         manifest = _build(info, tmp, weights, text_encoder_fp32, calibration_samples, provider, fuse, per_channel,
                           heldout_samples, heldout_per_band, seed, export_dir, st)
-        bundle = tmp / "bundle"
-        old = None
-        if out.exists():
-            old = tmp / "old"
-            os.replace(out, old)
-        try:
-            os.replace(bundle, out)
-        except BaseException:
-            if old is not None and not out.exists():
-                os.replace(old, out)  # put the previous bundle back
-            raise
+        replace_dir(tmp / "bundle", out)
         st.say(f"bundle written to {out} in {st.total:.1f} s")
         return manifest
     finally:

@@ -7,7 +7,6 @@ minutes at a few GB: each graph's constant weights become int8 per-channel behin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from zo_runtime.errors import UserError
 
-from .manifest import GRAPH_ORDER, MANIFEST, graph_entry, read_manifest, write_manifest
+from .manifest import GRAPH_ORDER, graph_entry, read_manifest, replace_dir, write_manifest
 from .quantize import quantize_weight_only_int8
 
 
@@ -52,9 +51,7 @@ def requantize_bundle(src: str | Path, out: str | Path, overwrite: bool = False,
         new["accuracy"] = {"note": "derived from the FP32 bundle by requantize; weight-only INT8 per channel"}
         new["build"] = {"seconds": round(time.time() - t0, 1), "stages": {"requantize": {}}}
         write_manifest(tmp, new)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -268,7 +268,6 @@ def augment(x, g, cfg: dict | None = None, p_override: dict | None = None):
 # ----------------------------------------------------------------------------------------------
 
 def build_model(channels: Sequence[int] = RECIPE["channels"]):
-    import torch
     import torch.nn as nn
     import torch.nn.functional as F
 

@@ -11,7 +11,8 @@ named background; the probe scores
   - prompt fidelity: share of images whose background matches the prompt (CLIP-T's role),
   - cost: UNet forward passes, wall time, peak RSS (each run in its own process).
 Methods: zo (SG + PUTS), zo-nosg, zo-noputs, zo-naive (the paper's Table 3 ablations) on the INT8
-bundle, zo-tau11 (SG with its history scaled to this model's width, not in the paper), and ti: backprop textual inversion in PyTorch on the FP32 source model.
+bundle, zo-tau11 (SG with its history scaled to this model's width; not in the paper), and ti:
+backprop textual inversion in PyTorch on the FP32 source model.
 """
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from zo_edge.models import world
+from zo_runtime.personalize import sg_tau_for
 
 METHODS = {
     "zo": dict(sg=True, puts=True),
     "zo-nosg": dict(sg=False, puts=True),
     "zo-noputs": dict(sg=True, puts=False),
     "zo-naive": dict(sg=False, puts=False),
-    # SG with the history scaled to the token width: SD keeps tau = 128 of d = 768 (1/6); here d = 64.
-    "zo-tau11": dict(sg=True, puts=True, tau=11),
+    # SG with the history scaled to the token width: SD keeps tau = 128 of d = 768; the shapes model has d = 64.
+    "zo-tau11": dict(sg=True, puts=True, tau=sg_tau_for(64)),
     "ti": None,
 }
 TOKEN = "<subject>"

@@ -127,7 +127,7 @@ def encode_all(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor,
 
 
 def train_unet(latents_mean, latents_std, attrs, tokenizer, scaling: float, steps: int, batch: int,
-               seed: int, lr: float = 6e-4, offset_noise: float = 0.1, on_checkpoint=None, every: int = 1000):
+               seed: int, lr: float = 1e-3, offset_noise: float = 0.1, on_checkpoint=None, every: int = 1000):
     """Train UNet + text encoder jointly (EMA weights returned).
 
     ``offset_noise`` adds a per-(image, channel) constant to the training noise (Guttenberg 2023).

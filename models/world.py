@@ -9,7 +9,6 @@ NumPy + Pillow only, deterministic by seed. This is the ground truth behind the 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

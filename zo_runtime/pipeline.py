@@ -15,7 +15,6 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import UserError
-from .oracle import inject
 from .progress import Progress
 from .schedulers import load_scheduler
 from .tokenizer import CLIPTokenizer
