@@ -17,6 +17,19 @@ FORMAT_VERSION = 1
 GRAPH_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
+def check_bundle_out(out: Path, overwrite: bool) -> None:
+    """May a bundle be written to ``out``? Only a new path, or with ``overwrite`` an earlier bundle
+    or an empty folder: never a user's other folder."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it")
+        if not out.is_dir():
+            raise UserError(f"{out} exists and is not a folder; refusing to replace it")
+        if (out / MANIFEST).is_file() or not any(out.iterdir()):
+            return
+        raise UserError(f"{out} exists and is not a zo-edge bundle; refusing to replace it")
+
+
 def replace_dir(new: Path, out: Path) -> None:
     """Move the finished folder ``new`` to ``out`` (same filesystem). A folder already at ``out`` is
     moved aside first, put back if the move fails, and deleted only once ``new`` is in place."""

@@ -25,7 +25,7 @@ from zo_runtime.errors import UserError
 from . import accuracy as acc_mod
 from .export import GRAPHS, export_onnx
 from .graphs import graph_files, save_model, session
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, graph_entry, replace_dir, write_manifest
+from .manifest import FORMAT, FORMAT_VERSION, check_bundle_out, graph_entry, replace_dir, write_manifest
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only_int8
 from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
@@ -91,17 +91,6 @@ class Stages:
         return round(time.perf_counter() - self.t0, 3)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass --overwrite to replace it")
-        if not out.is_dir():
-            raise UserError(f"{out} exists and is not a folder; refusing to replace it")
-        if (out / MANIFEST).is_file() or not any(out.iterdir()):
-            return
-        raise UserError(f"{out} exists and is not a zo-edge bundle; refusing to replace it")
-
-
 def _copy_graph(src: Path, dst: Path) -> None:
     """Copy an ONNX graph with its external data, normalizing the data file to model.onnx_data."""
     files = graph_files(src)
@@ -139,7 +128,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
         raise UserError("held-out sample counts must be at least 1")
     info = inspect_source(src)
     out = Path(out).expanduser().absolute()
-    _check_out(out, overwrite)
+    check_bundle_out(out, overwrite)
     if out.resolve() == info.path or info.path in out.resolve().parents:
         raise UserError(f"output {out} must not be inside the source folder {info.path}")
     if export_dir is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from zo_runtime.errors import UserError
 
-from .manifest import GRAPH_ORDER, graph_entry, read_manifest, replace_dir, write_manifest
+from .manifest import GRAPH_ORDER, check_bundle_out, graph_entry, read_manifest, replace_dir, write_manifest
 from .quantize import quantize_weight_only_int8
 
 
@@ -24,8 +24,7 @@ def requantize_bundle(src: str | Path, out: str | Path, overwrite: bool = False,
     if m.get("quantization", {}).get("weights") != "fp32":
         raise UserError(f"{src} is not an fp32 bundle (weights {m.get('quantization', {}).get('weights')!r}); "
                         "requantize starts from `zo-edge convert --weights fp32`")
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} exists; pass --overwrite to replace it")
+    check_bundle_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zo-requant-", dir=out.parent))
     t0 = time.time()

@@ -52,3 +52,8 @@ def test_requantize_fp32_bundle_to_int8w(tiny_bundle_fp32, tmp_path):
     assert r.exit_code != 0 and "not an fp32 bundle" in r.output
     r = CliRunner().invoke(main, ["requantize", str(tiny_bundle_fp32), str(out)])
     assert r.exit_code != 0 and "exists" in r.output
+    mine = tmp_path / "my-files"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    r = CliRunner().invoke(main, ["requantize", str(tiny_bundle_fp32), str(mine), "--overwrite"])
+    assert r.exit_code != 0 and "not a zo-edge bundle" in r.output and (mine / "notes.txt").exists()
