@@ -29,10 +29,13 @@ def bench():
 @click.option("--init", "init_word", default="shape", show_default=True)
 @click.option("--lr", type=float, default=5e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=0)
+@click.option("--threads", type=int, default=0, help="Threads per process (0: onnxruntime's default).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Subjects run at once, each in its own process; pair with --threads = cores / workers.")
 @click.option("--out", type=click.Path(), default="quality.json", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG: subject fidelity vs UNet passes.")
-def quality(model, source, subjects, methods, steps, k, snapshots, init_word, lr, seed, threads, out, plot_path):
+def quality(model, source, subjects, methods, steps, k, snapshots, init_word, lr, seed, threads, workers, out,
+            plot_path):
     """Personalization quality on held-out shapes subjects, scored by the probe."""
     from zo_edge.models import quality as q
 
@@ -45,7 +48,7 @@ def quality(model, source, subjects, methods, steps, k, snapshots, init_word, lr
         raise UserError("method 'ti' needs --source, the FP32 diffusers folder of the model")
     report = q.quality_benchmark(resolve_model(model), source, subs, meths, steps, out, k=k, seed=seed,
                                  init=init_word, lr=lr, snapshots=snapshots, threads=threads,
-                                 log=lambda m: click.echo(m, err=True))
+                                 workers=workers, log=lambda m: click.echo(m, err=True))
     click.echo(q.format_table(report["summary"]))
     if plot_path:
         q.plot(report, plot_path)

@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -115,48 +116,72 @@ def generate_for_token(pipe, theta: np.ndarray, k: int, steps: int, guidance: fl
     return np.concatenate(images), bgs
 
 
-def quality_benchmark(bundle: str, source: str, subjects: list[world.Subject], methods: list[str], steps: int,
-                      out: str, k: int = 4, n_refs: int = 5, seed: int = 0, init: str = "shape",
-                      lr: float = 5e-3, snapshots: int = 4, gen_steps: int = 25, guidance: float = 7.5,
-                      threads: int = 0, log=print) -> dict:
+def _subject_report(args: dict, log=print) -> dict:
+    """One subject: write its references, run every method (each in a fresh process), score the
+    snapshots. Returns {method: {"final": {...}, "curve": [...]}}."""
     from zo_edge.models.probe import Probe
     from zo_runtime.bundle import Bundle
     from zo_runtime.pipeline import Pipeline
+
+    subject, steps, seed = args["subject"], args["steps"], args["seed"]
+    b = Bundle.load(args["bundle"], threads=args["threads"])
+    probe, pipe = Probe.load(), Pipeline(b)
+    refs_dir = Path(args["work"]) / str(subject).replace(":", "-")
+    refs = _write_refs(subject, refs_dir, args["n_refs"], seed, b.resolution)
+    ref_feat = probe.predict(refs)["features"]
+    per = {}
+    for method in args["methods"]:
+        log(f"[{subject}] {method}: {steps} steps")
+        r = _in_subprocess(_train_one, dict(method=method, bundle=args["bundle"], source=args["source"],
+                                            refs=str(refs_dir), init=args["init"], steps=steps, lr=args["lr"],
+                                            seed=seed, threads=args["threads"], work=str(refs_dir / "runs"),
+                                            snapshot_every=args["snapshot_every"], resolution=b.resolution))
+        curve = []
+        for step in sorted(int(s) for s in r["snapshots"]):
+            imgs, bgs = generate_for_token(pipe, np.array(r["snapshots"][step]), args["k"], args["gen_steps"],
+                                           args["guidance"], seed)
+            sc = score(probe, imgs, subject, bgs, ref_feat)
+            sc.update(step=step, unet_passes=step * r["passes_per_step"])
+            curve.append(sc)
+        final = dict(curve[-1])
+        final.update(seconds=r["seconds"], peak_rss_mb=r["peak_rss_mb"], unet_passes=r["unet_passes"])
+        per[method] = {"final": final, "curve": curve}
+        log(f"[{subject}] {method}: subject fidelity {final['subject_fidelity']:.2f}, feature sim "
+            f"{final['feature_similarity']:.3f}, prompt fidelity {final['prompt_fidelity']:.2f}, "
+            f"{r['seconds']:.0f} s, peak {r['peak_rss_mb']:.0f} MB")
+    return per
+
+
+def _subject_report_logged(args: dict) -> dict:  # worker processes log to stderr
+    import sys
+    return _subject_report(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def quality_benchmark(bundle: str, source: str, subjects: list[world.Subject], methods: list[str], steps: int,
+                      out: str, k: int = 4, n_refs: int = 5, seed: int = 0, init: str = "shape",
+                      lr: float = 5e-3, snapshots: int = 4, gen_steps: int = 25, guidance: float = 7.5,
+                      threads: int = 0, workers: int = 1, log=print) -> dict:
+    """Runs every method on every subject; ``workers`` > 1 takes that many subjects at once, each
+    in its own process (give each ``threads`` = cores / workers)."""
+    from concurrent.futures import ProcessPoolExecutor
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         from zo_runtime.errors import UserError
         raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    b = Bundle.load(bundle, threads=threads)
-    probe = Probe.load()
-    pipe = Pipeline(b)
-    work = Path(tempfile.mkdtemp(prefix="zo-quality-"))
-    snap_every = max(steps // snapshots, 1)
+    work = tempfile.mkdtemp(prefix="zo-quality-")
+    jobs = [dict(subject=subject, bundle=bundle, source=source, methods=methods, steps=steps, k=k, n_refs=n_refs,
+                 seed=seed, init=init, lr=lr, snapshot_every=max(steps // snapshots, 1), gen_steps=gen_steps,
+                 guidance=guidance, threads=threads, work=work) for subject in subjects]
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(_subject_report_logged, jobs))
+    else:
+        results = [_subject_report(job, log=log) for job in jobs]
+    shutil.rmtree(work, ignore_errors=True)
     report = {"bundle": bundle, "source": source, "steps": steps, "k": k, "seed": seed, "init": init, "lr": lr,
-              "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "subjects": {}}
-    for subject in subjects:
-        refs_dir = work / str(subject).replace(":", "-")
-        refs = _write_refs(subject, refs_dir, n_refs, seed, b.resolution)
-        ref_feat = probe.predict(refs)["features"]
-        report["subjects"][str(subject)] = per = {}
-        for method in methods:
-            log(f"[{subject}] {method}: {steps} steps")
-            r = _in_subprocess(_train_one, dict(method=method, bundle=bundle, source=source, refs=str(refs_dir),
-                                                init=init, steps=steps, lr=lr, seed=seed, threads=threads,
-                                                work=str(refs_dir / "runs"), snapshot_every=snap_every,
-                                                resolution=b.resolution))
-            curve = []
-            for step in sorted(int(s) for s in r["snapshots"]):
-                imgs, bgs = generate_for_token(pipe, np.array(r["snapshots"][step]), k, gen_steps, guidance, seed)
-                sc = score(probe, imgs, subject, bgs, ref_feat)
-                sc.update(step=step, unet_passes=step * r["passes_per_step"])
-                curve.append(sc)
-            final = dict(curve[-1])
-            final.update(seconds=r["seconds"], peak_rss_mb=r["peak_rss_mb"], unet_passes=r["unet_passes"])
-            per[method] = {"final": final, "curve": curve}
-            log(f"[{subject}] {method}: subject fidelity {final['subject_fidelity']:.2f}, feature sim "
-                f"{final['feature_similarity']:.3f}, prompt fidelity {final['prompt_fidelity']:.2f}, "
-                f"{r['seconds']:.0f} s, peak {r['peak_rss_mb']:.0f} MB")
+              "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "workers": workers,
+              "threads": threads, "subjects": {str(s): per for s, per in zip(subjects, results)}}
     report["summary"] = summarize(report, methods)
     tmp = Path(out).with_name(Path(out).name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))

@@ -127,13 +127,20 @@ def encode_all(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor,
 
 
 def train_unet(latents_mean, latents_std, attrs, tokenizer, scaling: float, steps: int, batch: int,
-               seed: int, lr: float = 1e-3, offset_noise: float = 0.1, on_checkpoint=None, every: int = 1000):
-    """Train UNet + text encoder jointly (EMA weights returned).
+               seed: int, lr: float = 1e-3, offset_noise: float = 0.1, anneal: float = 1.0, ema_decay: float = 0.999,
+               on_checkpoint=None, every: int = 1000):
+    """Train UNet + text encoder jointly (EMA weights, ``ema_decay``, returned).
 
     ``offset_noise`` adds a per-(image, channel) constant to the training noise (Guttenberg 2023).
     SD's scaled-linear schedule keeps sqrt(alpha_bar_999) = 0.068 of the signal at t = 999, so
     without it the model reads the background (the latent's mean) from the starting noise instead
     of from the prompt; measured on this world: background follows the seed, not the words.
+
+    Learning rate: warm-up, then cosine from ``lr`` to ``lr / 10`` over the first ``anneal`` share of
+    the steps (flat after). Patterns (dots vs stripes, 2.5 latent pixels apart) come last: with the
+    defaults, pattern following on the saved checkpoints was 65 % at step 2,000, 71 % at 3,000, 79 %
+    at 4,000 and 88.5 % at 4,400. Reaching the floor earlier with a shorter average (``anneal``
+    0.85, ``ema_decay`` 0.998, same 4,400 steps) was worse: pattern 71.9 %, shape 91.7 % (measured).
     """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -172,11 +179,12 @@ def train_unet(latents_mean, latents_std, attrs, tokenizer, scaling: float, step
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        cur = lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        phase = min(1.0, step / (anneal * steps))
+        cur = lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * phase)))
         for g in opt.param_groups:
             g["lr"] = cur
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for src, dst in ((unet, ema_unet), (text, ema_text)):
                 ema = list(dst.parameters())
@@ -200,6 +208,9 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-steps", type=int, default=4400)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate")
+    ap.add_argument("--anneal", type=float, default=1.0,
+                    help="share of the UNet steps over which the rate falls to lr/10 (then flat)")
+    ap.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the UNet + text weights")
     ap.add_argument("--offset-noise", type=float, default=0.1,
                     help="per-channel noise offset; 0 reproduces plain SD training")
     ap.add_argument("--threads", type=int, default=2,
@@ -235,6 +246,7 @@ def main(argv=None) -> None:
         (where / "zo_edge_recipe.json").write_text(json.dumps({
             "recipe": "zo_edge.models.train_shapes", "seed": args.seed, "images": args.images,
             "vae_steps": args.vae_steps, "unet_steps": step, "batch": args.batch, "lr": args.lr,
+            "anneal": args.anneal, "ema_decay": args.ema_decay,
             "offset_noise": args.offset_noise, "threads": args.threads,
             "resolution": RESOLUTION, "held_out": [list(h) for h in world.HELD_OUT],
             "seconds": round(time.time() - clock.t0, 1)}, indent=2))
@@ -242,7 +254,8 @@ def main(argv=None) -> None:
 
     clock.stage(f"train UNet + text encoder, {args.unet_steps} steps")
     unet, text = train_unet(mean, std, attrs, tokenizer, scaling, args.unet_steps, args.batch, args.seed,
-                            lr=args.lr, offset_noise=args.offset_noise,
+                            lr=args.lr, offset_noise=args.offset_noise, anneal=args.anneal,
+                            ema_decay=args.ema_decay,
                             on_checkpoint=lambda u, t, step: save(u, t, step, out.with_name(out.name + f"-step{step}")))
     save(unet, text, args.unet_steps, out)
     clock.stage(f"done: {out}")

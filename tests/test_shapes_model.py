@@ -86,3 +86,28 @@ def test_recipe_runs_and_writes_a_diffusers_folder(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert pipe.unet.config.sample_size == 16 and pipe.text_encoder.config.hidden_size == 64
     assert pipe.vae.config.scaling_factor > 0
+
+
+@needs_bundle
+def test_bench_quality_writes_report_and_plot(tmp_path):
+    """Two subjects at once (--workers 2), a few ZO steps: the report holds both subjects' curves,
+    scores are shares, each ZO step costs n + 1 = 3 UNet passes, and the plot is written."""
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    r = CliRunner().invoke(cli, ["bench", "quality", "--subjects", "red:striped:star,blue:dotted:heart",
+                                 "--methods", "zo-naive", "--steps", "4", "--k", "1", "--snapshots", "2",
+                                 "--workers", "2", "--threads", "1", "--out", str(out), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert list(rep["subjects"]) == ["red:striped:star", "blue:dotted:heart"]
+    for per in rep["subjects"].values():
+        run = per["zo-naive"]
+        assert [c["step"] for c in run["curve"]] == [2, 4]
+        assert run["final"]["unet_passes"] == 12
+        for key in ("subject_fidelity", "prompt_fidelity", "shape_acc", "pattern_acc"):
+            assert 0.0 <= run["final"][key] <= 1.0
+        assert -1.0 <= run["final"]["feature_similarity"] <= 1.0 and run["final"]["peak_rss_mb"] > 0
+    assert "zo-naive" in r.output and png.stat().st_size > 0
+    r = CliRunner().invoke(cli, ["bench", "quality", "--methods", "ti", "--out", str(tmp_path / "x.json")])
+    assert r.exit_code != 0 and "--source" in r.output
+    r = CliRunner().invoke(cli, ["bench", "quality", "--methods", "zo-fast", "--out", str(tmp_path / "x.json")])
+    assert r.exit_code != 0 and "unknown method" in r.output
