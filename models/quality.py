@@ -173,12 +173,14 @@ def quality_benchmark(bundle: str, source: str, subjects: list[world.Subject], m
     jobs = [dict(subject=subject, bundle=bundle, source=source, methods=methods, steps=steps, k=k, n_refs=n_refs,
                  seed=seed, init=init, lr=lr, snapshot_every=max(steps // snapshots, 1), gen_steps=gen_steps,
                  guidance=guidance, threads=threads, work=work) for subject in subjects]
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(_subject_report_logged, jobs))
-    else:
-        results = [_subject_report(job, log=log) for job in jobs]
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        if workers > 1:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                results = list(pool.map(_subject_report_logged, jobs))
+        else:
+            results = [_subject_report(job, log=log) for job in jobs]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # references and runs, also when a method fails
     report = {"bundle": bundle, "source": source, "steps": steps, "k": k, "seed": seed, "init": init, "lr": lr,
               "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "workers": workers,
               "threads": threads, "subjects": {str(s): per for s, per in zip(subjects, results)}}
