@@ -127,9 +127,10 @@ def encode_all(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor,
 
 
 def train_unet(latents_mean, latents_std, attrs, tokenizer, scaling: float, steps: int, batch: int,
-               seed: int, lr: float = 2e-3, offset_noise: float = 0.1, anneal: float = 1.0, ema_decay: float = 0.999,
+               seed: int, *, lr: float, offset_noise: float, anneal: float, ema_decay: float,
                on_checkpoint=None, every: int = 1000):
-    """Train UNet + text encoder jointly (EMA weights, ``ema_decay``, returned).
+    """Train UNet + text encoder jointly (EMA weights, ``ema_decay``, returned). The rates and
+    decays have no defaults here: the recipe's are the command line's (:func:`build_parser`).
 
     ``offset_noise`` adds a per-(image, channel) constant to the training noise (Guttenberg 2023).
     SD's scaled-linear schedule keeps sqrt(alpha_bar_999) = 0.068 of the signal at t = 999, so
