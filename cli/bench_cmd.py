@@ -9,7 +9,7 @@ import click
 from zo_edge.models import resolve_model, world
 from zo_runtime.errors import UserError
 
-DEFAULT_SUBJECTS = ",".join(f"{c}:{p}:{s}" for s, c, p in world.HELD_OUT[:6])
+ALL_SUBJECTS = ",".join(f"{c}:{p}:{s}" for s, c, p in world.HELD_OUT)
 
 
 @click.group()
@@ -17,26 +17,39 @@ def bench():
     """Benchmarks that print figures (never part of the tests)."""
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} needs positive integers, got {text!r}")
+    return sorted(set(values))
+
+
 @bench.command("quality")
-@click.option("--model", default="shapes", show_default=True, help="INT8 bundle the ZO methods train on.")
+@click.option("--model", default="shapes", show_default=True, help="Bundle the ZO methods train on (int8w).")
 @click.option("--source", type=click.Path(), help="FP32 diffusers folder for the 'ti' baseline (the shapes model's source).")
-@click.option("--subjects", default=DEFAULT_SUBJECTS,
-              show_default=True, help="Comma-separated colour:pattern:shape subjects.")
-@click.option("--methods", default="zo,zo-nosg,zo-noputs,zo-naive,ti", show_default=True)
-@click.option("--steps", type=int, default=1000, show_default=True)
-@click.option("--k", type=int, default=4, show_default=True, help="Images per prompt.")
-@click.option("--snapshots", type=int, default=4, show_default=True, help="Evaluation points along training.")
-@click.option("--init", "init_word", default="shape", show_default=True)
-@click.option("--lr", type=float, default=5e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=0, help="Threads per process (0: onnxruntime's default).")
+@click.option("--subjects", default=ALL_SUBJECTS, show_default=True, help="Comma-separated colour:pattern:shape subjects.")
+@click.option("--methods", default="zo-edge,zoodip", show_default=True,
+              help="Recipes or variants (zoodip, zo-edge, zo-nosg, zo-noputs, zo-naive, zo-tau11, ti), each "
+                   "optionally with +key=value overrides of recipe fields, e.g. zo-edge+lr=0.01+n=4.")
+@click.option("--passes", default="3000,9000", show_default=True, help="UNet-pass budgets to compare methods at.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds 0..N-1 per subject: references, noise and directions all follow the seed.")
+@click.option("--init", "inits", type=click.Choice(["class", "generic", "both"]), default="both", show_default=True,
+              help="Init word: the subject's class noun (the paper's protocol), 'shape' for all, or both.")
+@click.option("--ti-steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--k", type=click.IntRange(min=1), default=4, show_default=True, help="Images per prompt.")
+@click.option("--points", type=click.IntRange(min=1), default=4, show_default=True, help="Curve points per run.")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="Threads per process.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Subjects run at once, each in its own process; pair with --threads = cores / workers.")
+              help="Runs at once, each in its own process; pair with --threads = cores / workers.")
 @click.option("--out", type=click.Path(), default="quality.json", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG: subject fidelity vs UNet passes.")
-def quality(model, source, subjects, methods, steps, k, snapshots, init_word, lr, seed, threads, workers, out,
+def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k, points, threads, workers, out,
             plot_path):
-    """Personalization quality on held-out shapes subjects, scored by the probe."""
+    """Personalization quality on held-out shapes subjects at equal UNet-pass budgets, over seeds."""
     from zo_edge.models import quality as q
 
     try:
@@ -44,11 +57,14 @@ def quality(model, source, subjects, methods, steps, k, snapshots, init_word, lr
     except ValueError as e:
         raise UserError(str(e)) from None
     meths = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in meths:
+        q.parse_method(m)
     if "ti" in meths and not source:
         raise UserError("method 'ti' needs --source, the FP32 diffusers folder of the model")
-    report = q.quality_benchmark(resolve_model(model), source, subs, meths, steps, out, k=k, seed=seed,
-                                 init=init_word, lr=lr, snapshots=snapshots, threads=threads,
-                                 workers=workers, log=lambda m: click.echo(m, err=True))
+    budgets = _int_list(passes, "--passes")
+    report = q.quality_benchmark(resolve_model(model), source, subs, meths, budgets, out, seeds=seeds,
+                                 inits=q.INIT_PROTOCOLS if inits == "both" else (inits,), ti_steps=ti_steps, k=k,
+                                 points=points, threads=threads, workers=workers, log=lambda m: click.echo(m, err=True))
     click.echo(q.format_table(report["summary"]))
     if plot_path:
         q.plot(report, plot_path)

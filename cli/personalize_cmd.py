@@ -5,6 +5,13 @@ import click
 
 from zo_edge.models import resolve_model
 from zo_runtime.errors import UserError
+from zo_runtime.recipe import DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPES, SCHEDULES
+
+
+def _recipe_help(what: str, key: str) -> str:
+    values = " / ".join(f"{name}: {r[key]}" for name, r in RECIPES.items())
+    return f"{what} [{values}]"
+
 
 
 @click.command()
@@ -18,16 +25,27 @@ from zo_runtime.errors import UserError
 @click.option("--steps", type=int, default=3000, show_default=True)
 @click.option("--num-vectors", type=int, default=1, show_default=True)
 @click.option("--resolution", type=int, default=None, help="Train at this size (default: the model's).")
-@click.option("--lr", type=float, default=5e-3, show_default=True, help="ZO-Adam learning rate.")
-@click.option("--adam-eps", type=float, default=1e-8, show_default=True)
-@click.option("--n", "n", type=int, default=2, show_default=True, help="RGE perturbations per step.")
-@click.option("--mu", type=float, default=1e-3, show_default=True, help="RGE smoothing radius.")
-@click.option("--sg/--no-sg", default=True, show_default=True, help="Subspace Gradient.")
-@click.option("--tau", type=int, default=128, show_default=True, help="SG history length / refresh period.")
-@click.option("--nu", type=float, default=1e-3, show_default=True, help="SG variance cut 1-nu.")
-@click.option("--puts/--no-puts", default=True, show_default=True, help="PUTS timestep range (else uniform).")
-@click.option("--t-low", type=int, default=500, show_default=True)
-@click.option("--t-high", type=int, default=900, show_default=True)
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
+              help="zoodip: the paper's algorithm exactly; zo-edge: the benchmark's choice. Flags below override it.")
+@click.option("--n", "n", type=int, default=None, help=_recipe_help("RGE directions per step", "n"))
+@click.option("--mu", type=float, default=None, help=_recipe_help("RGE smoothing radius", "mu"))
+@click.option("--antithetic/--one-sided", default=None, help=_recipe_help("two-sided differences (2n passes a step)", "antithetic"))
+@click.option("--directions", type=click.Choice(list(DIRECTIONS)), default=None, help=_recipe_help("RGE directions", "directions"))
+@click.option("--rank", type=int, default=None, help=_recipe_help("token-pca subspace rank / guided history (0: 16 / 4)", "rank"))
+@click.option("--guided-alpha", type=float, default=None, help=_recipe_help("guided: isotropic share", "guided_alpha"))
+@click.option("--sg/--no-sg", default=None, help=_recipe_help("Subspace Gradient", "sg"))
+@click.option("--tau", type=int, default=None, help=_recipe_help("SG history length / refresh period", "tau"))
+@click.option("--nu", type=float, default=None, help=_recipe_help("SG variance cut 1-nu", "nu"))
+@click.option("--puts/--no-puts", default=None, help=_recipe_help("PUTS timestep range (else uniform)", "puts"))
+@click.option("--t-low", type=int, default=None, help=_recipe_help("PUTS T_L", "t_low"))
+@click.option("--t-high", type=int, default=None, help=_recipe_help("PUTS T_U", "t_high"))
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=None, help=_recipe_help("step rule", "optimizer"))
+@click.option("--lr", type=float, default=None, help=_recipe_help("learning rate", "lr"))
+@click.option("--b1", type=float, default=None, help=_recipe_help("Adam first-moment decay", "b1"))
+@click.option("--adam-eps", type=float, default=None, help=_recipe_help("Adam epsilon", "adam_eps"))
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=None, help=_recipe_help("learning-rate schedule", "schedule"))
+@click.option("--reference-scaling/--no-reference-scaling", default=None,
+              help=_recipe_help("the reference code's 1/sqrt((d+n-1)/n) on the estimate", "reference_scaling"))
 @click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option("--captions", type=click.Path(), help="Per-image captions: '<file>\\t<caption with {}>' lines.")
 @click.option("--no-upscale", is_flag=True, help="Refuse images smaller than the resolution.")
@@ -37,10 +55,10 @@ from zo_runtime.errors import UserError
 @click.option("--provider", default="cpu", show_default=True, help="ORT execution provider: cpu, cuda, dml, coreml, openvino, qnn.")
 @click.option("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file or run directory.")
-def personalize(model, images, token, init_word, out, run_dir, resume_dir, steps, num_vectors, resolution, lr,
-                adam_eps, n, mu, sg, tau, nu, puts, t_low, t_high, batch_candidates, captions, no_upscale,
-                checkpoint_every, preview_every, seed, provider, threads, overwrite):
-    """Learn a token from a few images with ZOODiP (RGE + SG + PUTS + ZO-Adam), forward passes only."""
+def personalize(model, images, token, init_word, out, run_dir, resume_dir, steps, num_vectors, resolution, recipe,
+                batch_candidates, captions, no_upscale, checkpoint_every, preview_every, seed, provider, threads,
+                overwrite, **recipe_fields):
+    """Learn a token from a few images with forward passes only (RGE + SG + PUTS + ZO-Adam and variants)."""
     from zo_runtime.personalize import PersonalizeConfig, Trainer, default_run_dir, resume
 
     if resume_dir:
@@ -52,10 +70,10 @@ def personalize(model, images, token, init_word, out, run_dir, resume_dir, steps
         raise UserError(f"missing {', '.join(missing)} (or use --resume RUN_DIR)")
     cfg = PersonalizeConfig(model=resolve_model(model), images=images, token=token, init=init_word, out=out,
                             run_dir=run_dir or default_run_dir(token), steps=steps, num_vectors=num_vectors,
-                            resolution=resolution, lr=lr, adam_eps=adam_eps, n=n, mu=mu, sg=sg, tau=tau, nu=nu,
-                            puts=puts, t_low=t_low, t_high=t_high, batch_candidates=batch_candidates,
+                            resolution=resolution, recipe=recipe, batch_candidates=batch_candidates,
                             captions=captions, allow_upscale=not no_upscale, checkpoint_every=checkpoint_every,
-                            preview_every=preview_every, seed=seed, provider=provider, threads=threads, overwrite=overwrite)
+                            preview_every=preview_every, seed=seed, provider=provider, threads=threads,
+                            overwrite=overwrite, **recipe_fields)
     Trainer(cfg).train()
 
 

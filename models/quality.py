@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -30,17 +29,65 @@ import numpy as np
 from zo_edge.models import world
 from zo_runtime.personalize import sg_tau_for
 
+# A method is a recipe, a registered variant, or either with overrides: "zo-edge+lr=0.01+n=4".
 METHODS = {
-    "zo": dict(sg=True, puts=True),
-    "zo-nosg": dict(sg=False, puts=True),
-    "zo-noputs": dict(sg=True, puts=False),
-    "zo-naive": dict(sg=False, puts=False),
+    "zoodip": dict(recipe="zoodip"),
+    "zo-edge": dict(recipe="zo-edge"),
+    # the paper's Table 3 ablations
+    "zo-nosg": dict(recipe="zoodip", sg=False),
+    "zo-noputs": dict(recipe="zoodip", puts=False),
+    "zo-naive": dict(recipe="zoodip", sg=False, puts=False),
     # SG with the history scaled to the token width: SD keeps tau = 128 of d = 768; the shapes model has d = 64.
-    "zo-tau11": dict(sg=True, puts=True, tau=sg_tau_for(64)),
-    "ti": None,
+    "zo-tau11": dict(recipe="zoodip", tau=sg_tau_for(64)),
+    "ti": None,  # PyTorch backprop textual inversion on the FP32 source (one forward + backward a step)
 }
 TOKEN = "<subject>"
 EVAL_PROMPTS = tuple(f"a photo of a {{}} on a {bg} background" for bg in world.BACKGROUNDS)
+GENERIC_INIT = "shape"
+INIT_PROTOCOLS = ("class", "generic")  # the subject's class noun (the paper's protocol), or one word for all
+
+
+def parse_method(spec: str) -> dict | None:
+    """'zo-edge+lr=0.01+antithetic=true' -> PersonalizeConfig recipe fields; None for 'ti'."""
+    from zo_runtime.errors import UserError
+    from zo_runtime.recipe import ZOODIP
+
+    base, *overrides = spec.split("+")
+    if base not in METHODS:
+        raise UserError(f"unknown method {base!r}; choose from {', '.join(METHODS)} (optionally with +key=value)")
+    if METHODS[base] is None:
+        if overrides:
+            raise UserError(f"method {spec!r}: 'ti' takes no overrides")
+        return None
+    fields = dict(METHODS[base])
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in ZOODIP:
+            raise UserError(f"method {spec!r}: {item!r} is not key=value with key one of {', '.join(ZOODIP)}")
+        kind = type(ZOODIP[key])
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "on", "off", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "on", "1")
+            else:
+                value = kind(text)
+        except ValueError:
+            raise UserError(f"method {spec!r}: {key} needs a {kind.__name__}, got {text!r}") from None
+        fields[key] = value
+    return fields
+
+
+def _resolved(fields: dict):
+    from zo_runtime.personalize import PersonalizeConfig
+
+    cfg = PersonalizeConfig(model="", images="", token=TOKEN, init="", out="", **fields)
+    cfg.validate()
+    return cfg.resolved()
+
+
+def init_word(subject: world.Subject, protocol: str) -> str:
+    return subject.shape if protocol == "class" else GENERIC_INIT
 
 
 def _write_refs(subject: world.Subject, folder: Path, n: int, seed: int, size: int) -> np.ndarray:
@@ -51,43 +98,6 @@ def _write_refs(subject: world.Subject, folder: Path, n: int, seed: int, size: i
     for i, im in enumerate(refs):
         Image.fromarray(im).save(folder / f"ref_{i}.png")
     return np.stack(refs)
-
-
-def _train_one(args: dict) -> dict:
-    """Runs in a fresh process: one method on one subject. Returns snapshots of θ and costs."""
-    method, snap_every = args["method"], args["snapshot_every"]
-    snaps: dict[int, list] = {}
-    t0 = time.time()
-    if method == "ti":
-        from zo_edge.convert.textual_inversion import textual_inversion
-        from zo_runtime.data import list_images, load_image
-
-        images = np.stack([load_image(f, args["resolution"]) for f in list_images(args["refs"])])
-        res = textual_inversion(args["source"], images, TOKEN, args["init"], args["steps"], lr=args["lr"],
-                                seed=args["seed"], threads=args["threads"],
-                                snapshot=lambda s, th: snaps.__setitem__(s, th.tolist()) if s % snap_every == 0 else None)
-        passes_per_step = 1
-        forward = res["forward_backward_passes"]
-    else:
-        from zo_runtime.personalize import PersonalizeConfig, Trainer
-
-        cfg = PersonalizeConfig(model=args["bundle"], images=args["refs"], token=TOKEN, init=args["init"],
-                                out=str(Path(args["work"]) / f"{method}.safetensors"), run_dir=str(Path(args["work"]) / method),
-                                steps=args["steps"], lr=args["lr"], seed=args["seed"], threads=args["threads"],
-                                checkpoint_every=max(args["steps"], 1), overwrite=True, **METHODS[method])
-        trainer = Trainer(cfg)
-        result = trainer.train(callback=lambda s, th: snaps.__setitem__(s, th.tolist()) if s % snap_every == 0 else None)
-        forward = result.forward_passes
-        passes_per_step = cfg.n + 1
-    return {"method": method, "snapshots": snaps, "seconds": time.time() - t0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "unet_passes": forward, "passes_per_step": passes_per_step}
-
-
-def _in_subprocess(fn, arg):
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(fn, (arg,))
 
 
 def score(probe, images: np.ndarray, subject: world.Subject | None, backgrounds: list[str],
@@ -116,120 +126,237 @@ def generate_for_token(pipe, theta: np.ndarray, k: int, steps: int, guidance: fl
     return np.concatenate(images), bgs
 
 
-def _subject_report(args: dict, log=print) -> dict:
-    """One subject: write its references, run every method (each in a fresh process), score the
-    snapshots. Returns {method: {"final": {...}, "curve": [...]}}."""
+def _snapshot_steps(budgets: list[int], per_step: int, points: int) -> tuple[int, list[int]]:
+    """Steps to train and the steps to score: every budget, plus ``points`` even points on the curve."""
+    steps = max(budgets) // per_step
+    marks = {b // per_step for b in budgets} | {max(1, round(steps * j / points)) for j in range(1, points + 1)}
+    return steps, sorted(m for m in marks if m >= 1)
+
+
+def run_job(job: dict) -> dict:
+    """One method on one subject, seed and init word, in a fresh process: references (following the
+    seed), training with snapshots, then each snapshot's token scored by the probe."""
     from zo_edge.models.probe import Probe
     from zo_runtime.bundle import Bundle
     from zo_runtime.pipeline import Pipeline
 
-    subject, steps, seed = args["subject"], args["steps"], args["seed"]
-    b = Bundle.load(args["bundle"], threads=args["threads"])
-    probe, pipe = Probe.load(), Pipeline(b)
-    refs_dir = Path(args["work"]) / str(subject).replace(":", "-")
-    refs = _write_refs(subject, refs_dir, args["n_refs"], seed, b.resolution)
+    from zo_runtime.sysinfo import peak_rss_mb
+
+    subject, seed, work = world.Subject.parse(job["subject"]), job["seed"], Path(job["work"])
+    init = init_word(subject, job["init"])
+    bundle = Bundle.load(job["bundle"], threads=job["threads"])
+    refs_dir = work / "refs"
+    refs = _write_refs(subject, refs_dir, job["n_refs"], seed, bundle.resolution)
+    snaps: dict[int, np.ndarray] = {}
+    marks = set(job["marks"])
+
+    def keep(step, theta):
+        if step in marks:
+            snaps[step] = np.array(theta, np.float32)
+
+    t0 = time.time()
+    if job["fields"] is None:
+        from zo_edge.convert.textual_inversion import textual_inversion
+        from zo_runtime.data import list_images, load_image
+
+        images = np.stack([load_image(f, bundle.resolution) for f in list_images(str(refs_dir))])
+        res = textual_inversion(job["source"], images, TOKEN, init, job["steps"], lr=job["ti_lr"], seed=seed,
+                                threads=job["threads"], snapshot=keep)
+        passes = res["forward_backward_passes"]
+    else:
+        from zo_runtime.personalize import PersonalizeConfig, Trainer
+
+        cfg = PersonalizeConfig(model=job["bundle"], images=str(refs_dir), token=TOKEN, init=init,
+                                out=str(work / "token.safetensors"), run_dir=str(work / "run"), steps=job["steps"],
+                                seed=seed, threads=job["threads"], checkpoint_every=job["steps"], overwrite=True,
+                                **job["fields"])
+        passes = Trainer(cfg).train(callback=keep).forward_passes
+    seconds = time.time() - t0
+    peak = peak_rss_mb()
+    probe, pipe = Probe.load(), Pipeline(bundle)
     ref_feat = probe.predict(refs)["features"]
-    per = {}
-    for method in args["methods"]:
-        log(f"[{subject}] {method}: {steps} steps")
-        r = _in_subprocess(_train_one, dict(method=method, bundle=args["bundle"], source=args["source"],
-                                            refs=str(refs_dir), init=args["init"], steps=steps, lr=args["lr"],
-                                            seed=seed, threads=args["threads"], work=str(refs_dir / "runs"),
-                                            snapshot_every=args["snapshot_every"], resolution=b.resolution))
-        curve = []
-        for step in sorted(int(s) for s in r["snapshots"]):
-            imgs, bgs = generate_for_token(pipe, np.array(r["snapshots"][step]), args["k"], args["gen_steps"],
-                                           args["guidance"], seed)
-            sc = score(probe, imgs, subject, bgs, ref_feat)
-            sc.update(step=step, unet_passes=step * r["passes_per_step"])
-            curve.append(sc)
-        final = dict(curve[-1])
-        final.update(seconds=r["seconds"], peak_rss_mb=r["peak_rss_mb"], unet_passes=r["unet_passes"])
-        per[method] = {"final": final, "curve": curve}
-        log(f"[{subject}] {method}: subject fidelity {final['subject_fidelity']:.2f}, feature sim "
-            f"{final['feature_similarity']:.3f}, prompt fidelity {final['prompt_fidelity']:.2f}, "
-            f"{r['seconds']:.0f} s, peak {r['peak_rss_mb']:.0f} MB")
-    return per
+    curve = []
+    for step in sorted(snaps):
+        imgs, bgs = generate_for_token(pipe, snaps[step], job["k"], job["gen_steps"], job["guidance"], seed)
+        sc = score(probe, imgs, subject, bgs, ref_feat)
+        sc.update(step=step, unet_passes=step * job["per_step"])
+        curve.append(sc)
+    return {key: job[key] for key in ("method", "subject", "seed", "init", "per_step")} | {
+        "init_word": init, "steps": job["steps"], "unet_passes": passes, "seconds": seconds, "peak_rss_mb": peak,
+        "curve": curve}
 
 
-def _subject_report_logged(args: dict) -> dict:  # worker processes log to stderr
-    import sys
-    return _subject_report(args, log=lambda m: print(m, file=sys.stderr, flush=True))
-
-
-def quality_benchmark(bundle: str, source: str, subjects: list[world.Subject], methods: list[str], steps: int,
-                      out: str, k: int = 4, n_refs: int = 5, seed: int = 0, init: str = "shape",
-                      lr: float = 5e-3, snapshots: int = 4, gen_steps: int = 25, guidance: float = 7.5,
-                      threads: int = 0, workers: int = 1, log=print) -> dict:
-    """Runs every method on every subject; ``workers`` > 1 takes that many subjects at once, each
-    in its own process (give each ``threads`` = cores / workers)."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        from zo_runtime.errors import UserError
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    work = tempfile.mkdtemp(prefix="zo-quality-")
-    jobs = [dict(subject=subject, bundle=bundle, source=source, methods=methods, steps=steps, k=k, n_refs=n_refs,
-                 seed=seed, init=init, lr=lr, snapshot_every=max(steps // snapshots, 1), gen_steps=gen_steps,
-                 guidance=guidance, threads=threads, work=work) for subject in subjects]
-    try:
-        if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-                results = list(pool.map(_subject_report_logged, jobs))
+def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int], inits: list[str],
+              budgets: list[int], ti_steps: int, points: int) -> list[dict]:
+    """Every (method, subject, seed, init) run, with its steps and the steps to score. Methods whose
+    learning rate follows a schedule of the run's length get one run per budget (a shorter budget is a
+    different run); constant-rate methods score every budget on one run."""
+    jobs = []
+    for spec in methods:
+        fields = parse_method(spec)
+        if fields is None:
+            per_step, runs = 1, [(ti_steps, [max(1, round(ti_steps * j / points)) for j in range(1, points + 1)])]
         else:
-            results = [_subject_report(job, log=log) for job in jobs]
+            cfg = _resolved(fields)
+            per_step = cfg.n * 2 if cfg.antithetic else cfg.n + 1
+            if min(budgets) < per_step:
+                from zo_runtime.errors import UserError
+                raise UserError(f"a budget of {min(budgets)} UNet passes is less than one step of {spec} ({per_step})")
+            if cfg.schedule == "constant":
+                runs = [_snapshot_steps(budgets, per_step, points)]
+            else:
+                runs = [_snapshot_steps([b], per_step, points if b == max(budgets) else 1) for b in budgets]
+        for subject in subjects:
+            for seed in seeds:
+                for init in inits:
+                    for steps, marks in runs:
+                        jobs.append(dict(method=spec, fields=fields, subject=str(subject), seed=seed, init=init,
+                                         steps=steps, marks=marks, per_step=per_step))
+    return jobs
+
+
+def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subject], methods: list[str],
+                      budgets: list[int], out: str, seeds: int = 3, inits: tuple[str, ...] = INIT_PROTOCOLS,
+                      ti_steps: int = 1000, ti_lr: float = 5e-3, k: int = 4, n_refs: int = 5, points: int = 4,
+                      gen_steps: int = 25, guidance: float = 7.5, threads: int = 1, workers: int = 1,
+                      log=print) -> dict:
+    """Every method × subject × seed × init word, each run in its own process (``workers`` at once;
+    give each ``threads`` = cores / workers). Writes the report to ``out`` atomically."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    jobs = plan_jobs(methods, subjects, list(range(seeds)), list(inits), budgets, ti_steps, points)
+    work = Path(tempfile.mkdtemp(prefix="zo-quality-"))
+    common = dict(bundle=bundle, source=source, ti_lr=ti_lr, k=k, n_refs=n_refs, gen_steps=gen_steps,
+                  guidance=guidance, threads=threads)
+    for i, job in enumerate(jobs):
+        job.update(common, work=str(work / f"job{i:04d}"))
+    runs: list[dict | None] = [None] * len(jobs)
+    t0 = time.time()
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+            for done, fut in enumerate(as_completed(futures), 1):
+                i = futures[fut]
+                runs[i] = r = fut.result()
+                eta = (time.time() - t0) / done * (len(jobs) - done)
+                log(f"[{done}/{len(jobs)}] {r['method']} {r['subject']} seed {r['seed']} init {r['init_word']}: "
+                    f"subject fidelity {r['curve'][-1]['subject_fidelity']:.2f} at {r['curve'][-1]['unet_passes']} "
+                    f"passes, {r['seconds']:.0f} s, peak {r['peak_rss_mb']:.0f} MB (ETA {eta / 60:.0f} min)")
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # references and runs, also when a method fails
-    report = {"bundle": bundle, "source": source, "steps": steps, "k": k, "seed": seed, "init": init, "lr": lr,
+        shutil.rmtree(work, ignore_errors=True)  # references and runs, also when a run fails
+    report = {"bundle": bundle, "source": source, "budgets": budgets, "seeds": seeds, "inits": list(inits),
+              "generic_init": GENERIC_INIT, "ti_steps": ti_steps, "k": k, "n_refs": n_refs,
               "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "workers": workers,
-              "threads": threads, "subjects": {str(s): per for s, per in zip(subjects, results)}}
-    report["summary"] = summarize(report, methods)
+              "threads": threads, "subjects": [str(s) for s in subjects], "methods": methods, "runs": runs,
+              "machine": machine_info(), "wall_seconds": time.time() - t0}
+    report["summary"] = summarize(report)
     tmp = Path(out).with_name(Path(out).name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out)
     return report
 
 
-def summarize(report: dict, methods: list[str]) -> dict:
-    keys = ("subject_fidelity", "shape_acc", "colour_acc", "pattern_acc", "feature_similarity", "prompt_fidelity",
-            "seconds", "peak_rss_mb", "unet_passes")
-    out = {}
-    for m in methods:
-        rows = [s[m]["final"] for s in report["subjects"].values() if m in s]
-        out[m] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    return out
+def machine_info() -> dict:
+    import platform
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "commit": commit}
 
 
-def format_table(summary: dict) -> str:
-    lines = ["| method | subject fidelity | shape | colour | pattern | feature sim. | prompt fidelity | UNet passes "
-             "| wall s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for m, r in summary.items():
-        lines.append(f"| {m} | {100 * r['subject_fidelity']:.1f} | {100 * r['shape_acc']:.1f} | "
+def bootstrap_ci(values, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean (runs resampled with replacement)."""
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return float(v.mean()), float(v.mean())
+    means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _at(run: dict, passes: int) -> dict | None:
+    """The run's score at a budget of ``passes`` UNet passes (the last snapshot within it)."""
+    within = [c for c in run["curve"] if c["unet_passes"] <= passes]
+    return within[-1] if within else None
+
+
+def summarize(report: dict) -> list[dict]:
+    """One row per (method, init protocol, subject set, budget): mean and 95 % interval over runs."""
+    rows = []
+    held = {str(world.Subject(s, c, p)) for s, c, p in world.HELD_OUT[:6]}
+    runs = report["runs"]
+    sets = {"all": lambda s: True, "tuning (first 6)": lambda s: s in held, "untuned (last 2)": lambda s: s not in held}
+    for method in report["methods"]:
+        is_ti = parse_method(method) is None
+        budgets = [report["ti_steps"]] if is_ti else report["budgets"]
+        for init in report["inits"]:
+            for set_name, member in sets.items():
+                for budget in budgets:
+                    picked = [r for r in runs if r["method"] == method and r["init"] == init and member(r["subject"])
+                              and (is_ti or r["steps"] * r["per_step"] == budget
+                                   or r["steps"] * r["per_step"] >= max(report["budgets"]))]
+                    # one score per (subject, seed): a budget's own run if it has one, else the snapshot
+                    scores = {}
+                    for r in picked:
+                        sc = r["curve"][-1] if is_ti else _at(r, budget)
+                        key = (r["subject"], r["seed"])
+                        if sc is not None and (key not in scores or r["steps"] * r["per_step"] == budget):
+                            scores[key] = (sc, r)
+                    if not scores:
+                        continue
+                    vals = [sc["subject_fidelity"] for sc, _ in scores.values()]
+                    lo, hi = bootstrap_ci(vals)
+                    rows.append({"method": method, "init": init, "subjects": set_name, "unet_passes": budget,
+                                 "runs": len(vals), "subject_fidelity": float(np.mean(vals)), "ci95": [lo, hi],
+                                 **{key: float(np.mean([sc[key] for sc, _ in scores.values()]))
+                                    for key in ("shape_acc", "colour_acc", "pattern_acc", "feature_similarity",
+                                                "prompt_fidelity")},
+                                 "seconds": float(np.mean([r["seconds"] for _, r in scores.values()])),
+                                 "peak_rss_mb": float(np.mean([r["peak_rss_mb"] for _, r in scores.values()]))})
+    return rows
+
+
+def format_table(summary: list[dict], subjects: str = "all") -> str:
+    lines = ["| method | init | UNet passes | subject fidelity (95 % CI) | shape | colour | pattern | feature sim. "
+             "| prompt fidelity | runs | wall s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        if r["subjects"] != subjects:
+            continue
+        passes = f"{r['unet_passes']:,} fwd+bwd" if parse_method(r["method"]) is None else f"{r['unet_passes']:,}"
+        lines.append(f"| {r['method']} | {r['init']} | {passes} | {100 * r['subject_fidelity']:.1f} "
+                     f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] | {100 * r['shape_acc']:.1f} | "
                      f"{100 * r['colour_acc']:.1f} | {100 * r['pattern_acc']:.1f} | {r['feature_similarity']:.3f} | "
-                     f"{100 * r['prompt_fidelity']:.1f} | {r['unet_passes']:.0f} | {r['seconds']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+                     f"{100 * r['prompt_fidelity']:.1f} | {r['runs']} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
 def plot(report: dict, path: str) -> None:
+    """Mean subject fidelity against UNet passes, per method and init protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    methods = next(iter(report["subjects"].values())).keys()
-    for m in methods:
-        curves = [s[m]["curve"] for s in report["subjects"].values()]
-        xs = [c["unet_passes"] for c in curves[0]]
-        ys = [np.mean([c[i]["subject_fidelity"] for c in curves]) for i in range(len(xs))]
-        ax.plot(xs, ys, marker="o", label=m)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in report["methods"]:
+        for init, style in zip(report["inits"], ("-", "--")):
+            runs = [r for r in report["runs"] if r["method"] == method and r["init"] == init]
+            longest = max((r["steps"] * r["per_step"] for r in runs), default=0)
+            runs = [r for r in runs if r["steps"] * r["per_step"] == longest]
+            if not runs:
+                continue
+            xs = [c["unet_passes"] for c in runs[0]["curve"]]
+            ys = [np.mean([r["curve"][i]["subject_fidelity"] for r in runs]) for i in range(len(xs))]
+            ax.plot(xs, ys, style, marker="o", label=f"{method} ({init} init)")
     ax.set_xlabel("UNet passes (ZO: forward; TI: forward+backward)")
     ax.set_ylabel("subject fidelity")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,38 +1,181 @@
-"""ZOODiP's optimizer as small composable pieces, in the style of optax.
+"""ZOODiP's optimizer and the estimator lab, as small composable pieces in the style of optax.
 
-* :class:`RGE` — the random gradient estimator: perturbations in, gradient estimate out.
-* :func:`subspace_gradient` — SG: project the estimate off low-variance directions of the
-  recent token trajectory.
-* :func:`adam` — Adam on the (projected) estimate.
-* :func:`chain` — compose transformations; :func:`apply_updates` — θ + updates.
+Three kinds of piece, each with typed, explicit state (NamedTuples of NumPy arrays):
 
-A gradient transformation is a pair ``init(params) -> state`` and
-``update(grads, state, params) -> (updates, state)``. States are dicts of NumPy arrays and
-scalars, so a checkpoint is just ``np.savez``. Parameters are float arrays of any shape
-(a textual-inversion token is [num_vectors, dim]); SG works on their flattened form (d = size).
+* **Direction samplers** (:class:`DirectionSampler`): where RGE probes. :func:`gaussian` (the
+  paper), :func:`orthogonal`, :func:`guided` (biased toward recent estimates), :func:`subspace`
+  (a fixed basis, e.g. the token table's principal components: :func:`token_pca_basis`).
+* **The estimator** :class:`RGE`: perturbations in, gradient estimate out; one-sided (the paper)
+  or antithetic (two-sided).
+* **Gradient transformations** (:class:`GradientTransformation`, ``init`` / ``update``):
+  :func:`subspace_gradient` (SG), :func:`scale_by_adam`, :func:`scale`,
+  :func:`scale_by_learning_rate` (a constant or a schedule: :func:`constant_schedule`,
+  :func:`cosine_decay_schedule`), and the usual compositions :func:`adam`, :func:`sgd`;
+  :func:`chain` composes them (its state is a tuple), :func:`apply_updates` adds the step.
+
+Every hyper-parameter is checked once, where the piece is built (``ValueError``).
 
     >>> rge = RGE(n=2, mu=1e-3)
     >>> opt = chain(subspace_gradient(tau=128, nu=1e-3), adam(lr=5e-3))
     >>> state = opt.init(theta)
     >>> z = rge.directions(rng, theta.shape)            # [n, *theta.shape]
-    >>> losses = oracle(rge.candidates(theta, z))       # [n + 1], losses[0] = L(θ)
+    >>> losses = oracle(rge.candidates(theta, z))       # [rge.passes], losses[0] = L(θ)
     >>> g = rge.estimate(losses, z)                     # theta.shape
     >>> updates, state = opt.update(g, state, theta)
     >>> theta = apply_updates(theta, updates)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-State = dict
+Schedule = Callable[[int], float]
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _finite_positive(name: str, value: float) -> None:
+    _check(isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0,
+           f"{name} must be a finite number > 0, got {value}")
+
+
+def _unit_interval(name: str, value: float) -> None:
+    _check(isinstance(value, (int, float, np.floating)) and 0 <= value < 1, f"{name} must be in [0, 1), got {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# Typed states
+# --------------------------------------------------------------------------------------------
+class EmptyState(NamedTuple):
+    pass
+
+
+class ScaleByAdamState(NamedTuple):
+    count: np.ndarray   # int64 scalar: updates taken
+    mu: np.ndarray      # first moment, params' shape
+    nu: np.ndarray      # second moment, params' shape
+
+
+class ScheduleState(NamedTuple):
+    count: np.ndarray   # int64 scalar
+
+
+class SubspaceGradientState(NamedTuple):
+    history: np.ndarray  # [tau, d] the last tokens θ
+    count: np.ndarray    # int64 scalar: tokens in the buffer
+    basis: np.ndarray    # [k, d] directions projected out of ĝ
+
+
+class GuidedState(NamedTuple):
+    estimates: np.ndarray  # [k, d] the last k gradient estimates (ring buffer)
+    count: np.ndarray      # int64 scalar: estimates seen
 
 
 class GradientTransformation(NamedTuple):
-    init: Callable[[np.ndarray], State]
-    update: Callable[[np.ndarray, State, np.ndarray], tuple[np.ndarray, State]]
+    init: Callable[[np.ndarray], Any]
+    update: Callable[..., tuple[np.ndarray, Any]]
+
+
+class DirectionSampler(NamedTuple):
+    """``init(params) -> state``; ``sample(rng, state, n, shape) -> z [n, *shape]``;
+    ``update(state, g) -> state`` after each estimate (stateless samplers return it unchanged)."""
+    init: Callable[[np.ndarray], Any]
+    sample: Callable[[np.random.Generator, Any, int, tuple], np.ndarray]
+    update: Callable[[Any, np.ndarray], Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Direction samplers
+# --------------------------------------------------------------------------------------------
+def _stateless(sample) -> DirectionSampler:
+    return DirectionSampler(lambda params: EmptyState(), sample, lambda state, g: state)
+
+
+def gaussian() -> DirectionSampler:
+    """z ~ N(0, I): the paper's RGE directions (Nesterov & Spokoiny 2017)."""
+    return _stateless(lambda rng, state, n, shape: rng.standard_normal((n, *shape), dtype=np.float32))
+
+
+def orthogonal() -> DirectionSampler:
+    """n Gaussian directions made orthogonal (QR), each rescaled to norm √d: the same second moment
+    E[z zᵀ] = I as Gaussian directions, but no two probes measure the same component
+    (orthogonal ES, Choromanski et al. 2018, arXiv 1804.02395). Needs n ≤ d."""
+
+    def sample(rng, state, n, shape):
+        d = int(np.prod(shape))
+        _check(n <= d, f"orthogonal directions need n <= d, got n={n}, d={d}")
+        g = rng.standard_normal((d, n))
+        q, r = np.linalg.qr(g)
+        q = q * np.sign(np.diag(r))  # a Haar-distributed frame
+        return (math.sqrt(d) * q.T).astype(np.float32).reshape(n, *shape)
+
+    return _stateless(sample)
+
+
+def guided(k: int = 4, alpha: float = 0.5) -> DirectionSampler:
+    """Guided ES (Maheswaranathan et al. 2019, arXiv 1806.10230): z ~ N(0, Σ) with
+    Σ = α I + (1 − α) (d / k) U Uᵀ, U an orthonormal basis of the last k gradient estimates
+    (tr Σ = d, as for N(0, I)). E[ĝ] = Σ ∇L is a descent direction biased toward the subspace the
+    recent estimates span; α = 1 is plain Gaussian. Until k estimates exist, U spans those seen."""
+    _check(isinstance(k, int) and k >= 1, f"guided directions need k >= 1, got {k}")
+    _check(0 < alpha <= 1, f"guided directions need 0 < alpha <= 1, got {alpha}")
+
+    def init(params):
+        return GuidedState(np.zeros((k, params.size), np.float32), np.int64(0))
+
+    def sample(rng, state, n, shape):
+        d = int(np.prod(shape))
+        iso = rng.standard_normal((n, d))
+        low = rng.standard_normal((n, k))
+        seen = min(int(state.count), k)
+        if seen == 0:
+            return iso.astype(np.float32).reshape(n, *shape)
+        q, _ = np.linalg.qr(state.estimates[:seen].astype(np.float64).T)  # [d, seen]
+        z = math.sqrt(alpha) * iso + math.sqrt((1 - alpha) * d / seen) * (low[:, :seen] @ q.T)
+        return z.astype(np.float32).reshape(n, *shape)
+
+    def update(state, g):
+        estimates = state.estimates.copy()
+        estimates[int(state.count) % k] = g.reshape(-1)
+        return GuidedState(estimates, np.int64(int(state.count) + 1))
+
+    return DirectionSampler(init, sample, update)
+
+
+def subspace(basis: np.ndarray) -> DirectionSampler:
+    """Directions restricted to a fixed r-dimensional subspace of each token vector: z = √(d/r) Bᵀε,
+    ε ~ N(0, I_r), B [r, d] orthonormal rows (per vector of a [V, d] token). E[ĝ] = (d/r) BᵀB ∇L:
+    the gradient projected on the subspace, seen with √(n/r) instead of √(n/d) alignment.
+    With :func:`token_pca_basis`, the subspace where the vocabulary's tokens vary most (the idea of
+    GF-TI, github feizc/Gradient-Free-Textual-Inversion, which searches a PCA space with CMA-ES)."""
+    b = np.asarray(basis, np.float64)
+    _check(b.ndim == 2 and 1 <= b.shape[0] <= b.shape[1], f"subspace basis must be [r, d] with 1 <= r <= d, got {b.shape}")
+    _check(np.allclose(b @ b.T, np.eye(b.shape[0]), atol=1e-5), "subspace basis rows must be orthonormal")
+    r, d = b.shape
+
+    def sample(rng, state, n, shape):
+        _check(shape[-1] == d, f"subspace basis is for width {d}, the token has width {shape[-1]}")
+        eps = rng.standard_normal((n, *shape[:-1], r))
+        return (math.sqrt(d / r) * eps @ b).astype(np.float32)
+
+    return _stateless(sample)
+
+
+def token_pca_basis(table: np.ndarray, rank: int, sample: int = 8192, seed: int = 0) -> np.ndarray:
+    """The top ``rank`` principal directions of a token-embedding table [vocab, d] -> [rank, d]
+    (on a fixed random sample of rows for speed; deterministic for a seed)."""
+    table = np.asarray(table)
+    _check(1 <= rank <= table.shape[1], f"subspace rank must be in [1, d={table.shape[1]}], got {rank}")
+    rows = np.random.default_rng(seed).choice(len(table), size=min(sample, len(table)), replace=False)
+    x = np.asarray(table[np.sort(rows)], np.float64)
+    _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+    return vt[:rank].astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,37 +183,55 @@ class GradientTransformation(NamedTuple):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RGE:
-    """One-sided random gradient estimator.
+    """Random gradient estimator.
 
-    ĝ = (1/n) Σᵢ [L(θ + μ zᵢ) − L(θ)] / μ · zᵢ,  zᵢ ~ N(0, I).
+    one-sided (the paper):  ĝ = (1/n) Σᵢ [L(θ + μ zᵢ) − L(θ)] / μ · zᵢ          n + 1 losses
+    antithetic:             ĝ = (1/n) Σᵢ [L(θ + μ zᵢ) − L(θ − μ zᵢ)] / (2μ) · zᵢ   2n losses
 
-    n: number of perturbations (paper: 2). mu: smoothing radius μ (paper: 1e-3).
-    One iteration costs n + 1 loss evaluations, which must share latent, noise and timestep.
+    n: number of directions (paper: 2). mu: smoothing radius μ (paper: 1e-3). All losses of one
+    step must share latent, noise and timestep. ``sampler`` draws the zᵢ (default N(0, I)).
     """
 
     n: int = 2
     mu: float = 1e-3
+    antithetic: bool = False
+    sampler: DirectionSampler = None  # None: gaussian()
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"RGE needs n >= 1 perturbations, got {self.n}")
-        if not self.mu > 0:
-            raise ValueError(f"RGE needs mu > 0, got {self.mu}")
+        _check(isinstance(self.n, (int, np.integer)) and self.n >= 1, f"RGE needs n >= 1 directions, got {self.n}")
+        _finite_positive("RGE mu", self.mu)
+        if self.sampler is None:
+            object.__setattr__(self, "sampler", gaussian())
 
-    def directions(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-        """z: float32 [n, *shape], standard normal."""
-        return rng.standard_normal((self.n, *shape), dtype=np.float32)
+    @property
+    def passes(self) -> int:
+        """Loss evaluations (UNet passes) per estimate."""
+        return 2 * self.n if self.antithetic else self.n + 1
+
+    def directions(self, rng: np.random.Generator, shape: tuple[int, ...], state=None) -> np.ndarray:
+        """z: float32 [n, *shape]. ``state``: the sampler's (None for stateless samplers)."""
+        return self.sampler.sample(rng, state, self.n, tuple(shape))
 
     def candidates(self, theta: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """[n + 1, *theta.shape]: θ first, then θ + μ zᵢ."""
-        return np.concatenate([theta[None], theta[None] + np.float32(self.mu) * z]).astype(np.float32)
+        """[passes, *theta.shape]: one-sided θ, θ + μz₁, …; antithetic θ + μz₁, θ − μz₁, …"""
+        mz = np.float32(self.mu) * z
+        if self.antithetic:
+            return np.stack([theta[None] + mz, theta[None] - mz], axis=1).reshape(-1, *theta.shape).astype(np.float32)
+        return np.concatenate([theta[None], theta[None] + mz]).astype(np.float32)
 
     def estimate(self, losses: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """losses: [n + 1] with losses[0] = L(θ); z: [n, *shape] -> ĝ [*shape] float32."""
+        """losses: [passes] in the order of :meth:`candidates`; z: [n, *shape] -> ĝ [*shape] float32."""
         losses = np.asarray(losses, np.float64)
-        coeff = (losses[1:] - losses[0]) / self.mu  # [n] directional derivatives
+        if self.antithetic:
+            coeff = (losses[0::2] - losses[1::2]) / (2 * self.mu)
+        else:
+            coeff = (losses[1:] - losses[0]) / self.mu  # [n] directional derivatives
         g = np.tensordot(coeff, z.astype(np.float64), axes=1) / self.n
         return g.astype(np.float32)
+
+    def loss_at_theta(self, losses: np.ndarray) -> float:
+        """L(θ) (one-sided) or the mean of the ± pairs, L(θ) + O(μ²) (antithetic): what a run logs."""
+        return float(np.mean(losses)) if self.antithetic else float(losses[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,20 +269,20 @@ def subspace_gradient(tau: int = 128, nu: float = 1e-3) -> GradientTransformatio
     """SG: every tau iterations, refit the dropped basis V from the last tau tokens; in between,
     ĝ ← ĝ − (ĝ Vᵀ) V. No projection during the first tau iterations.
 
-    State: ``history`` [tau, d], ``count`` (tokens in the buffer), ``basis`` [k, d].
+    Timing: ``update`` stores the θ at which ĝ was estimated (before this step's update), so the
+    first basis is fitted on θ₀ … θ_{τ−1} and first applied to ĝ at step τ (0-based). The reference
+    code appends the token after the update and fits on θ₁ … θ_τ, one step later
+    (``tests/test_optim.py`` pins ours).
     """
-    if tau < 2:
-        raise ValueError(f"SG needs tau >= 2, got {tau}")
-    if not 0 < nu < 1:
-        raise ValueError(f"SG needs 0 < nu < 1, got {nu}")
+    _check(isinstance(tau, (int, np.integer)) and tau >= 2, f"SG needs tau >= 2, got {tau}")
+    _check(0 < nu < 1, f"SG needs 0 < nu < 1, got {nu}")
 
-    def init(params: np.ndarray) -> State:
+    def init(params: np.ndarray) -> SubspaceGradientState:
         d = params.size
-        return {"history": np.zeros((tau, d), np.float32), "count": np.int64(0),
-                "basis": np.zeros((0, d), np.float32)}
+        return SubspaceGradientState(np.zeros((tau, d), np.float32), np.int64(0), np.zeros((0, d), np.float32))
 
     def update(grads, state, params):
-        history, count, basis = state["history"].copy(), int(state["count"]), state["basis"]
+        history, count, basis = state.history.copy(), int(state.count), state.basis
         history[count] = params.reshape(-1)
         count += 1
         if count == tau:
@@ -129,57 +290,114 @@ def subspace_gradient(tau: int = 128, nu: float = 1e-3) -> GradientTransformatio
             count = 0
         g = grads.reshape(-1).astype(np.float64)
         if basis.shape[0]:
-            g = g - (basis.astype(np.float64).T @ (basis.astype(np.float64) @ g))
-        return g.astype(np.float32).reshape(grads.shape), {"history": history, "count": np.int64(count),
-                                                           "basis": basis}
+            b = basis.astype(np.float64)
+            g = g - b.T @ (b @ g)
+        return g.astype(np.float32).reshape(grads.shape), SubspaceGradientState(history, np.int64(count), basis)
 
     return GradientTransformation(init, update)
 
 
+def projected_dims(state) -> int:
+    """How many directions SG currently projects out, found anywhere in a (chain) state; 0 without SG."""
+    if isinstance(state, SubspaceGradientState):
+        return int(state.basis.shape[0])
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return sum(projected_dims(s) for s in state)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
-# Adam
+# Step rules
 # --------------------------------------------------------------------------------------------
-def adam(lr: float = 5e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
-    """Adam on the gradient estimate; updates are the step to add (−lr · m̂ / (√v̂ + ε))."""
-    if not lr > 0:
-        raise ValueError(f"learning rate must be > 0, got {lr}")
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adam's direction m̂ / (√v̂ + ε) (Kingma & Ba 2015), without the learning rate."""
+    _unit_interval("Adam b1", b1)
+    _unit_interval("Adam b2", b2)
+    _finite_positive("Adam eps", eps)
 
     def init(params):
-        return {"m": np.zeros_like(params, np.float32), "v": np.zeros_like(params, np.float32),
-                "count": np.int64(0)}
+        return ScaleByAdamState(np.int64(0), np.zeros_like(params, np.float32), np.zeros_like(params, np.float32))
 
     def update(grads, state, params=None):
-        count = int(state["count"]) + 1
+        count = int(state.count) + 1
         g = grads.astype(np.float64)
-        m = b1 * state["m"] + (1 - b1) * g
-        v = b2 * state["v"] + (1 - b2) * g * g
+        m = b1 * state.mu + (1 - b1) * g
+        v = b2 * state.nu + (1 - b2) * g * g
         m_hat = m / (1 - b1 ** count)
         v_hat = v / (1 - b2 ** count)
-        step = -lr * m_hat / (np.sqrt(v_hat) + eps)
-        return step.astype(np.float32), {"m": m.astype(np.float32), "v": v.astype(np.float32),
-                                         "count": np.int64(count)}
+        return m_hat / (np.sqrt(v_hat) + eps), ScaleByAdamState(np.int64(count), m.astype(np.float32), v.astype(np.float32))
 
     return GradientTransformation(init, update)
 
 
-def sgd(lr: float) -> GradientTransformation:
-    """Plain ZO-SGD (for comparisons): updates = −lr · ĝ."""
-    return GradientTransformation(lambda p: {}, lambda g, s, p=None: ((-lr * g).astype(np.float32), s))
+def scale(factor: float) -> GradientTransformation:
+    """updates = factor · g. The reference code's extra 1/√((d+n−1)/n) on ĝ is
+    ``scale(reference_scale(d, n))``."""
+    _check(math.isfinite(factor) and factor != 0, f"scale factor must be finite and non-zero, got {factor}")
+    return GradientTransformation(lambda params: EmptyState(),
+                                  lambda g, state, params=None: ((factor * g).astype(np.float32), state))
+
+
+def reference_scale(d: int, n: int) -> float:
+    """ZOODiP's reference code divides ĝ by √((d + n − 1)/n) before ZO-Adam."""
+    return 1.0 / math.sqrt((d + n - 1) / n)
+
+
+def constant_schedule(value: float) -> Schedule:
+    _finite_positive("learning rate", value)
+    return lambda count: value
+
+
+def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
+    """lr(k) = init · ((1 − α) · ½(1 + cos(π min(k, K)/K)) + α) (Loshchilov & Hutter 2017)."""
+    _finite_positive("learning rate", init_value)
+    _check(isinstance(decay_steps, (int, np.integer)) and decay_steps >= 1,
+           f"cosine decay needs decay_steps >= 1, got {decay_steps}")
+    _check(0 <= alpha <= 1, f"cosine decay alpha must be in [0, 1], got {alpha}")
+
+    def schedule(count: int) -> float:
+        frac = min(count, decay_steps) / decay_steps
+        return init_value * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * frac)) + alpha)
+
+    return schedule
+
+
+def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransformation:
+    """updates = −lr(k) · g, lr a constant or a schedule of the update count k = 0, 1, …"""
+    schedule = learning_rate if callable(learning_rate) else constant_schedule(learning_rate)
+
+    def update(grads, state, params=None):
+        count = int(state.count)
+        return (-schedule(count) * grads.astype(np.float64)).astype(np.float32), ScheduleState(np.int64(count + 1))
+
+    return GradientTransformation(lambda params: ScheduleState(np.int64(0)), update)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply transformations in order; the state is a tuple-like dict {"0": s0, "1": s1, ...}."""
+    """Apply transformations in order; the state is a tuple with one entry per transformation."""
 
     def init(params):
-        return {str(i): t.init(params) for i, t in enumerate(transforms)}
+        return tuple(t.init(params) for t in transforms)
 
     def update(grads, state, params):
-        new = {}
-        for i, t in enumerate(transforms):
-            grads, new[str(i)] = t.update(grads, state[str(i)], params)
-        return grads, new
+        _check(len(state) == len(transforms), f"chain of {len(transforms)} got a state of {len(state)}")
+        new = []
+        for t, s in zip(transforms, state):
+            grads, s = t.update(grads, s, params)
+            new.append(s)
+        return grads, tuple(new)
 
     return GradientTransformation(init, update)
+
+
+def adam(lr: float | Schedule = 5e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """ZO-Adam: Adam on the gradient estimate; updates = −lr · m̂ / (√v̂ + ε)."""
+    return chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr))
+
+
+def sgd(lr: float | Schedule) -> GradientTransformation:
+    """ZO-SGD: updates = −lr · ĝ."""
+    return scale_by_learning_rate(lr)
 
 
 def apply_updates(params: np.ndarray, updates: np.ndarray) -> np.ndarray:
@@ -189,23 +407,34 @@ def apply_updates(params: np.ndarray, updates: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # State <-> flat dict of arrays (for checkpoints)
 # --------------------------------------------------------------------------------------------
-def flatten_state(state: State, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten_state(state, prefix: str = "") -> dict[str, np.ndarray]:
+    """A (nested) state -> {"0/mu": array, ...}: tuples by position, NamedTuples by field name."""
     out = {}
-    for k, v in state.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_state(v, key + "/"))
-        else:
-            out[key] = np.asarray(v)
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        items = zip(state._fields, state)
+    elif isinstance(state, tuple):
+        items = ((str(i), s) for i, s in enumerate(state))
+    else:
+        return {prefix.rstrip("/"): np.asarray(state)}
+    for k, v in items:
+        out.update(flatten_state(v, f"{prefix}{k}/"))
     return out
 
 
-def unflatten_state(flat: dict[str, np.ndarray]) -> State:
-    out: State = {}
-    for key, v in flat.items():
-        node = out
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = np.int64(v) if v.ndim == 0 and v.dtype.kind == "i" else np.array(v)
-    return out
+def unflatten_state(flat: dict[str, np.ndarray], like):
+    """Inverse of :func:`flatten_state`, shaped by ``like`` (a state from ``init``): the checkpoint
+    must hold exactly the arrays ``like`` has, or ``ValueError``."""
+    expected = flatten_state(like)
+    if set(flat) != set(expected):
+        raise ValueError(f"optimizer state mismatch: checkpoint has {sorted(set(flat) ^ set(expected))[:4]} "
+                         "where the recipe differs")
+
+    def build(node, prefix):
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(build(v, f"{prefix}{k}/") for k, v in zip(node._fields, node)))
+        if isinstance(node, tuple):
+            return tuple(build(v, f"{prefix}{i}/") for i, v in enumerate(node))
+        v = np.asarray(flat[prefix.rstrip("/")])
+        return np.int64(v) if v.ndim == 0 and v.dtype.kind == "i" else np.array(v)
+
+    return build(like, "")

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import re
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,20 +28,10 @@ from .embeddings import save_embedding
 from .errors import UserError
 from .oracle import LossOracle
 from .progress import Progress
+from .sysinfo import peak_rss_mb
+from .recipe import DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
 from .timesteps import puts, uniform
 from .tokenizer import CLIPTokenizer
-
-# Textual inversion's small ImageNet templates (Gal et al. 2022), as used by the paper's code.
-TEMPLATES = (
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
-    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
-    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
-    "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
-    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
-    "a photo of a cool {}", "a photo of a small {}",
-)
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -60,16 +49,25 @@ class PersonalizeConfig:
     steps: int = 3000
     num_vectors: int = 1
     resolution: int | None = None       # None: the model's own
-    lr: float = 5e-3                    # ZO-Adam
-    adam_eps: float = 1e-8
-    n: int = 2                          # RGE perturbations
-    mu: float = 1e-3                    # RGE smoothing
-    sg: bool = True                     # Subspace Gradient
-    tau: int = 128
-    nu: float = 1e-3
-    puts: bool = True                   # PUTS: t ~ U[t_low, t_high)
-    t_low: int = 500
-    t_high: int = 900
+    recipe: str = DEFAULT_RECIPE        # zoodip (the paper) or zo-edge; the fields below default to it
+    n: int | None = None                # RGE directions
+    mu: float | None = None             # RGE smoothing
+    antithetic: bool | None = None      # two-sided differences (2n passes a step) instead of one-sided (n + 1)
+    directions: str | None = None       # gaussian, orthogonal, guided, token-pca
+    rank: int | None = None             # token-pca: subspace rank; guided: estimates kept (0: the default)
+    guided_alpha: float | None = None   # guided: share of isotropic directions
+    sg: bool | None = None              # Subspace Gradient
+    tau: int | None = None
+    nu: float | None = None
+    puts: bool | None = None            # PUTS: t ~ U[t_low, t_high)
+    t_low: int | None = None
+    t_high: int | None = None
+    optimizer: str | None = None        # adam (ZO-Adam) or sgd
+    lr: float | None = None
+    b1: float | None = None             # Adam's first-moment decay
+    adam_eps: float | None = None
+    schedule: str | None = None         # constant or cosine (to lr/10 at the last step)
+    reference_scaling: bool | None = None  # the reference code's 1/sqrt((d+n-1)/n) on the estimate
     batch_candidates: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
@@ -82,19 +80,23 @@ class PersonalizeConfig:
     overwrite: bool = False
     templates: tuple = field(default=TEMPLATES)
 
+    def resolved(self) -> "PersonalizeConfig":
+        """A copy with every recipe field that is None taken from ``recipe``."""
+        values = recipe_values(self.recipe)
+        return dataclasses.replace(self, **{k: values[k] for k in RECIPE_FIELDS if getattr(self, k) is None})
+
     def validate(self) -> None:
-        if not self.lr > 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
-        if self.n < 1:
-            raise UserError(f"--n (RGE perturbations) must be >= 1, got {self.n}")
-        if not self.mu > 0:
-            raise UserError(f"--mu must be > 0, got {self.mu}")
-        if self.tau < 2:
-            raise UserError(f"--tau must be >= 2, got {self.tau}")
-        if not 0 < self.nu < 1:
-            raise UserError(f"--nu must be in (0, 1), got {self.nu}")
-        if self.puts and not 0 <= self.t_low < self.t_high:
-            raise UserError(f"PUTS needs 0 <= T_L < T_U, got T_L={self.t_low}, T_U={self.t_high}")
+        """Checks the run's own settings; the estimator's and step rule's hyper-parameters are checked
+        where they are built (``zo_runtime.optim``), by building them once here."""
+        cfg = self.resolved()
+        if cfg.puts and not 0 <= cfg.t_low < cfg.t_high:
+            raise UserError(f"PUTS needs 0 <= T_L < T_U, got T_L={cfg.t_low}, T_U={cfg.t_high}")
+        for name, value, allowed in (("--directions", cfg.directions, DIRECTIONS), ("--optimizer", cfg.optimizer, OPTIMIZERS),
+                                     ("--schedule", cfg.schedule, SCHEDULES)):
+            if value not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if cfg.rank < 0:
+            raise UserError(f"--rank must be >= 0, got {cfg.rank}")
         if self.steps < 1:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
         if self.num_vectors < 1:
@@ -107,6 +109,11 @@ class PersonalizeConfig:
             raise UserError(f"--batch-candidates must be auto, on or off, got {self.batch_candidates!r}")
         if not self.templates:
             raise UserError("no training prompt templates")
+        try:
+            make_optimizer(cfg, dim=1)
+            make_estimator(cfg)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def default_run_dir(token: str) -> str:
@@ -114,18 +121,38 @@ def default_run_dir(token: str) -> str:
     return str(Path("runs") / name)
 
 
-def sg_tau_for(dim: int) -> int:
-    """The paper's SG history length scaled to a token width: tau = 128 at d = 768 (SD 1.x)."""
-    return max(2, round(dim * 128 / 768))
-
-
-def make_optimizer(cfg: PersonalizeConfig) -> optim.GradientTransformation:
-    """estimator → (SG) → Adam, as in ZOODiP."""
+def make_optimizer(cfg: PersonalizeConfig, dim: int) -> optim.GradientTransformation:
+    """(SG) → (the reference's scaling) → ZO-Adam or ZO-SGD with a constant or cosine learning rate.
+    ``cfg`` resolved; ``dim``: the token's size (for the reference scaling)."""
     parts = []
     if cfg.sg:
         parts.append(optim.subspace_gradient(tau=cfg.tau, nu=cfg.nu))
-    parts.append(optim.adam(lr=cfg.lr, eps=cfg.adam_eps))
+    if cfg.reference_scaling:
+        parts.append(optim.scale(optim.reference_scale(dim, cfg.n)))
+    lr = cfg.lr if cfg.schedule == "constant" else optim.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.1)
+    if cfg.optimizer == "adam":
+        parts += [optim.scale_by_adam(b1=cfg.b1, eps=cfg.adam_eps), optim.scale_by_learning_rate(lr)]
+    else:
+        parts.append(optim.sgd(lr))
     return optim.chain(*parts)
+
+
+def make_estimator(cfg: PersonalizeConfig, table=None) -> optim.RGE:
+    """RGE with the recipe's directions. ``table``: the token table (token-pca only); ``cfg`` resolved."""
+    if cfg.directions == "orthogonal":
+        sampler = optim.orthogonal()
+    elif cfg.directions == "guided":
+        sampler = optim.guided(k=cfg.rank or 4, alpha=cfg.guided_alpha)
+    elif cfg.directions == "token-pca":
+        if table is None:  # validation only: check the rank against the width later, with the bundle
+            sampler = optim.gaussian()
+        else:
+            if not 1 <= (cfg.rank or 16) <= table.shape[1]:
+                raise ValueError(f"--rank must be in [1, d={table.shape[1]}] for token-pca, got {cfg.rank}")
+            sampler = optim.subspace(optim.token_pca_basis(table, cfg.rank or 16))
+    else:
+        sampler = optim.gaussian()
+    return optim.RGE(n=cfg.n, mu=cfg.mu, antithetic=cfg.antithetic, sampler=sampler)
 
 
 def _read_captions(path: str, files: list[Path], token: str) -> list[str | None]:
@@ -175,7 +202,7 @@ class Trainer:
 
     def __init__(self, cfg: PersonalizeConfig, resume: bool = False):
         cfg.validate()
-        self.cfg = cfg
+        cfg = self.cfg = cfg.resolved()
         self.run_dir = Path(cfg.run_dir or default_run_dir(cfg.token))
         out = Path(cfg.out)
         if not resume:
@@ -216,8 +243,11 @@ class Trainer:
         self.bundle.release("vae_encoder")  # training needs only the text encoder and the UNet
 
         self.oracle = LossOracle(self.bundle, cfg.batch_candidates)
-        self.rge = optim.RGE(n=cfg.n, mu=cfg.mu)
-        self.opt = make_optimizer(cfg)
+        try:
+            self.rge = make_estimator(cfg, table=self.bundle.token_table)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.opt = make_optimizer(cfg, dim=cfg.num_vectors * d)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
         self.placeholders = {cfg.token: cfg.num_vectors}
@@ -227,7 +257,11 @@ class Trainer:
     def fresh_state(self):
         row = np.asarray(self.bundle.token_table[self.init_id], np.float32)
         theta = np.repeat(row[None], self.cfg.num_vectors, axis=0)
-        return 0, theta, self.opt.init(theta), np.random.default_rng(self.cfg.seed)
+        return 0, theta, self.init_state(theta), np.random.default_rng(self.cfg.seed)
+
+    def init_state(self, theta):
+        """(direction sampler's state, the optimizer chain's state)."""
+        return self.rge.sampler.init(theta), self.opt.init(theta)
 
     def save_checkpoint(self, step: int, theta, opt_state, rng) -> None:
         flat = {f"opt/{k}": v for k, v in optim.flatten_state(opt_state).items()}
@@ -242,7 +276,12 @@ class Trainer:
             rng = np.random.default_rng()
             rng.bit_generator.state = json.loads(str(z["rng"]))
             self.oracle.forward_passes = int(z["forward_passes"])
-            return int(z["step"]), z["theta"].astype(np.float32), optim.unflatten_state(flat), rng
+            theta = z["theta"].astype(np.float32)
+            try:
+                state = optim.unflatten_state(flat, like=self.init_state(theta))
+            except ValueError as e:
+                raise UserError(f"{path}: {e} (was it written by another zo-edge version?)") from None
+            return int(z["step"]), theta, state, rng
 
     def prompt(self, text: str):
         if text not in self._prompt_cache:
@@ -261,15 +300,16 @@ class Trainer:
         ids, slots = self.prompt(template.format(cfg.token))
         noise = rng.standard_normal(latent.shape, dtype=np.float32)
         t = self.sampler(rng)
-        z = self.rge.directions(rng, theta.shape)
+        sampler_state, chain_state = opt_state
+        z = self.rge.directions(rng, theta.shape, sampler_state)
         losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t)
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError(f"loss is {losses.tolist()} at timestep {t}")
         g = self.rge.estimate(losses, z)
-        updates, opt_state = self.opt.update(g, opt_state, theta)
+        sampler_state = self.rge.sampler.update(sampler_state, g)
+        updates, chain_state = self.opt.update(g, chain_state, theta)
         theta = optim.apply_updates(theta, updates)
-        dropped = int(opt_state["0"]["basis"].shape[0]) if cfg.sg else 0
-        return theta, opt_state, float(losses[0]), t, dropped
+        return theta, (sampler_state, chain_state), self.rge.loss_at_theta(losses), t, optim.projected_dims(chain_state)
 
     def preview(self, step: int, theta: np.ndarray) -> None:
         """One image of the token so far, through the generate path, to run_dir/previews/."""
@@ -326,8 +366,8 @@ class Trainer:
                     log.flush()
                     self.save_checkpoint(step, theta, opt_state, rng)
         progress.close()
-        save_embedding(cfg.out, cfg.token, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_method": "zoodip"})
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        save_embedding(cfg.out, cfg.token, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_recipe": cfg.recipe})
+        peak = peak_rss_mb()
         seconds = time.time() - t0
         print(f"done: {cfg.out} ({cfg.steps} steps, {self.oracle.forward_passes} UNet forward passes, "
               f"{seconds:.1f} s, peak RSS {peak:.0f} MB)", file=sys.stderr)
@@ -346,6 +386,7 @@ def load_run_config(run_dir: str | Path) -> PersonalizeConfig:
         raise UserError(f"{run_dir} is not a personalize run directory (config.json and {CHECKPOINT} expected)")
     d = json.loads(path.read_text())
     d["templates"] = tuple(d.get("templates", TEMPLATES))
+    d.setdefault("recipe", "zoodip")  # runs from before recipes were the paper's algorithm
     known = {f.name for f in dataclasses.fields(PersonalizeConfig)}
     return PersonalizeConfig(**{k: v for k, v in d.items() if k in known})
 

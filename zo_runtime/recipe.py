@@ -1,0 +1,51 @@
+"""Recipes: the named sets of estimator and step-rule settings, and the constants they share.
+
+A recipe is the one place a default lives. ``PersonalizeConfig`` leaves every recipe field at
+``None`` ("the recipe's"), and :func:`resolve` fills them in; the command line shows the same table.
+
+- ``zoodip``: exactly the paper's algorithm (arXiv 2503.14868): one-sided RGE with n = 2 Gaussian
+  directions, μ = 1e-3, SG (τ = 128, ν = 1e-3), PUTS t ~ U[500, 900), ZO-Adam lr 5e-3, ε = 1e-8.
+- ``zo-edge``: zo-edge's default, chosen by ``zo-edge bench quality`` (docs/results): see RECIPES.
+"""
+from __future__ import annotations
+
+# Textual inversion's small ImageNet templates (Gal et al. 2022), as used by the paper's code.
+TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
+    "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)
+
+DIRECTIONS = ("gaussian", "orthogonal", "guided", "token-pca")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+ZOODIP = dict(
+    n=2, mu=1e-3, antithetic=False, directions="gaussian", rank=0, guided_alpha=0.5,
+    sg=True, tau=128, nu=1e-3, puts=True, t_low=500, t_high=900,
+    optimizer="adam", lr=5e-3, b1=0.9, adam_eps=1e-8, schedule="constant", reference_scaling=False,
+)
+
+RECIPES: dict[str, dict] = {
+    "zoodip": ZOODIP,
+    "zo-edge": dict(ZOODIP, sg=False),
+}
+DEFAULT_RECIPE = "zo-edge"
+RECIPE_FIELDS = tuple(ZOODIP)
+
+
+def sg_tau_for(dim: int) -> int:
+    """The paper's SG history length scaled to a token width: tau = 128 at d = 768 (SD 1.x)."""
+    return max(2, round(dim * 128 / 768))
+
+
+def recipe_values(name: str) -> dict:
+    if name not in RECIPES:
+        from .errors import UserError
+        raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return dict(RECIPES[name])
