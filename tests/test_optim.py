@@ -140,7 +140,7 @@ def test_sg_projects_only_after_tau_and_removes_dropped_directions():
         out, state = sg.update(g, state, (theta + k * direction).astype(np.float32))
         if k < tau - 1:
             np.testing.assert_array_equal(out, g)  # no projection during the first τ iterations
-    basis = state["basis"]
+    basis = state.basis
     assert basis.shape[0] > 0
     out, state = sg.update(g, state, theta)
     np.testing.assert_allclose(basis @ out, 0, atol=1e-5)
@@ -160,11 +160,15 @@ def test_chain_state_roundtrip():
     state = opt.init(theta)
     for _ in range(5):
         _, state = opt.update(np.ones_like(theta), state, theta)
+    assert isinstance(state, tuple) and isinstance(state[0], optim.SubspaceGradientState)
     flat = optim.flatten_state(state)
-    back = optim.unflatten_state({k: np.asarray(v) for k, v in flat.items()})
+    assert "0/basis" in flat and "1/0/mu" in flat and "1/1/count" in flat
+    back = optim.unflatten_state({k: np.asarray(v) for k, v in flat.items()}, like=opt.init(theta))
     u1, s1 = opt.update(np.ones_like(theta), state, theta)
     u2, s2 = opt.update(np.ones_like(theta), back, theta)
     np.testing.assert_array_equal(u1, u2)
+    with pytest.raises(ValueError, match="mismatch"):  # a checkpoint of another recipe is refused
+        optim.unflatten_state(flat, like=optim.adam(lr=1e-2).init(theta))
 
 
 def test_puts_bounds():
@@ -178,3 +182,197 @@ def test_puts_bounds():
     assert us.min() >= 0 and us.max() < 1000 and us.min() < 20
     with pytest.raises(ValueError):
         puts(900, 500)
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator lab: each piece on an analytic function, showing the property it claims
+# --------------------------------------------------------------------------------------------
+def spd(rng, d, cond=10.0):
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return q @ np.diag(np.linspace(1.0, cond, d)) @ q.T
+
+
+def test_antithetic_differences_are_exact_directional_derivatives_on_a_quadratic():
+    """Two-sided differences cancel the curvature term (μ/2) zᵀAz that one-sided ones carry, at 2n
+    instead of n + 1 passes."""
+    rng = np.random.default_rng(0)
+    d = 12
+    A, b = spd(rng, d), rng.standard_normal(d)
+    f, grad = quadratic(A, b)
+    theta = rng.standard_normal(d).astype(np.float32)
+    one, two = optim.RGE(n=3, mu=0.5), optim.RGE(n=3, mu=0.5, antithetic=True)
+    assert (one.passes, two.passes) == (4, 6)
+    z = one.directions(rng, theta.shape)
+    g = grad(theta.astype(np.float64))
+    exact = (z.astype(np.float64) @ g) @ z.astype(np.float64) / 3
+    est2 = two.estimate([f(c.astype(np.float64)) for c in two.candidates(theta, z)], z)
+    est1 = one.estimate([f(c.astype(np.float64)) for c in one.candidates(theta, z)], z)
+    np.testing.assert_allclose(est2, exact, rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(est1 - exact) > 0.1 * np.linalg.norm(exact)  # the curvature term, μ = 0.5
+    losses = [f(c.astype(np.float64)) for c in two.candidates(theta, z)]
+    assert abs(two.loss_at_theta(losses) - f(theta.astype(np.float64))) < 0.5 ** 2 * np.trace(A)  # L(θ) + O(μ²)
+
+
+def test_orthogonal_directions_have_gaussian_second_moment_and_recover_the_gradient_at_n_equals_d():
+    rng = np.random.default_rng(1)
+    d = 8
+    rge = optim.RGE(n=d, mu=1e-3, antithetic=True, sampler=optim.orthogonal())
+    z = rge.directions(rng, (d,))
+    np.testing.assert_allclose(z @ z.T, d * np.eye(d), atol=1e-4)  # orthogonal, norm √d each
+    second = np.mean([np.einsum("ni,nj->ij", *(2 * [rge.directions(rng, (d,))])) / d for _ in range(3000)], axis=0)
+    np.testing.assert_allclose(second, np.eye(d), atol=0.08)  # E[z zᵀ] = I, as for N(0, I)
+    A, b = spd(rng, d), rng.standard_normal(d)
+    f, grad = quadratic(A, b)
+    theta = rng.standard_normal(d).astype(np.float32)
+    g = rge.estimate([f(c.astype(np.float64)) for c in rge.candidates(theta, z)], z)
+    np.testing.assert_allclose(g, grad(theta.astype(np.float64)), rtol=1e-3, atol=1e-3)  # a full frame: exact
+    gauss = optim.RGE(n=d, mu=1e-3, antithetic=True)
+    zg = gauss.directions(rng, (d,))
+    gg = gauss.estimate([f(c.astype(np.float64)) for c in gauss.candidates(theta, zg)], zg)
+    assert np.linalg.norm(gg - grad(theta.astype(np.float64))) > 1e-2  # Gaussian directions are not
+    with pytest.raises(ValueError):
+        optim.orthogonal().sample(rng, None, d + 1, (d,))
+
+
+def test_guided_directions_concentrate_on_recent_estimates_and_stay_descent_directions():
+    """Σ = α I + (1 − α)(d/k) U Uᵀ: a direction's energy in span(U) is α k + (1 − α) d instead of k,
+    tr Σ = d, and E[ĝ] = Σ ∇L has a positive inner product with ∇L."""
+    rng = np.random.default_rng(2)
+    d, k, alpha = 32, 2, 0.25
+    sampler = optim.guided(k=k, alpha=alpha)
+    theta = np.zeros(d, np.float32)
+    state = sampler.init(theta)
+    np.testing.assert_equal(sampler.sample(rng, state, 3, (d,)).shape, (3, d))  # before any estimate: N(0, I)
+    u = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    for col in u.T:
+        state = sampler.update(state, col.astype(np.float32))
+    z = sampler.sample(rng, state, 20000, (d,)).astype(np.float64)
+    in_span = np.mean(np.sum((z @ u) ** 2, axis=1))
+    assert abs(in_span - (alpha * k + (1 - alpha) * d)) < 0.05 * d
+    assert abs(np.mean(np.sum(z ** 2, axis=1)) - d) < 0.05 * d
+    g = rng.standard_normal(d)
+    mean_est = (z @ g) @ z / len(z)  # E[(zᵀg) z] = Σ g
+    assert mean_est @ g > 0
+    with pytest.raises(ValueError):
+        optim.guided(k=0)
+    with pytest.raises(ValueError):
+        optim.guided(alpha=0.0)
+
+
+def test_guided_directions_beat_gaussian_when_the_gradient_lives_in_a_few_directions():
+    """Noisy quadratic whose gradient stays in a 2-d subspace of R^64: at an equal budget of passes,
+    guided directions reach a lower loss than isotropic ones (averaged over seeds)."""
+    d = 64
+
+    def run(sampler, seed):
+        rng = np.random.default_rng(seed)
+        w = np.zeros(d)
+        w[:2] = [3.0, -2.0]
+        f = lambda th: 0.5 * np.sum((th - w) ** 2 * (np.arange(d) < 2))  # flat outside the first two axes
+        rge, opt = optim.RGE(n=2, mu=1e-3, sampler=sampler), optim.sgd(lr=2e-2)
+        theta = np.zeros(d, np.float32)
+        s_state, o_state = sampler.init(theta), opt.init(theta)
+        for _ in range(100):
+            z = rge.directions(rng, theta.shape, s_state)
+            losses = [f(c.astype(np.float64)) for c in rge.candidates(theta, z)]
+            g = rge.estimate(losses, z)
+            s_state = sampler.update(s_state, g)
+            upd, o_state = opt.update(g, o_state, theta)
+            theta = optim.apply_updates(theta, upd)
+        return f(theta.astype(np.float64))
+
+    gauss = np.mean([run(optim.gaussian(), s) for s in range(8)])
+    guided = np.mean([run(optim.guided(k=4, alpha=0.5), s) for s in range(8)])
+    assert guided < 0.6 * gauss
+
+
+def test_subspace_directions_stay_in_the_basis_and_estimate_the_projected_gradient():
+    rng = np.random.default_rng(3)
+    d, r = 16, 4
+    basis = np.linalg.qr(rng.standard_normal((d, r)))[0].T  # [r, d]
+    rge = optim.RGE(n=2, mu=1e-3, antithetic=True, sampler=optim.subspace(basis))
+    A, b = spd(rng, d), rng.standard_normal(d)
+    f, grad = quadratic(A, b)
+    theta = rng.standard_normal(d).astype(np.float32)
+    est = np.zeros(d)
+    for _ in range(4000):
+        z = rge.directions(rng, theta.shape)
+        assert np.allclose(z - (z @ basis.T) @ basis, 0, atol=1e-4)  # no component outside span(B)
+        est += rge.estimate([f(c.astype(np.float64)) for c in rge.candidates(theta, z)], z)
+    est /= 4000
+    expect = d / r * basis.T @ (basis @ grad(theta.astype(np.float64)))
+    assert np.linalg.norm(est - expect) < 0.1 * np.linalg.norm(expect)
+    # per vector of a [V, d] token
+    z2 = rge.directions(rng, (3, d))
+    assert z2.shape == (2, 3, d) and np.allclose(z2 - (z2 @ basis.T) @ basis, 0, atol=1e-4)
+    with pytest.raises(ValueError):
+        optim.subspace(np.ones((2, d)))  # not orthonormal
+
+
+def test_token_pca_basis_finds_the_planted_directions_of_a_table():
+    rng = np.random.default_rng(4)
+    d = 24
+    planted = np.linalg.qr(rng.standard_normal((d, 3)))[0].T
+    table = (rng.standard_normal((5000, 3)) * [5.0, 4.0, 3.0]) @ planted + 0.05 * rng.standard_normal((5000, d))
+    basis = optim.token_pca_basis(table.astype(np.float32), rank=3)
+    np.testing.assert_allclose(basis.T @ basis, planted.T @ planted, atol=2e-2)
+    with pytest.raises(ValueError):
+        optim.token_pca_basis(table, rank=d + 1)
+
+
+def test_reference_step_rule_and_schedules():
+    """The reference code's 1/√((d+n−1)/n) scaling is a plain scale; Adam is invariant to it up to ε."""
+    assert optim.reference_scale(768, 2) == pytest.approx(1 / np.sqrt(769 / 2))
+    rng = np.random.default_rng(5)
+    p = np.zeros(6, np.float32)
+    grads = [rng.standard_normal(6).astype(np.float32) for _ in range(5)]
+    plain, scaled = optim.adam(lr=1e-2, eps=1e-12), optim.chain(optim.scale(0.05), optim.adam(lr=1e-2, eps=1e-12))
+    s1, s2 = plain.init(p), scaled.init(p)
+    for g in grads:
+        u1, s1 = plain.update(g, s1, p)
+        u2, s2 = scaled.update(g, s2, p)
+        np.testing.assert_allclose(u1, u2, rtol=1e-4)
+    cos = optim.cosine_decay_schedule(1.0, 10, alpha=0.1)
+    assert cos(0) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1) and cos(5) == pytest.approx(0.55)
+    assert cos(20) == pytest.approx(0.1)
+    lr = optim.scale_by_learning_rate(cos)
+    s = lr.init(p)
+    steps = []
+    for _ in range(3):
+        u, s = lr.update(np.ones(6, np.float32), s)
+        steps.append(-float(u[0]))
+    np.testing.assert_allclose(steps, [cos(0), cos(1), cos(2)], rtol=1e-6)
+    for bad in (dict(b1=1.0), dict(b2=-0.1), dict(eps=0.0), dict(eps=float("nan"))):
+        with pytest.raises(ValueError):
+            optim.scale_by_adam(**bad)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError):
+            optim.adam(lr=bad)
+
+
+def test_zo_sgd_and_zo_adam_both_converge_on_a_noisy_quadratic():
+    rng = np.random.default_rng(6)
+    d = 10
+    A = np.diag(np.linspace(1, 3, d))
+    b = rng.standard_normal(d)
+    f, _ = quadratic(A, b)
+    best = f(np.linalg.solve(A, b))
+    for opt in (optim.sgd(lr=2e-2), optim.adam(lr=optim.cosine_decay_schedule(5e-2, 2000, 0.02))):
+        theta = np.zeros(d, np.float32)
+        state, rge = opt.init(theta), optim.RGE(n=2, mu=1e-3, antithetic=True)
+        for _ in range(2000):
+            z = rge.directions(rng, theta.shape)
+            noise = 1e-3 * rng.standard_normal()  # shared by the candidates of one step, as in the oracle
+            losses = [f(c.astype(np.float64)) + noise for c in rge.candidates(theta, z)]
+            updates, state = opt.update(rge.estimate(losses, z), state, theta)
+            theta = optim.apply_updates(theta, updates)
+        assert f(theta.astype(np.float64)) - best < 0.02 * (f(np.zeros(d)) - best)
+
+
+def test_projected_dims_finds_sg_anywhere_in_a_chain():
+    theta = np.zeros(5, np.float32)
+    state = optim.chain(optim.scale(2.0), optim.subspace_gradient(tau=2), optim.adam()).init(theta)
+    assert optim.projected_dims(state) == 0
+    state = (state[0], state[1]._replace(basis=np.ones((3, 5), np.float32)), state[2])
+    assert optim.projected_dims(state) == 3
+    assert optim.projected_dims(optim.adam().init(theta)) == 0

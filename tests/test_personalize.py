@@ -31,7 +31,7 @@ def ref_images(tmp_path_factory):
 def make_cfg(bundle, images, tmp_path, **kw):
     base = dict(model=str(bundle), images=str(images), token="<zz-tok>", init="dog",
                 out=str(tmp_path / "tok.safetensors"), run_dir=str(tmp_path / "run"), steps=12,
-                checkpoint_every=4, tau=4, nu=0.3, seed=3)
+                checkpoint_every=4, recipe="zoodip", tau=4, nu=0.3, seed=3)
     base.update(kw)
     return PersonalizeConfig(**base)
 
@@ -72,10 +72,22 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_equals_uninterrupted(tiny_bundle_int8, ref_images, tmp_path):
-    full = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "full", num_vectors=2)).train().theta
+# every recipe and every lab piece with state of its own (SG, guided directions, schedules, Adam)
+RECIPE_VARIANTS = [
+    dict(recipe="zoodip"),
+    dict(recipe="zo-edge"),
+    dict(recipe="zo-edge", directions="guided", rank=3, antithetic=True, n=1),
+    dict(recipe="zo-edge", directions="token-pca", rank=4, schedule="cosine", lr=2e-2),
+    dict(recipe="zo-edge", directions="orthogonal", optimizer="sgd", lr=1.0),
+    dict(recipe="zoodip", reference_scaling=True, adam_eps=1e-3, b1=0.8),
+]
 
-    cfg = make_cfg(tiny_bundle_int8, ref_images, tmp_path / "cut", num_vectors=2)
+
+@pytest.mark.parametrize("variant", RECIPE_VARIANTS, ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()))
+def test_resume_after_kill_equals_uninterrupted(tiny_bundle_int8, ref_images, tmp_path, variant):
+    full = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "full", num_vectors=2, **variant)).train().theta
+
+    cfg = make_cfg(tiny_bundle_int8, ref_images, tmp_path / "cut", num_vectors=2, **variant)
 
     def kill(step, theta):
         if step == 10:  # after the checkpoint at step 8, before the one at 12
@@ -176,7 +188,10 @@ def replace(args, flag, value):
 
 
 @pytest.mark.parametrize("flag,value,needle", [
-    ("--lr", "0", "--lr"), ("--n", "0", "--n"), ("--tau", "1", "--tau"), ("--t-low", "900", "T_L"),
+    ("--lr", "0", "learning rate"), ("--n", "0", "n >= 1"), ("--tau", "1", "tau"), ("--t-low", "900", "T_L"),
+    ("--adam-eps", "-1", "eps"), ("--lr", "inf", "learning rate"), ("--b1", "1.0", "b1"),
+    ("--rank", "-2", "--rank"),
+    ("--guided-alpha", "0", "alpha"),
     ("--token", "dog", "already a token"), ("--init", "zzzqqqxyzzy", "single token"),
 ])
 def test_bad_flags_one_line(base_args, flag, value, needle):
@@ -237,8 +252,35 @@ def test_sg_history_wider_than_token_warns(tiny_bundle_int8, ref_images, tmp_pat
     from zo_runtime.personalize import sg_tau_for
 
     dim = Bundle.load(tiny_bundle_int8).embedding_dim
-    Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path, steps=1, tau=dim))
+    Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path, steps=1, tau=dim))  # zoodip: SG on
     assert f"--tau {sg_tau_for(dim)}" in capsys.readouterr().err
     Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path, steps=1, tau=dim - 1, overwrite=True))
     assert "SG keeps" not in capsys.readouterr().err
     assert sg_tau_for(768) == 128 and sg_tau_for(64) == 11 and sg_tau_for(4) == 2
+
+
+def test_recipes_resolve_and_record(tiny_bundle_int8, ref_images, tmp_path):
+    """A field left at None takes the recipe's value; one given overrides it; the run's config.json
+    records every resolved value, so a later change of a recipe's defaults cannot change a resume."""
+    from zo_runtime.recipe import RECIPES
+
+    cfg = make_cfg(tiny_bundle_int8, ref_images, tmp_path, recipe="zoodip", tau=None, nu=None, steps=2)
+    r = cfg.resolved()
+    assert (r.sg, r.tau, r.nu, r.n, r.mu, r.lr, r.puts) == (True, 128, 1e-3, 2, 1e-3, 5e-3, True)
+    assert make_cfg(tiny_bundle_int8, ref_images, tmp_path, recipe="zoodip", lr=0.1).resolved().lr == 0.1
+    Trainer(cfg).train()
+    saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+    assert all(saved[k] == RECIPES["zoodip"][k] for k in RECIPES["zoodip"])
+    assert PersonalizeConfig(model="m", images="i", token="<t>", init="x", out="o").recipe == "zo-edge"
+
+
+@pytest.mark.parametrize("flag,value", [("--recipe", "adamw"), ("--directions", "spiral"), ("--optimizer", "lion"),
+                                        ("--schedule", "linear")])
+def test_unknown_choices_refused_with_exit_2(base_args, flag, value):
+    r = CliRunner().invoke(cli, ["personalize", *base_args, flag, value])
+    assert r.exit_code == 2 and flag in r.output and value in r.output
+
+
+def test_rank_larger_than_the_token_is_refused(base_args):
+    line = cli_err(base_args + ["--directions", "token-pca", "--rank", "100000"])
+    assert line.startswith("zo-edge: error:") and "--rank" in line

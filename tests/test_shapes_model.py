@@ -108,24 +108,48 @@ def test_shipped_model_is_the_recipe_defaults_within_budget():
 
 @needs_bundle
 def test_bench_quality_writes_report_and_plot(tmp_path):
-    """Two subjects at once (--workers 2), a few ZO steps: the report holds both subjects' curves,
-    scores are shares, each ZO step costs n + 1 = 3 UNet passes, and the plot is written."""
+    """Two subjects x two seeds x both init protocols, two runs at once, budgets in UNet passes: every
+    run is in the report, scores are shares, each budget is scored at its pass count (one-sided n = 2:
+    3 passes a step; antithetic n = 1: 2), the summary has a mean inside its 95 % interval per budget and
+    init protocol, and the plot is written."""
     out, png = tmp_path / "q.json", tmp_path / "q.png"
     r = CliRunner().invoke(cli, ["bench", "quality", "--subjects", "red:striped:star,blue:dotted:heart",
-                                 "--methods", "zo-naive", "--steps", "4", "--k", "1", "--snapshots", "2",
-                                 "--workers", "2", "--threads", "1", "--out", str(out), "--plot", str(png)])
+                                 "--methods", "zo-naive,zo-edge+antithetic=true+n=1", "--passes", "6,12",
+                                 "--seeds", "2", "--k", "1", "--points", "2", "--workers", "2", "--threads", "1",
+                                 "--out", str(out), "--plot", str(png)])
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
-    assert list(rep["subjects"]) == ["red:striped:star", "blue:dotted:heart"]
-    for per in rep["subjects"].values():
-        run = per["zo-naive"]
-        assert [c["step"] for c in run["curve"]] == [2, 4]
-        assert run["final"]["unet_passes"] == 12
-        for key in ("subject_fidelity", "prompt_fidelity", "shape_acc", "pattern_acc"):
-            assert 0.0 <= run["final"][key] <= 1.0
-        assert -1.0 <= run["final"]["feature_similarity"] <= 1.0 and run["final"]["peak_rss_mb"] > 0
+    assert len(rep["runs"]) == 2 * 2 * 2 * 2
+    assert {(x["subject"], x["seed"], x["init"]) for x in rep["runs"]} == {
+        (s, seed, init) for s in ("red:striped:star", "blue:dotted:heart") for seed in (0, 1) for init in ("class", "generic")}
+    for run in rep["runs"]:
+        assert run["init_word"] == (run["subject"].split(":")[2] if run["init"] == "class" else "shape")
+        per_step = 3 if run["method"] == "zo-naive" else 2
+        assert run["per_step"] == per_step and run["unet_passes"] == 12 // per_step * per_step
+        assert [c["unet_passes"] for c in run["curve"]][-1] == 12 // per_step * per_step
+        for c in run["curve"]:
+            for key in ("subject_fidelity", "prompt_fidelity", "shape_acc", "pattern_acc"):
+                assert 0.0 <= c[key] <= 1.0
+        assert run["peak_rss_mb"] > 0
+    rows = [x for x in rep["summary"] if x["subjects"] == "all"]
+    assert {(x["method"], x["init"], x["unet_passes"]) for x in rows} == {
+        (m, i, b) for m in ("zo-naive", "zo-edge+antithetic=true+n=1") for i in ("class", "generic") for b in (6, 12)}
+    for x in rows:
+        assert x["runs"] == 4 and x["ci95"][0] <= x["subject_fidelity"] <= x["ci95"][1]
     assert "zo-naive" in r.output and png.stat().st_size > 0
-    r = CliRunner().invoke(cli, ["bench", "quality", "--methods", "ti", "--out", str(tmp_path / "x.json")])
-    assert r.exit_code != 0 and "--source" in r.output
-    r = CliRunner().invoke(cli, ["bench", "quality", "--methods", "zo-fast", "--out", str(tmp_path / "x.json")])
-    assert r.exit_code != 0 and "unknown method" in r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--methods", "ti"], "--source"),
+    (["--methods", "zo-fast"], "unknown method"),
+    (["--methods", "zo-edge+lr=abc"], "lr needs a float"),
+    (["--methods", "zo-edge+warp=1"], "key=value"),
+    (["--passes", "2"], "less than one step"),
+    (["--passes", "0"], "positive"),
+    (["--passes", "x"], "integers"),
+    (["--methods", "zo-edge+lr=-1"], "learning rate"),
+])
+def test_bench_quality_bad_input_one_line(tmp_path, args, needle):
+    r = CliRunner().invoke(cli, ["bench", "quality", *args, "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and needle in r.output.strip().splitlines()[-1], r.output
+    assert not (tmp_path / "x.json").exists()

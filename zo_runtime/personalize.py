@@ -110,8 +110,9 @@ class PersonalizeConfig:
         if not self.templates:
             raise UserError("no training prompt templates")
         try:
-            make_optimizer(cfg, dim=1)
+            make_optimizer(dataclasses.replace(cfg, sg=True), dim=1)  # every given value, in use or not
             make_estimator(cfg)
+            optim.guided(k=cfg.rank or 4, alpha=cfg.guided_alpha)
         except ValueError as e:
             raise UserError(str(e)) from None
 
