@@ -1,0 +1,78 @@
+"""Write the README's and docs' result tables from the results files, never by hand.
+
+A table lives between two markers naming its renderer and results file:
+
+    <!-- table: quality docs/results/quality-seeds.json -->
+    ...generated...
+    <!-- end table -->
+
+    python benchmarks/readme_tables.py            # rewrite README.md and docs/*.md in place
+    python benchmarks/readme_tables.py --check    # exit 1 if any table differs from its file (a test runs this)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"(<!-- table: (\S+) (\S+?)(?: (\S+))? -->\n)(.*?)(<!-- end table -->)", re.S)
+
+
+def _quality(report: dict, subjects: str = "all") -> str:
+    from zo_edge.models.quality import format_table
+
+    return format_table(report["summary"], subjects=subjects)
+
+
+def _prompts(rows: dict, _arg=None) -> str:
+    lines = ["| captions | shape | colour | pattern | background | all four | images |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r[a]:.1f}" for a in
+                                                ("shape", "colour", "pattern", "background", "all_four"))
+                     + f" | {r['images']} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {
+    "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
+    "prompts": _prompts,
+}
+
+
+def render_file(text: str) -> str:
+    def replace(m: re.Match) -> str:
+        kind, path, arg = m.group(2), m.group(3), m.group(4)
+        data = json.loads((ROOT / path).read_text())
+        return m.group(1) + RENDERERS[kind](data, arg).rstrip("\n") + "\n" + m.group(6)
+
+    return MARKER.sub(replace, text)
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="report differing tables, change nothing")
+    args = ap.parse_args(argv)
+    stale = []
+    for doc in documents():
+        text = doc.read_text()
+        new = render_file(text)
+        if new != text:
+            stale.append(doc)
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print("tables differ from their results files: " + ", ".join(str(p.relative_to(ROOT)) for p in stale),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
