@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zo_runtime.personalize import TEMPLATES
+from zo_runtime.recipe import TEMPLATES
 
 
 def textual_inversion(model_dir: str | Path, images: np.ndarray, token: str, init: str, steps: int,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from zo_edge.models import world
-from zo_runtime.personalize import sg_tau_for
+from zo_runtime.recipe import sg_tau_for
 
 # A method is a recipe, a registered variant, or either with overrides: "zo-edge+lr=0.01+n=4".
 METHODS = {

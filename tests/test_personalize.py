@@ -249,7 +249,7 @@ def test_runtime_imports_no_torch():
 
 def test_sg_history_wider_than_token_warns(tiny_bundle_int8, ref_images, tmp_path, capsys):
     """SG with tau >= d drops most of the space (README, shapes model); say so, and name the scaled tau."""
-    from zo_runtime.personalize import sg_tau_for
+    from zo_runtime.recipe import sg_tau_for
 
     dim = Bundle.load(tiny_bundle_int8).embedding_dim
     Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path, steps=1, tau=dim))  # zoodip: SG on

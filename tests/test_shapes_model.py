@@ -64,14 +64,17 @@ def test_base_model_follows_prompts():
 @needs_bundle
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(cli, ["demo", "--steps", "6", "--out-dir", str(out)])
+    r = CliRunner().invoke(cli, ["demo", "--passes", "18", "--out-dir", str(out)])
     assert r.exit_code == 0, r.output
+    assert "init word 'star'" in r.output and "of 20 samples show a red striped star" in r.output
     assert (out / "my-shape.safetensors").exists() and (out / "grid.png").exists()
     assert len(list((out / "samples").glob("*.png"))) == 20
     log = [json.loads(l) for l in (out / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 6
-    r = CliRunner().invoke(cli, ["demo", "--steps", "6", "--out-dir", str(out)])
-    assert r.exit_code != 0 and "exists" in r.output
+    r = CliRunner().invoke(cli, ["demo", "--passes", "18", "--out-dir", str(out)])
+    assert r.exit_code == 2 and "exists" in r.output
+    r = CliRunner().invoke(cli, ["demo", "--passes", "1", "--out-dir", str(tmp_path / "d2")])
+    assert r.exit_code == 2 and "less than one step" in r.output
 
 
 def test_recipe_runs_and_writes_a_diffusers_folder(tmp_path):
