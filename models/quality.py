@@ -231,7 +231,22 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
     for i, job in enumerate(jobs):
         job.update(common, work=str(work / f"job{i:04d}"))
     runs: list[dict | None] = [None] * len(jobs)
+    settings = {"bundle": bundle, "source": source, "budgets": budgets, "seeds": seeds, "inits": list(inits),
+                "generic_init": GENERIC_INIT, "ti_steps": ti_steps, "k": k, "n_refs": n_refs,
+                "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "workers": workers,
+                "threads": threads, "subjects": [str(s) for s in subjects], "methods": methods,
+                "machine": machine_info()}
     t0 = time.time()
+
+    def write(final: bool) -> dict:
+        done = [r for r in runs if r is not None]
+        report = dict(settings, runs=done, complete=final, wall_seconds=time.time() - t0)
+        report["summary"] = summarize(report)
+        tmp = Path(out).with_name(Path(out).name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out)
+        return report
+
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                  max_tasks_per_child=1) as pool:
@@ -239,22 +254,14 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
             for done, fut in enumerate(as_completed(futures), 1):
                 i = futures[fut]
                 runs[i] = r = fut.result()
+                write(final=False)  # an interrupted benchmark keeps what it measured
                 eta = (time.time() - t0) / done * (len(jobs) - done)
                 log(f"[{done}/{len(jobs)}] {r['method']} {r['subject']} seed {r['seed']} init {r['init_word']}: "
                     f"subject fidelity {r['curve'][-1]['subject_fidelity']:.2f} at {r['curve'][-1]['unet_passes']} "
                     f"passes, {r['seconds']:.0f} s, peak {r['peak_rss_mb']:.0f} MB (ETA {eta / 60:.0f} min)")
     finally:
         shutil.rmtree(work, ignore_errors=True)  # references and runs, also when a run fails
-    report = {"bundle": bundle, "source": source, "budgets": budgets, "seeds": seeds, "inits": list(inits),
-              "generic_init": GENERIC_INIT, "ti_steps": ti_steps, "k": k, "n_refs": n_refs,
-              "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "workers": workers,
-              "threads": threads, "subjects": [str(s) for s in subjects], "methods": methods, "runs": runs,
-              "machine": machine_info(), "wall_seconds": time.time() - t0}
-    report["summary"] = summarize(report)
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
-    return report
+    return write(final=True)
 
 
 def machine_info() -> dict:
