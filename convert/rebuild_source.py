@@ -200,6 +200,8 @@ def collect_parameters(graph_path: Path, keys: dict[str, tuple], filled: dict[st
             if x not in g.const:
                 continue
             for name, value in _candidates(g, node, i, x, keys):
+                if name not in keys and g.const[x].size == 1:
+                    continue  # a scalar operand (a scale, an epsilon), not a parameter
                 if name not in keys:
                     if node.op_type in ("MultiHeadAttention", "Attention") and not np.any(value):
                         zero_biases.append(name)  # diffusers' to_q/k/v have no bias; the fusion added zeros

@@ -81,6 +81,7 @@ def test_textual_inversion_runs_on_the_shipped_source():
     assert all(np.isfinite(res["losses"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_bundle_fp32", "tiny_bundle_int8w"])
 def test_rebuild_recovers_the_weights_a_bundle_was_converted_from(fixture, request, tiny_sd1_dir):
     """FP32 bundle (fused UNet with packed Attention): exact; int8w (unpacked Q/K/V, DequantizeLinear):
@@ -104,6 +105,7 @@ def test_rebuild_recovers_the_weights_a_bundle_was_converted_from(fixture, reque
                 assert np.abs(g - w).max() <= 0.5 * step * 1.001 + 1e-8, f"{comp}.{name}"
 
 
+@pytest.mark.slow
 def test_rebuild_writes_a_checked_folder(tmp_path, tiny_bundle_int8w, tiny_sd1_dir):
     from zo_edge.convert.rebuild_source import configs_of, main, rebuild_source
     from zo_edge.convert.source import inspect_source
@@ -120,6 +122,7 @@ def test_rebuild_writes_a_checked_folder(tmp_path, tiny_bundle_int8w, tiny_sd1_d
         main([str(tiny_bundle_int8w), str(out), "--dtype", "bfloat16"])
 
 
+@pytest.mark.slow
 def test_rebuild_fails_loudly_when_the_architecture_does_not_fit(tiny_bundle_int8w, tiny_sd1_dir):
     from zo_edge.convert.rebuild_source import configs_of, rebuild_models
     from zo_runtime.errors import UserError
@@ -133,6 +136,7 @@ def test_rebuild_fails_loudly_when_the_architecture_does_not_fit(tiny_bundle_int
         rebuild_models(tiny_bundle_int8w, cfg)
 
 
+@pytest.mark.slow
 def test_rebuild_refuses_static_int8_bundles(tiny_bundle_int8, tiny_sd1_dir):
     from zo_edge.convert.rebuild_source import configs_of, rebuild_models
     from zo_runtime.errors import UserError
