@@ -3,6 +3,9 @@ from pathlib import Path
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
 SHAPES_BUNDLE = SHAPES_DIR / "bundle"
+# its diffusers folder (fp16 safetensors, compute in float32), rebuilt from the bundle's graphs by
+# convert/rebuild_source.py: the source of the PyTorch backprop TI baseline (bench quality --methods ti)
+SHAPES_SOURCE = SHAPES_DIR / "source"
 PROBE_PATH = SHAPES_DIR / "probe.onnx"
 
 
