@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from zo_edge.models import resolve_model, world
+from zo_edge.models import SHAPES_SOURCE, resolve_model, world
 from zo_runtime.errors import UserError
 
 ALL_SUBJECTS = ",".join(f"{c}:{p}:{s}" for s, c, p in world.HELD_OUT)
@@ -29,7 +29,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 @bench.command("quality")
 @click.option("--model", default="shapes", show_default=True, help="Bundle the ZO methods train on (int8w).")
-@click.option("--source", type=click.Path(), help="FP32 diffusers folder for the 'ti' baseline (the shapes model's source).")
+@click.option("--source", type=click.Path(),
+              help="Diffusers folder for the 'ti' baseline [the shipped source for --model shapes].")
 @click.option("--subjects", default=ALL_SUBJECTS, show_default=True, help="Comma-separated colour:pattern:shape subjects.")
 @click.option("--methods", default="zo-edge,zoodip", show_default=True,
               help="Recipes or variants (zoodip, zo-edge, zo-nosg, zo-noputs, zo-naive, zo-tau11, ti), each "
@@ -59,6 +60,7 @@ def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k,
     meths = [m.strip() for m in methods.split(",") if m.strip()]
     for m in meths:
         q.parse_method(m)
+    source = source or (str(SHAPES_SOURCE) if model == "shapes" else None)
     if "ti" in meths and not source:
         raise UserError("method 'ti' needs --source, the FP32 diffusers folder of the model")
     budgets = _int_list(passes, "--passes")

@@ -143,7 +143,7 @@ def test_bench_quality_writes_report_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--methods", "ti"], "--source"),
+    (["--methods", "ti", "--model", "/nonexistent-bundle"], "--source"),
     (["--methods", "zo-fast"], "unknown method"),
     (["--methods", "zo-edge+lr=abc"], "lr needs a float"),
     (["--methods", "zo-edge+warp=1"], "key=value"),
