@@ -128,23 +128,45 @@ def test_sg_i_star_edge_cases():
     assert optim.pca_drop_basis(iso, 1e-12).shape[0] == 0
 
 
-def test_sg_projects_only_after_tau_and_removes_dropped_directions():
-    tau, d = 4, 6
-    sg = optim.subspace_gradient(tau=tau, nu=1e-3)
+def reference_sg_loop(thetas_after, tau, nu):
+    """A transcription of the reference code's SG bookkeeping (ignoww/ZOODiP train_zoodip.py): after
+    each step's update the token goes into a ring buffer of tau; when global_step % tau == 0 the PCA
+    runs on the buffer; the next update projects. Returns, per step k = 1.., the basis in use."""
+    buffer, idx, basis, used = [], 0, None, []
+    for step, theta in enumerate(thetas_after, start=1):
+        used.append(basis)
+        if len(buffer) < tau:
+            buffer.append(theta)
+        else:
+            buffer[idx] = theta
+        idx = (idx + 1) % tau
+        if step % tau == 0:
+            basis = optim.pca_drop_basis(np.stack(buffer), nu)
+    return used
+
+
+def test_sg_timing_matches_the_reference_code():
+    """The basis each step uses equals the reference's: fitted on θ₁ … θ_τ (tokens after the updates),
+    first used at step τ + 1, refitted every τ steps on the latest τ tokens."""
+    tau, d, steps = 4, 6, 13
     rng = np.random.default_rng(3)
-    theta = np.zeros(d, np.float32)
-    state = sg.init(theta)
+    sg = optim.subspace_gradient(tau=tau, nu=0.3)
+    thetas = np.cumsum(rng.standard_normal((steps + 1, 2)) @ rng.standard_normal((2, d)), 0)
+    thetas += 1e-2 * rng.standard_normal(thetas.shape)
+    thetas = thetas.astype(np.float32)  # θ₀ … θ_steps
+    expected = reference_sg_loop(list(thetas[1:]), tau, 0.3)
+    state = sg.init(thetas[0])
     g = rng.standard_normal(d).astype(np.float32)
-    direction = rng.standard_normal(d)
-    for k in range(tau):
-        out, state = sg.update(g, state, (theta + k * direction).astype(np.float32))
-        if k < tau - 1:
-            np.testing.assert_array_equal(out, g)  # no projection during the first τ iterations
-    basis = state.basis
-    assert basis.shape[0] > 0
-    out, state = sg.update(g, state, theta)
-    np.testing.assert_allclose(basis @ out, 0, atol=1e-5)
-    np.testing.assert_allclose(out, g - basis.T @ (basis @ g), atol=1e-5)
+    for k in range(1, steps + 1):
+        out, state = sg.update(g, state, thetas[k - 1])  # step k sees θ_{k−1}, as the loop passes it
+        ref = expected[k - 1]
+        if ref is None:  # no PCA yet: the estimate passes unchanged
+            np.testing.assert_array_equal(out, g)
+        else:
+            assert state.basis.shape == ref.shape
+            np.testing.assert_allclose(state.basis.T @ state.basis, ref.T @ ref, atol=1e-5)
+            np.testing.assert_allclose(out, g - ref.T @ (ref @ g), atol=1e-5)
+    assert expected[tau] is not None and expected[tau - 1] is None  # first projection at step τ + 1
 
 
 def test_sg_validates():

@@ -269,21 +269,25 @@ def subspace_gradient(tau: int = 128, nu: float = 1e-3) -> GradientTransformatio
     """SG: every tau iterations, refit the dropped basis V from the last tau tokens; in between,
     ĝ ← ĝ − (ĝ Vᵀ) V. No projection during the first tau iterations.
 
-    Timing: ``update`` stores the θ at which ĝ was estimated (before this step's update), so the
-    first basis is fitted on θ₀ … θ_{τ−1} and first applied to ĝ at step τ (0-based). The reference
-    code appends the token after the update and fits on θ₁ … θ_τ, one step later
-    (``tests/test_optim.py`` pins ours).
+    Timing, as the reference code (github ignoww/ZOODiP, ``ZOAdam.update`` and the PCA every
+    ``tau`` global steps): its buffer holds the tokens *after* each update, θ₁ … θ_τ, PCA runs after
+    step τ, and the projection starts at step τ + 1. ``update`` at step k receives θ_{k−1}, so it
+    skips θ₀ at step 1, fits when the buffer holds θ₁ … θ_τ (at step τ + 1) and projects from that
+    step on (``tests/test_optim.py`` pins it against a transcription of the reference's loop).
+    State ``count`` is −1 before the first step.
     """
     _check(isinstance(tau, (int, np.integer)) and tau >= 2, f"SG needs tau >= 2, got {tau}")
     _check(0 < nu < 1, f"SG needs 0 < nu < 1, got {nu}")
 
     def init(params: np.ndarray) -> SubspaceGradientState:
         d = params.size
-        return SubspaceGradientState(np.zeros((tau, d), np.float32), np.int64(0), np.zeros((0, d), np.float32))
+        return SubspaceGradientState(np.zeros((tau, d), np.float32), np.int64(-1), np.zeros((0, d), np.float32))
 
     def update(grads, state, params):
-        history, count, basis = state.history.copy(), int(state.count), state.basis
-        history[count] = params.reshape(-1)
+        history, count, basis = state.history, int(state.count), state.basis
+        if count >= 0:  # θ₀, the init, is not part of the reference's buffer
+            history = history.copy()
+            history[count] = params.reshape(-1)
         count += 1
         if count == tau:
             basis = pca_drop_basis(history, nu).astype(np.float32)
