@@ -206,8 +206,8 @@ def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int
                 runs = [_snapshot_steps(budgets, per_step, points)]
             else:
                 runs = [_snapshot_steps([b], per_step, points if b == max(budgets) else 1) for b in budgets]
-        for subject in subjects:
-            for seed in seeds:
+        for seed in seeds:  # seed-major: a benchmark stopped early still covers every subject evenly
+            for subject in subjects:
                 for init in inits:
                     for steps, marks in runs:
                         jobs.append(dict(method=spec, fields=fields, subject=str(subject), seed=seed, init=init,
