@@ -191,7 +191,7 @@ def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int
     """Every (method, subject, seed, init) run, with its steps and the steps to score. Methods whose
     learning rate follows a schedule of the run's length get one run per budget (a shorter budget is a
     different run); constant-rate methods score every budget on one run."""
-    jobs = []
+    plans = []
     for spec in methods:
         fields = parse_method(spec)
         if fields is None:
@@ -206,8 +206,13 @@ def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int
                 runs = [_snapshot_steps(budgets, per_step, points)]
             else:
                 runs = [_snapshot_steps([b], per_step, points if b == max(budgets) else 1) for b in budgets]
-        for seed in seeds:  # seed-major: a benchmark stopped early still covers every subject evenly
-            for subject in subjects:
+        plans.append((spec, fields, per_step, runs))
+    jobs = []
+    # seed-major, then subject, then method: a benchmark stopped early still compares every method
+    # on the same subjects and seeds
+    for seed in seeds:
+        for subject in subjects:
+            for spec, fields, per_step, runs in plans:
                 for init in inits:
                     for steps, marks in runs:
                         jobs.append(dict(method=spec, fields=fields, subject=str(subject), seed=seed, init=init,
