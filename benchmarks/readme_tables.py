@@ -36,7 +36,27 @@ def _prompts(rows: dict, _arg=None) -> str:
     return "\n".join(lines)
 
 
+def _screen(report: dict, _arg=None) -> str:
+    """A screening results file: mean subject fidelity per method with its interval."""
+    rows = report["summary"]
+    lines = ["| method | runs | subject fidelity (95 % CI) |", "|---|---|---|"]
+    for r in rows:
+        if r.get("subjects", "all") != "all":
+            continue
+        lines.append(f"| {r['method']} | {r['runs']} | {100 * r['subject_fidelity']:.1f} "
+                     f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] |")
+    return "\n".join(lines)
+
+
+def _paired(report: dict, reference: str) -> str:
+    from zo_edge.models.quality import format_paired, paired
+
+    return format_paired(paired(report, reference))
+
+
 RENDERERS = {
+    "screen": _screen,
+    "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
     "prompts": _prompts,
 }

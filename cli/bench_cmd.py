@@ -73,6 +73,24 @@ def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k,
         click.echo(f"plot: {plot_path}")
 
 
+@bench.command("merge")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(), required=True)
+def merge(reports, out):
+    """Merge `bench quality` reports of one protocol (e.g. methods run separately) into one."""
+    from zo_edge.models import quality as q
+
+    try:
+        loaded = [json.loads(Path(p).read_text()) for p in reports]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read a report: {e}") from None
+    merged = q.merge_reports(loaded)
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=2))
+    tmp.replace(out)
+    click.echo(q.format_table(merged["summary"]))
+
+
 @bench.command("prompts")
 @click.option("--model", default="shapes", show_default=True)
 @click.option("--n", type=int, default=96, show_default=True, help="Captions per set.")

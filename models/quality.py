@@ -269,6 +269,30 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
     return write(final=True)
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """Several ``quality_benchmark`` reports of the same protocol (bundle, budgets, k, prompts) as one:
+    runs concatenated, methods in order; refuses reports whose protocols differ."""
+    keys = ("bundle", "k", "n_refs", "prompts", "gen_steps", "guidance")
+    first = reports[0]
+    for r in reports[1:]:
+        diff = [k for k in keys if r.get(k) != first.get(k)]
+        if diff:
+            from zo_runtime.errors import UserError
+            raise UserError(f"reports differ in {', '.join(diff)}; only runs of one protocol can be merged")
+    merged = dict(first)
+    merged["methods"] = list(dict.fromkeys(m for r in reports for m in r["methods"]))
+    merged["budgets"] = sorted(set(b for r in reports for b in r["budgets"]))
+    merged["seeds"] = max(r["seeds"] for r in reports)
+    merged["inits"] = list(dict.fromkeys(i for r in reports for i in r["inits"]))
+    merged["runs"] = [run for r in reports for run in r["runs"]]
+    merged["complete"] = all(r.get("complete", True) for r in reports)
+    merged["merged_from"] = [{"machine": r.get("machine"), "methods": r["methods"], "workers": r.get("workers"),
+                              "wall_seconds": r.get("wall_seconds"), "complete": r.get("complete", True)}
+                             for r in reports]
+    merged["summary"] = summarize(merged)
+    return merged
+
+
 def machine_info() -> dict:
     import platform
     import subprocess
@@ -331,6 +355,49 @@ def summarize(report: dict) -> list[dict]:
                                  "seconds": float(np.mean([r["seconds"] for _, r in scores.values()])),
                                  "peak_rss_mb": float(np.mean([r["peak_rss_mb"] for _, r in scores.values()]))})
     return rows
+
+
+def paired(report: dict, reference: str, budget: int | None = None, init: str = "class") -> list[dict]:
+    """Each method minus ``reference`` on the same (subject, seed) runs at one budget: the mean paired
+    difference in subject fidelity and its 95 % bootstrap interval. Subjects differ far more than
+    methods do (tens of points), so pairing is what separates methods that differ by less."""
+    budget = budget or min(report["budgets"])
+    ti_steps = report.get("ti_steps")
+
+    def scores(method):
+        out = {}
+        for r in report["runs"]:
+            if r["method"] == method and r["init"] == init:
+                sc = r["curve"][-1] if parse_method(method) is None else _at(r, budget)
+                if sc is not None:
+                    out[(r["subject"], r["seed"])] = sc["subject_fidelity"]
+        return out
+
+    ref = scores(reference)
+    rows = []
+    for method in report["methods"]:
+        if method == reference:
+            continue
+        mine = scores(method)
+        keys = sorted(set(ref) & set(mine))
+        if not keys:
+            continue
+        diffs = [mine[k] - ref[k] for k in keys]
+        lo, hi = bootstrap_ci(diffs)
+        rows.append({"method": method, "reference": reference, "init": init,
+                     "unet_passes": ti_steps if parse_method(method) is None else budget, "pairs": len(keys),
+                     "difference": float(np.mean(diffs)), "ci95": [lo, hi],
+                     "wins": int(sum(d > 0 for d in diffs)), "losses": int(sum(d < 0 for d in diffs))})
+    return rows
+
+
+def format_paired(rows: list[dict]) -> str:
+    lines = ["| method | minus | pairs (subject, seed) | difference in subject fidelity (95 % CI) | better / worse |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['reference']} | {r['pairs']} | {100 * r['difference']:+.1f} "
+                     f"[{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}] | {r['wins']} / {r['losses']} |")
+    return "\n".join(lines)
 
 
 def format_table(summary: list[dict], subjects: str = "all") -> str:

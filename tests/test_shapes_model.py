@@ -193,3 +193,43 @@ def test_personalize_lowers_the_loss_on_a_fixed_panel(tmp_path, recipe):
     diff = panel_losses(theta) - panel_losses(theta0)  # paired: same draws before and after
     t_stat = diff.mean() / (diff.std(ddof=1) / np.sqrt(len(diff)))
     assert diff.mean() < 0 and t_stat < -3, (diff.mean(), t_stat)
+
+
+def _fake_report(method, fidelities, budgets=(30,), per_step=3):
+    """A bench-quality report with given subject fidelities per (subject, seed), no model needed."""
+    from zo_edge.models import quality as q
+
+    runs = [{"method": method, "subject": subj, "seed": seed, "init": "class", "per_step": per_step,
+             "init_word": "x", "steps": max(budgets) // per_step, "unet_passes": max(budgets), "seconds": 1.0,
+             "peak_rss_mb": 100.0,
+             "curve": [{"step": b // per_step, "unet_passes": b, "subject_fidelity": f, "shape_acc": 1.0,
+                        "colour_acc": f, "pattern_acc": f, "feature_similarity": 0.9, "prompt_fidelity": 1.0}
+                       for b in budgets]}
+            for (subj, seed), f in fidelities.items()]
+    report = {"bundle": "b", "k": 4, "n_refs": 5, "prompts": list(q.EVAL_PROMPTS), "gen_steps": 25, "guidance": 7.5,
+              "budgets": list(budgets), "seeds": 2, "inits": ["class"], "methods": [method], "runs": runs,
+              "ti_steps": 1000}
+    report["summary"] = q.summarize(report)
+    return report
+
+
+def test_paired_differences_separate_methods_that_subjects_hide():
+    """Subjects spread from 0 to 90 %; a method 10 points better on every (subject, seed) pair has
+    overlapping per-method intervals but a paired interval that excludes zero."""
+    from zo_edge.models import quality as q
+
+    base = {("red:striped:star", 0): 0.0, ("red:striped:star", 1): 0.1, ("blue:dotted:heart", 0): 0.4,
+            ("blue:dotted:heart", 1): 0.5, ("green:solid:ring", 0): 0.8, ("green:solid:ring", 1): 0.9}
+    a = _fake_report("zoodip", base)
+    b = _fake_report("zo-edge", {k: v + 0.1 for k, v in base.items()})
+    merged = q.merge_reports([a, b])
+    assert merged["methods"] == ["zoodip", "zo-edge"] and len(merged["runs"]) == 12
+    rows = {r["method"]: r for r in merged["summary"] if r["subjects"] == "all"}
+    assert rows["zo-edge"]["ci95"][0] < rows["zoodip"]["ci95"][1]  # the plain intervals overlap
+    (p,) = q.paired(merged, "zoodip")
+    assert p["pairs"] == 6 and p["wins"] == 6 and p["difference"] == pytest.approx(0.1)
+    assert p["ci95"][0] == pytest.approx(0.1) and p["ci95"][1] == pytest.approx(0.1)
+    assert "+10.0" in q.format_paired([p])
+    other = dict(b, k=8)
+    with pytest.raises(Exception, match="differ in k"):
+        q.merge_reports([a, other])
