@@ -7,10 +7,9 @@ A recipe is the one place a default lives. ``PersonalizeConfig`` leaves every re
   directions, μ = 1e-3, SG (τ = 128, ν = 1e-3), PUTS t ~ U[500, 900), ZO-Adam lr 5e-3, ε = 1e-8.
 - ``zo-edge``: zo-edge's default, chosen by ``zo-edge bench quality`` (docs/estimator-lab.md): the
   paper's estimator without SG, whose history of τ = 128 tokens spans the whole space when d ≤ τ
-  (the shapes model, d = 64) and removed most of it (measured), at lr 2e-2: on the six tuning
-  subjects (class-noun init, 3,000 UNet passes, seed 0) lr 2e-2 reached 44 % subject fidelity
-  against 26 % at the paper's 5e-3; 5e-2, a cosine decay from 5e-2, antithetic n = 1, n = 8,
-  guided and token-PCA directions did not beat it by more than one run's spread.
+  (the shapes model, d = 64) and removed most of it (measured), at lr 2e-2: on six tuning subjects
+  (class-noun init, 3,000 UNet passes, seed 0) lr 2e-2 reached 44 % subject fidelity against 26 % at
+  the paper's 5e-3; no other screened variant beat it by more than one run's spread.
 """
 from __future__ import annotations
 
