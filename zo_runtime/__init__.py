@@ -2,8 +2,11 @@
 
 NumPy + onnxruntime only. The pieces, each usable alone with plain arrays:
 
-- :class:`RGE` — random gradient estimator; :func:`subspace_gradient` — SG; :func:`adam`;
-  :func:`chain` / :func:`apply_updates` (``zo_runtime.optim``, optax-style);
+- :class:`RGE` — random gradient estimator (one-sided or antithetic) with direction samplers
+  :func:`gaussian`, :func:`orthogonal`, :func:`guided`, :func:`subspace`; :func:`subspace_gradient` — SG;
+  :func:`adam`, :func:`sgd`, :func:`scale_by_learning_rate` and schedules; :func:`chain` /
+  :func:`apply_updates` (``zo_runtime.optim``, optax-style, typed NamedTuple states);
+- ``zo_runtime.recipe``: the named recipes (``zoodip``, ``zo-edge``) and their constants;
 - :func:`puts` / :func:`uniform` — timestep samplers (``zo_runtime.timesteps``);
 - :class:`LossOracle` — the ORT text encoder + UNet as a black-box loss (``zo_runtime.oracle``);
 - :class:`Bundle` — a converted model; :class:`Pipeline` — text-to-image;
@@ -12,7 +15,8 @@ NumPy + onnxruntime only. The pieces, each usable alone with plain arrays:
 """
 from .bundle import Bundle
 from .errors import UserError
-from .optim import RGE, adam, apply_updates, chain, pca_drop_basis, subspace_gradient
+from .optim import (RGE, adam, apply_updates, chain, gaussian, guided, orthogonal, pca_drop_basis, sgd, subspace,
+                    subspace_gradient)
 from .oracle import LossOracle
 from .timesteps import puts, uniform
 
@@ -29,5 +33,6 @@ def __getattr__(name):  # heavier modules on first use
     raise AttributeError(name)
 
 
-__all__ = ["Bundle", "UserError", "RGE", "adam", "apply_updates", "chain", "pca_drop_basis", "subspace_gradient",
+__all__ = ["Bundle", "UserError", "RGE", "adam", "apply_updates", "chain", "gaussian", "guided", "orthogonal",
+           "pca_drop_basis", "sgd", "subspace", "subspace_gradient",
            "LossOracle", "puts", "uniform", "PersonalizeConfig", "Trainer", "Pipeline"]
