@@ -15,15 +15,15 @@ from zo_runtime.errors import UserError
               help="Local Hugging Face CLIP folder (e.g. openai/clip-vit-base-patch32): CLIP-I and CLIP-T.")
 @click.option("--dino", "dino_dir", metavar="DIR", default=None,
               help="Local Hugging Face DINOv2 folder (e.g. facebook/dinov2-base): DINO and DINO-inter.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.argument("out", metavar="OUT")
-def convert_metrics(clip_dir, dino_dir, force, out):
+def convert_metrics(clip_dir, dino_dir, overwrite, out):
     """Export the evaluation models to ONNX (needs torch + transformers; reads local folders only)."""
     try:
         from zo_edge.convert.metrics_export import export_metrics
     except ImportError as e:
         raise UserError(f"convert-metrics needs the workstation extras (pip install 'zo-edge[convert]'): {e}") from None
-    path = export_metrics(out, clip_dir=clip_dir, dino_dir=dino_dir, force=force,
+    path = export_metrics(out, clip_dir=clip_dir, dino_dir=dino_dir, overwrite=overwrite,
                           log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {path}")
 

@@ -23,7 +23,7 @@ from zo_runtime.errors import UserError
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--height", type=int, default=None)
 @click.option("--width", type=int, default=None)
-@click.option("--out", type=click.Path(), help="Output PNG (one prompt).")
+@click.option("--out", type=click.Path(), help="Output image, .png / .jpg / .webp (one prompt).")
 @click.option("--out-dir", type=click.Path(), help="Output folder: NNN_K.png per prompt NNN, image K.")
 @click.option("--grid", "make_grid", is_flag=True, help="Also write grid.png of all images.")
 @click.option("--provider", default="cpu", show_default=True)
@@ -35,27 +35,44 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
     """Generate images; learned tokens are injected through the text encoder's inputs_embeds."""
     from zo_runtime.bundle import Bundle
     from zo_runtime.embeddings import load_embeddings
-    from zo_runtime.pipeline import Pipeline, grid, save_png
+    from zo_runtime.outputs import check_output, check_writable_dir
+    from zo_runtime.pipeline import IMAGE_FORMATS, Pipeline, check_sampling, grid, save_image
 
-    if prompts_file:
-        p = Path(prompts_file)
-        if not p.is_file():
-            raise UserError(f"prompts file {prompts_file!r} does not exist")
-        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"prompts file {prompts_file!r} has no prompts")
-    elif prompt:
-        prompts = [prompt]
-    else:
+    prompts = read_prompts(prompts_file) if prompts_file else [prompt] if prompt else None
+    if not prompts:
         raise UserError("give a PROMPT or --prompts FILE")
-    if images_per_prompt < 1:
-        raise UserError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
+    if not 1 <= images_per_prompt <= 64:
+        raise UserError(f"--images-per-prompt must be between 1 and 64, got {images_per_prompt}")
+    if threads < 0:
+        raise UserError(f"--threads must be >= 0, got {threads}")
     if not out and not out_dir:
         raise UserError("give --out FILE.png or --out-dir DIR")
+    if out and out_dir:
+        raise UserError("give --out or --out-dir, not both")
     if out and (len(prompts) > 1):
         raise UserError("--out takes one prompt; use --out-dir for several")
 
+    suffixes = tuple(IMAGE_FORMATS)
+    if out:
+        base = Path(out)
+        check_output(base, suffixes, overwrite, "--out")
+        targets = [[base if images_per_prompt == 1 else base.with_name(f"{base.stem}_{k}{base.suffix}")
+                    for k in range(images_per_prompt)]]
+        folder = base.parent
+    else:
+        folder = Path(out_dir)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out-dir {out_dir!r} exists and is not a folder")
+        check_writable_dir(folder, "images")
+        targets = [[folder / f"{i:03d}_{k}.png" for k in range(images_per_prompt)] for i in range(len(prompts))]
+    grid_path = folder / "grid.png" if make_grid else None
+    every = [t for row in targets for t in row] + ([grid_path] if grid_path else [])
+    clash = [str(t) for t in every if t.exists() or t.is_symlink()]
+    if clash and not overwrite:
+        raise UserError(f"{clash[0]} exists; pass --overwrite to replace it")
+
     bundle = Bundle.load(resolve_model(model), provider=provider, threads=threads)
+    check_sampling(bundle, steps, guidance, seed, height, width)
     loaded = {}
     for path in embeddings:
         for name, vecs in load_embeddings(path, expected_dim=bundle.embedding_dim).items():
@@ -63,19 +80,8 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
                 raise UserError(f"placeholder {name!r} is defined by two embedding files")
             loaded[name] = vecs
     pipe = Pipeline(bundle, embeddings=loaded, scheduler=scheduler, low_memory=low_memory)
-
-    targets = []
-    if out:
-        base = Path(out)
-        targets = [[base if images_per_prompt == 1 else base.with_name(f"{base.stem}_{k}{base.suffix or '.png'}")
-                    for k in range(images_per_prompt)]]
-    else:
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        targets = [[d / f"{i:03d}_{k}.png" for k in range(images_per_prompt)] for i in range(len(prompts))]
-    clash = [str(t) for row in targets for t in row if t.exists()]
-    if clash and not overwrite:
-        raise UserError(f"{clash[0]} exists; pass --overwrite to replace it")
+    for text in dict.fromkeys(prompts):
+        pipe.check_prompt(text)
 
     all_images = []
     for i, (text, paths) in enumerate(zip(prompts, targets)):
@@ -83,17 +89,31 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
         images = pipe(text, negative_prompt=negative_prompt, num_images=images_per_prompt, steps=steps,
                       guidance=guidance, seed=s, height=height, width=width)
         for k, (img, path) in enumerate(zip(images, paths)):
-            save_png(path, img, {"prompt": text, "negative_prompt": negative_prompt, "seed": s, "index": k,
-                                 "scheduler": scheduler or pipe.scheduler_config.get("_class_name", ""),
-                                 "steps": steps, "guidance": guidance, "model": str(bundle.root),
-                                 "embeddings": json.dumps([str(e) for e in embeddings])})
+            save_image(path, img, {"prompt": text, "negative_prompt": negative_prompt, "seed": s, "index": k,
+                                   "scheduler": scheduler or pipe.scheduler_config.get("_class_name", ""),
+                                   "steps": steps, "guidance": guidance, "model": str(bundle.root),
+                                   "embeddings": json.dumps([str(e) for e in embeddings])}, overwrite=overwrite)
             click.echo(str(path))
         all_images.append(images)
-    if make_grid:
+    if grid_path:
         import numpy as np
-        where = (Path(out_dir) if out_dir else Path(out).parent) / "grid.png"
-        save_png(where, grid(np.concatenate(all_images), cols=images_per_prompt if len(prompts) > 1 else None))
-        click.echo(str(where))
+        save_image(grid_path, grid(np.concatenate(all_images), cols=images_per_prompt if len(prompts) > 1 else None),
+                   overwrite=overwrite)
+        click.echo(str(grid_path))
+
+
+def read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts file {path!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {path!r} is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompts file {path!r} has no prompts")
+    return prompts
 
 
 COMMANDS = [generate]

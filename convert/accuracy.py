@@ -7,11 +7,12 @@ band (0-250, 250-500, 500-900, 900-1000 of a 1000-step schedule).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .calibrate import BANDS, InputSet
-from .graphs import session
+if TYPE_CHECKING:  # onnx is imported only where a graph is run: `zo-edge info` works without it
+    from .calibrate import InputSet
 
 MAIN_OUTPUT = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_encoder": "latent_parameters",
                "vae_decoder": "sample"}
@@ -36,6 +37,7 @@ def _summ(refs: list[np.ndarray], outs: list[np.ndarray]) -> dict:
 
 
 def _run(path: Path, output: str, feeds: list[dict]) -> list[np.ndarray]:
+    from .graphs import session
     s = session(path)
     names = {i.name for i in s.get_inputs()}
     return [s.run([output], {k: v for k, v in f.items() if k in names})[0] for f in feeds]
@@ -49,6 +51,7 @@ def graph_accuracy(graph: str, reference: Path, converted: Path, heldout: InputS
     outs = _run(converted, out_name, feeds)
     res = {"output": out_name, **_summ(refs, outs)}
     if graph == "unet":
+        from .calibrate import BANDS
         bands = {}
         for lo, hi in BANDS:
             blo, bhi = lo * num_train_timesteps / 1000, hi * num_train_timesteps / 1000

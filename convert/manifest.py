@@ -1,4 +1,6 @@
-"""The bundle manifest ``zo-edge.json`` (docs/bundle.md): writing, reading, checking, printing."""
+"""The bundle manifest ``zo-edge.json`` (docs/bundle.md): writing, checking, printing. Reading is
+``zo_runtime.manifest`` (one reader for every manifest); nothing here needs onnx until a graph is
+described, so ``zo-edge info`` runs in a runtime-only install."""
 from __future__ import annotations
 
 import json
@@ -6,14 +8,12 @@ import os
 import shutil
 from pathlib import Path
 
-from zo_runtime.bundle import sha256_file
+from zo_runtime import manifest as _reader
+from zo_runtime.bundle import MANIFEST, check_manifest
 from zo_runtime.errors import UserError
+from zo_runtime.manifest import FORMAT_VERSION, sha256_file
 
-from .graphs import io_spec
-
-MANIFEST = "zo-edge.json"
 FORMAT = "zo-edge-bundle"
-FORMAT_VERSION = 1
 GRAPH_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
@@ -30,10 +30,14 @@ def check_bundle_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out} exists and is not a zo-edge bundle; refusing to replace it")
 
 
-def replace_dir(new: Path, out: Path) -> None:
-    """Move the finished folder ``new`` to ``out`` (same filesystem). A folder already at ``out`` is
-    moved aside first, put back if the move fails, and deleted only once ``new`` is in place."""
+def replace_dir(new: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished folder ``new`` to ``out`` (same filesystem). Without ``overwrite`` a path
+    that appeared at ``out`` while ``new`` was being built is refused, not replaced. A folder
+    already at ``out`` is moved aside first, put back if the move fails, and deleted only once
+    ``new`` is in place."""
     old = None
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{out} appeared while this command ran; refusing to replace it (pass --overwrite)")
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
@@ -58,6 +62,7 @@ def file_table(root: Path, manifest_name: str = MANIFEST) -> dict:
 
 
 def graph_entry(root: Path, graph: str, precision: str, extra: dict | None = None) -> dict:
+    from .graphs import io_spec
     rel = f"{graph}/model.onnx"
     spec = io_spec(root / rel)
     e = {"path": rel, "precision": precision, "inputs": spec["inputs"], "outputs": spec["outputs"]}
@@ -77,33 +82,19 @@ def write_manifest(root: Path, manifest: dict) -> dict:
 
 
 def read_manifest(bundle: str | Path) -> dict:
-    """Load and sanity-check a bundle's manifest; UserError (one line) when it is not a bundle."""
+    """Load and check a bundle's manifest (every path inside the bundle and listed in ``files``);
+    UserError (one line) when it is not a bundle."""
     b = Path(bundle).expanduser()
-    if not b.exists():
-        raise UserError(f"bundle {b} does not exist")
-    if not b.is_dir():
-        raise UserError(f"bundle {b} is not a folder")
-    p = b / MANIFEST
-    if not p.is_file():
-        raise UserError(f"{b} is not a zo-edge bundle: {MANIFEST} is missing")
-    try:
-        m = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise UserError(f"{p} is not a zo-edge bundle manifest (format is not {FORMAT!r})")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{p} has format_version {m.get('format_version')}; this zo-edge reads version {FORMAT_VERSION}")
-    for k in ("family", "graphs", "files"):
-        if k not in m:
-            raise UserError(f"{p} has no {k!r} entry")
+    m = _reader.read_manifest(b, MANIFEST, FORMAT, "zo-edge bundle", "run `zo-edge convert` first")
+    if not isinstance(m.get("family"), str):
+        raise UserError(f"{b / MANIFEST} has no 'family' entry")
+    check_manifest(b, m)
     return m
 
 
 def verify_files(bundle: str | Path, manifest: dict) -> list[str]:
     """Problems found checking every listed file's size and sha256 (empty list: all good)."""
-    from zo_runtime.bundle import file_problems
-    return file_problems(Path(bundle), manifest.get("files", {}))
+    return _reader.file_problems(Path(bundle), manifest["files"])
 
 
 def _mb(n: int) -> str:
@@ -112,7 +103,7 @@ def _mb(n: int) -> str:
 
 def graph_bytes(manifest: dict, graph: str) -> int:
     files = manifest.get("files", {})
-    return sum(e["bytes"] for rel, e in files.items() if rel.startswith(f"{graph}/") and rel.startswith(f"{graph}/model.onnx"))
+    return sum(e.get("bytes", 0) for rel, e in files.items() if rel.startswith(f"{graph}/model.onnx"))
 
 
 def format_info(manifest: dict, bundle: str | Path | None = None) -> list[str]:
@@ -123,30 +114,39 @@ def format_info(manifest: dict, bundle: str | Path | None = None) -> list[str]:
     if bundle is not None:
         lines.append(f"bundle      {bundle}")
     lines.append(f"format      {m.get('format')} v{m.get('format_version')}  ({m.get('created_by', '?')})")
-    src = m.get("source", {})
+    src = _d(m.get("source"))
     lines.append(f"family      {m['family']}  ({src.get('pipeline_class', '?')} from {src.get('path', '?')})")
     lines.append(f"resolution  {m.get('resolution')} px  latents {m.get('latent_channels')} ch, "
                  f"1/{m.get('vae_scale_factor')} scale, scaling factor {m.get('vae_scaling_factor')}")
     lines.append(f"text        embedding_dim {m.get('embedding_dim')}, max_length {m.get('max_length')}, "
-                 f"token table {m.get('token_embedding', {}).get('shape')}")
-    ns = m.get("noise_schedule", {})
+                 f"token table {_d(m.get('token_embedding')).get('shape')}")
+    ns = _d(m.get("noise_schedule"))
     lines.append(f"schedule    {m.get('prediction_type')}, {ns.get('num_train_timesteps')} steps, "
                  f"{ns.get('beta_schedule')} {ns.get('beta_start')}..{ns.get('beta_end')}")
-    q = m.get("quantization", {})
+    q = _d(m.get("quantization"))
     lines.append(f"weights     {q.get('weights')}  fuse={q.get('fuse')}  provider={q.get('provider')}")
     lines.append("graphs:")
     for g in GRAPH_ORDER:
         e = m["graphs"].get(g)
-        if not e:
+        if not isinstance(e, dict):
             continue
-        ins = ", ".join(f"{i['name']}:{i['dtype']}[{_shape(i)}]" for i in e["inputs"])
-        outs = ", ".join(f"{o['name']}:{o['dtype']}[{_shape(o)}]" for o in e["outputs"])
+        ins = ", ".join(f"{i['name']}:{i.get('dtype')}[{_shape(i)}]" for i in e["inputs"])
+        outs = ", ".join(f"{o.get('name')}:{o.get('dtype')}[{_shape(o)}]" for o in e.get("outputs", [])
+                         if isinstance(o, dict))
         lines.append(f"  {g:<13} {e.get('precision', '?'):<5} {_mb(graph_bytes(m, g)):>10}  {ins} -> {outs}")
-    total = sum(e["bytes"] for e in m.get("files", {}).values())
+    total = sum(e.get("bytes", 0) for e in m["files"].values())
     lines.append(f"files       {len(m.get('files', {}))} files, {_mb(total)}")
     lines.append("accuracy vs FP32 export (held-out inputs):")
-    lines.extend(format_accuracy(m.get("accuracy", {})))
+    try:
+        lines.extend(format_accuracy(_d(m.get("accuracy"))))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        lines.append("  (the manifest's accuracy report is not readable)")
     return lines
+
+
+def _d(value) -> dict:
+    """A manifest entry that should be an object; anything else reads as empty (info only prints)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _shape(spec: dict) -> str:

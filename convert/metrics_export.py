@@ -339,7 +339,7 @@ def export_dino(folder: Path, out: Path, rel: str = "dino") -> dict:
 
 
 def export_metrics(out_dir: str | Path, clip_dir: str | Path | None = None, dino_dir: str | Path | None = None,
-                   force: bool = False, log=print) -> Path:
+                   overwrite: bool = False, log=print) -> Path:
     """Export CLIP and/or DINOv2 into a metrics bundle at ``out_dir``; returns its path."""
     from zo_edge import __version__
 
@@ -353,8 +353,8 @@ def export_metrics(out_dir: str | Path, clip_dir: str | Path | None = None, dino
         _check_dino_folder(Path(dino_dir))
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"{str(out)!r} already exists and is not empty; pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{str(out)!r} already exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -369,7 +369,9 @@ def export_metrics(out_dir: str | Path, clip_dir: str | Path | None = None, dino
             manifest["dino"] = export_dino(Path(dino_dir), tmp)
         manifest["files"] = file_table(tmp, MANIFEST)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, out)
+        if out.exists() and not (out.is_dir() and (overwrite or not any(out.iterdir()))):
+            raise UserError(f"{str(out)!r} appeared while this command ran; refusing to replace it")
+        replace_dir(tmp, out, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -146,7 +146,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     try:
         manifest = _build(info, tmp, weights, text_encoder_fp32, calibration_samples, provider, fuse, per_channel,
                           heldout_samples, heldout_per_band, seed, export_dir, st)
-        replace_dir(tmp / "bundle", out)
+        check_bundle_out(out, overwrite)
+        replace_dir(tmp / "bundle", out, overwrite)
         st.say(f"bundle written to {out} in {st.total:.1f} s")
         return manifest
     finally:

@@ -13,44 +13,75 @@ import time
 from pathlib import Path
 
 from zo_runtime.errors import UserError
+from zo_runtime.manifest import inside, listed
 
 from .manifest import GRAPH_ORDER, check_bundle_out, graph_entry, read_manifest, replace_dir, write_manifest
-from .quantize import quantize_weight_only_int8
+
+
+def _graph_files(m: dict) -> set[str]:
+    """The files the graphs own (re-made by quantizing, not copied)."""
+    own = set()
+    for g in m["graphs"].values():
+        own.add(g["path"])
+        if "external_data" in g:
+            own.add(g["external_data"])
+    return own
+
+
+def copy_listed(src: Path, m: dict, dst: Path, skip: set[str]) -> None:
+    """Copy every file the manifest lists, except ``skip``, from ``src`` to the same relative path
+    under ``dst``. Both ends are checked to stay inside their folders (manifest paths are input)."""
+    for rel in m["files"]:
+        if rel in skip:
+            continue
+        source = listed(src, m, rel, "files entry")
+        target = inside(dst, rel, "files entry")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
 
 
 def requantize_bundle(src: str | Path, out: str | Path, overwrite: bool = False, progress=print) -> dict:
+    from .quantize import quantize_weight_only_int8
+
     src, out = Path(src), Path(out)
     m = read_manifest(src)
-    if m.get("quantization", {}).get("weights") != "fp32":
-        raise UserError(f"{src} is not an fp32 bundle (weights {m.get('quantization', {}).get('weights')!r}); "
+    q = m.get("quantization")
+    if not isinstance(q, dict) or q.get("weights") != "fp32":
+        raise UserError(f"{src} is not an fp32 bundle (weights {q.get('weights') if isinstance(q, dict) else None!r}); "
                         "requantize starts from `zo-edge convert --weights fp32`")
+    unknown = [g for g in m["graphs"] if g not in GRAPH_ORDER]
+    if unknown:
+        raise UserError(f"{src}: unknown graph {unknown[0]!r} in the manifest; expected {', '.join(GRAPH_ORDER)}")
     check_bundle_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zo-requant-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zo-requant-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     t0 = time.time()
     try:
-        for sub in ("tokenizer", "scheduler"):
-            shutil.copytree(src / sub, tmp / sub)
+        copy_listed(src, m, tmp, skip=_graph_files(m))
         recipes, graphs = {}, {}
         for g in GRAPH_ORDER:
             if g not in m["graphs"]:
                 continue
-            (tmp / g).mkdir()
+            (tmp / g).mkdir(exist_ok=True)
             progress(f"[quantize] {g} weight-only int8 ...")
-            recipes[g] = quantize_weight_only_int8(src / m["graphs"][g]["path"], tmp / g / "model.onnx")
+            recipes[g] = quantize_weight_only_int8(listed(src, m, m["graphs"][g]["path"], f"graph {g} path"),
+                                                   tmp / g / "model.onnx")
             extra = {k: v for k, v in m["graphs"][g].items() if k not in ("path", "precision", "inputs", "outputs",
                                                                            "external_data")}
             graphs[g] = graph_entry(tmp, g, "int8w", extra)
-        shutil.copyfile(src / m["token_embedding"]["path"], tmp / m["token_embedding"]["path"])
         new = json.loads(json.dumps(m))
         new["graphs"] = graphs
-        new["quantization"] = {"weights": "int8w", "text_encoder_fp32": False, "fuse": m["quantization"].get("fuse"),
-                               "provider": m["quantization"].get("provider"), "derived_from": str(src),
+        new["quantization"] = {"weights": "int8w", "text_encoder_fp32": False, "fuse": q.get("fuse"),
+                               "provider": q.get("provider"), "derived_from": str(src),
                                "calibration": None, "graphs": recipes}
         new["accuracy"] = {"note": "derived from the FP32 bundle by requantize; weight-only INT8 per channel"}
         new["build"] = {"seconds": round(time.time() - t0, 1), "stages": {"requantize": {}}}
         write_manifest(tmp, new)
-        replace_dir(tmp, out)
+        check_bundle_out(out, overwrite)
+        replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -381,7 +381,7 @@ def test_cli_convert_metrics_errors(models, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out/x").write_text("x")
     line = _one_error_line(_cli(["convert-metrics", "--dino", models / "dino", tmp_path / "out"]))
-    assert "--force" in line
+    assert "--overwrite" in line
     line = _one_error_line(_cli(["convert-metrics", tmp_path / "out2"]))
     assert "--clip" in line
     assert not (tmp_path / "out2").exists()

@@ -2,15 +2,15 @@
 sessions for each graph, and the memory-mapped token-embedding table."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from .errors import UserError
+from .manifest import file_problems, inside, listed, read_manifest, sha256_file, verify_files  # noqa: F401
 
 MANIFEST = "zo-edge.json"
 FORMAT_VERSION = 1
@@ -39,14 +39,6 @@ def resolve_provider(name: str) -> list[str]:
     return [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weight_only_options(opts) -> None:
     """Session options for weight-only INT8 (int8w) graphs. ORT fuses DequantizeLinear -> MatMul into
     MatMulNBits (8-bit) with accuracy_level 4 by default, which quantizes activations on the fly and
@@ -54,25 +46,41 @@ def weight_only_options(opts) -> None:
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
 
 
-def file_problems(root: Path, files: dict) -> list[str]:
-    """files: {relative path: {"sha256": hex, "bytes": n}} -> one line per missing or damaged file."""
-    bad = []
-    for rel, meta in files.items():
-        p = Path(root) / rel
-        if not p.is_file():
-            bad.append(f"{rel}: missing")
-        elif "bytes" in meta and p.stat().st_size != meta["bytes"]:
-            bad.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {meta['bytes']}")
-        elif sha256_file(p) != meta["sha256"]:
-            bad.append(f"{rel}: fails its sha256 check")
-    return bad
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+_INT_FIELDS = ("resolution", "vae_scale_factor", "embedding_dim")
 
 
-def verify_files(root: Path, files: dict, what: str, remedy: str) -> None:
-    """One UserError line for the first missing or damaged file."""
-    bad = file_problems(root, files)
-    if bad:
-        raise UserError(f"{what} file {bad[0]}: it is damaged or incomplete; {remedy}")
+def check_manifest(root: Path, m: dict) -> None:
+    """The fields the runtime reads, with their types, and every path it opens: inside the bundle
+    and listed in ``files``. One UserError line for the first problem."""
+    where = f"{root / MANIFEST}"
+    for key in _INT_FIELDS:
+        v = m.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"{where}: {key!r} must be a positive integer, got {v!r}")
+    if not isinstance(m.get("vae_scaling_factor"), (int, float)) or isinstance(m["vae_scaling_factor"], bool):
+        raise UserError(f"{where}: 'vae_scaling_factor' must be a number, got {m.get('vae_scaling_factor')!r}")
+    ns = m.get("noise_schedule")
+    steps = ns.get("num_train_timesteps") if isinstance(ns, dict) else None
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise UserError(f"{where}: 'noise_schedule' needs an integer 'num_train_timesteps'")
+    graphs = m.get("graphs")
+    if not isinstance(graphs, dict) or not all(isinstance(g, dict) for g in graphs.values()):
+        raise UserError(f"{where}: 'graphs' must map graph names to entries")
+    for name, g in graphs.items():
+        listed(root, m, g.get("path"), f"{where}: graph {name} path")
+        if "external_data" in g:
+            listed(root, m, g["external_data"], f"{where}: graph {name} external_data")
+        if not isinstance(g.get("inputs"), list) or not all(isinstance(i, dict) and "name" in i for i in g["inputs"]):
+            raise UserError(f"{where}: graph {name} has no valid 'inputs' list")
+    emb = m.get("token_embedding")
+    listed(root, m, emb.get("path") if isinstance(emb, dict) else None, f"{where}: token_embedding path")
+    listed(root, m, m.get("scheduler_config"), f"{where}: scheduler_config")
+    tok = inside(root, m.get("tokenizer", "tokenizer"), f"{where}: tokenizer folder")
+    for fname in TOKENIZER_FILES:
+        if (tok / fname).exists() or fname in ("vocab.json", "merges.txt"):
+            listed(root, m, (PurePosixPath(m.get("tokenizer", "tokenizer")) / fname).as_posix(),
+                   f"{where}: tokenizer file")
 
 
 @dataclass
@@ -90,20 +98,8 @@ class Bundle:
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0) -> "Bundle":
         root = Path(path)
-        if not root.is_dir():
-            raise UserError(f"model bundle {str(root)!r} is not a directory")
-        mpath = root / MANIFEST
-        if not mpath.is_file():
-            raise UserError(f"{str(root)!r} is not a zo-edge bundle: {MANIFEST} is missing (run `zo-edge convert` first)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{mpath}: manifest is not valid JSON ({e})") from None
-        if manifest.get("format") != "zo-edge-bundle":
-            raise UserError(f"{mpath}: not a zo-edge bundle manifest")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise UserError(f"{mpath}: format version {manifest.get('format_version')} is newer than this "
-                            f"zo-edge understands ({FORMAT_VERSION}); upgrade zo-edge")
+        manifest = read_manifest(root, MANIFEST, "zo-edge-bundle", "model bundle", "run `zo-edge convert` first")
+        check_manifest(root, manifest)
         resolve_provider(provider)
         b = cls(root=root, manifest=manifest, provider=provider, threads=threads)
         if verify:
@@ -148,11 +144,18 @@ class Bundle:
 
     @property
     def scheduler_config(self) -> dict:
-        return json.loads((self.root / self.manifest["scheduler_config"]).read_text())
+        path = listed(self.root, self.manifest, self.manifest["scheduler_config"], "scheduler_config")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read the scheduler config {path}: {e}") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{path} is not a JSON object")
+        return config
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.root / self.manifest.get("tokenizer", "tokenizer")
+        return inside(self.root, self.manifest.get("tokenizer", "tokenizer"), "tokenizer folder")
 
     def graph(self, name: str) -> dict:
         try:
@@ -171,7 +174,15 @@ class Bundle:
     def token_table(self) -> np.ndarray:
         """The token-embedding table, float32 [vocab, dim], memory-mapped read-only."""
         if self._table is None:
-            self._table = np.load(self.root / self.manifest["token_embedding"]["path"], mmap_mode="r")
+            path = listed(self.root, self.manifest, self.manifest["token_embedding"]["path"], "token_embedding")
+            try:
+                table = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read the token table {path}: {e}") from None
+            if table.ndim != 2 or table.shape[1] != self.embedding_dim or not np.issubdtype(table.dtype, np.floating):
+                raise UserError(f"the token table {path} has shape {list(table.shape)} ({table.dtype}); the "
+                                f"manifest says embedding_dim {self.embedding_dim}")
+            self._table = table
         return self._table
 
     def session(self, name: str):
@@ -186,9 +197,13 @@ class Bundle:
                 opts.intra_op_num_threads = threads
             if self.graph(name).get("precision") == "int8w":
                 weight_only_options(opts)
-            path = self.root / self.graph(name)["path"]
-            self._sessions[name] = ort.InferenceSession(str(path), sess_options=opts,
-                                                        providers=resolve_provider(self.provider))
+            path = listed(self.root, self.manifest, self.graph(name)["path"], f"graph {name} path")
+            providers = resolve_provider(self.provider)
+            try:
+                self._sessions[name] = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as e:  # noqa: BLE001 (onnxruntime raises its own Fail / InvalidGraph / ...)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"onnxruntime cannot load the {name} graph {path}: {first}") from None
         return self._sessions[name]
 
     def release(self, name: str) -> None:

@@ -20,16 +20,17 @@ bf16 tensors are widened to float32 here (numpy has no bfloat16).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+from .outputs import write_atomic
 
 __all__ = ["save_embedding", "load_embeddings", "PICKLE_SUFFIXES"]
 
@@ -56,9 +57,10 @@ def _refuse_pickle(path: Path, why: str):
 # --- save --------------------------------------------------------------------------------------------
 
 def save_embedding(path: str | Path, placeholder: str, vectors: np.ndarray,
-                   extra_metadata: Mapping[str, object] | None = None) -> Path:
+                   extra_metadata: Mapping[str, object] | None = None, overwrite: bool = True) -> Path:
     """Write ``{placeholder: vectors}`` (float32 ``[n, dim]``; ``[dim]`` is taken as ``[1, dim]``)
-    atomically: a temporary file in the same folder, then ``os.replace``. Metadata is
+    atomically: a temporary file in the same folder, then renamed into place (without
+    ``overwrite`` an existing file is never replaced); mode 0644 less the umask. Metadata is
     ``extra_metadata`` (values that are not strings are stored as JSON) plus ``format: pt``.
     Returns the path."""
     from safetensors.numpy import save_file
@@ -84,22 +86,12 @@ def save_embedding(path: str | Path, placeholder: str, vectors: np.ndarray,
         metadata[str(k)] = v if isinstance(v, str) else json.dumps(v)
     metadata["format"] = "pt"
 
-    folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot write embedding to {path}: {e}") from None
-    os.close(fd)
-    try:
-        save_file({placeholder: arr}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write embedding to {path}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        raise UserError(f"cannot write embedding to {path}: {e.strerror or e}") from None
+    return write_atomic(path, lambda tmp: save_file({placeholder: arr}, str(tmp), metadata=metadata), overwrite,
+                        "embedding")
 
 
 # --- load --------------------------------------------------------------------------------------------
@@ -135,12 +127,17 @@ def _read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _read_tensor(path: Path, f, info: dict, data_start: int, key: str) -> np.ndarray:
-    try:
-        dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: malformed safetensors entry for {key!r}") from None
-    count = int(np.prod(shape)) if shape else 1
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape) \
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise UserError(f"{path}: malformed safetensors entry for {key!r}")
+    begin, end = offsets
+    count = math.prod(shape)
     if dtype == "BF16":
         width, np_dtype = 2, None
     elif dtype in _NP_DTYPES:
@@ -148,8 +145,10 @@ def _read_tensor(path: Path, f, info: dict, data_start: int, key: str) -> np.nda
         width = np_dtype.itemsize
     else:
         raise UserError(f"{path}: tensor {key!r} has dtype {dtype}; an embedding must be floating point")
-    if end - begin != count * width or begin < 0:
+    if end - begin != count * width or not 0 <= begin <= end:
         raise UserError(f"{path}: tensor {key!r} has inconsistent size in the safetensors header")
+    if data_start + end > os.fstat(f.fileno()).st_size:
+        raise UserError(f"{path}: file is truncated (tensor {key!r})")
     f.seek(data_start + begin)
     buf = f.read(end - begin)
     if len(buf) != end - begin:

@@ -41,7 +41,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .bundle import resolve_provider, verify_files
+from .bundle import resolve_provider
+from .manifest import listed, read_manifest, verify_files
 from .errors import UserError
 
 MANIFEST = "metrics.json"
@@ -173,19 +174,7 @@ class MetricsBundle:
     def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0) -> "MetricsBundle":
         root = Path(path)
         mf = root / MANIFEST
-        if not root.is_dir():
-            raise UserError(f"metrics bundle {str(root)!r} does not exist: run zo-edge convert-metrics first")
-        if not mf.is_file():
-            raise UserError(f"{str(root)!r} has no {MANIFEST}: not a metrics bundle (run zo-edge convert-metrics)")
-        try:
-            manifest = json.loads(mf.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{mf} is not readable JSON ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise UserError(f"{mf} is not a zo-edge metrics manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{mf} has format_version {manifest.get('format_version')!r}; this zo-edge reads "
-                            f"{FORMAT_VERSION}: convert the metrics again")
+        manifest = read_manifest(root, MANIFEST, FORMAT, "metrics bundle", "run zo-edge convert-metrics")
         if "clip" not in manifest and "dino" not in manifest:
             raise UserError(f"{mf} lists neither a CLIP nor a DINOv2 model")
         try:
@@ -222,7 +211,7 @@ class MetricsBundle:
             opts.log_severity_level = 3
             if self.threads:
                 opts.intra_op_num_threads = self.threads
-            path = self.root / self._need(key)[part]["path"]
+            path = listed(self.root, self.manifest, self._need(key)[part]["path"], f"{key} {part} graph")
             self._sessions[(key, part)] = ort.InferenceSession(str(path), sess_options=opts,
                                                                providers=resolve_provider(self.provider))
         return self._sessions[(key, part)]
@@ -257,7 +246,9 @@ class MetricsBundle:
         if self._tokenizer is None:
             from .tokenizer import CLIPTokenizer
 
-            self._tokenizer = CLIPTokenizer.from_pretrained(self.root / self._need("clip")["tokenizer"])
+            from .manifest import inside
+            self._tokenizer = CLIPTokenizer.from_pretrained(inside(self.root, self._need("clip")["tokenizer"],
+                                                                   "clip tokenizer folder"))
         return self._tokenizer
 
     def clip_text(self, texts: Iterable[str] | str, batch_size: int = 64) -> np.ndarray:

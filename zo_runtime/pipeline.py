@@ -8,6 +8,9 @@ are gathered from the memory-mapped table and the placeholder's rows replaced; n
 """
 from __future__ import annotations
 
+import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import UserError
+from .outputs import write_atomic
 from .progress import Progress
 from .schedulers import load_scheduler
 from .tokenizer import CLIPTokenizer
@@ -33,6 +37,7 @@ class Pipeline:
             if vecs.shape[-1] != bundle.embedding_dim:
                 raise UserError(f"embedding {name!r} has dimension {vecs.shape[-1]}, the model expects "
                                 f"{bundle.embedding_dim}")
+            self.check_placeholder(name, len(vecs))
             self.embeddings[name] = vecs
         self.scheduler_name = scheduler
         self.scheduler_config = bundle.scheduler_config
@@ -55,7 +60,28 @@ class Pipeline:
             feed["input_ids"] = ids.astype(np.int64)
         return self.bundle.session("text_encoder").run(["last_hidden_state"], feed)[0]
 
+    def check_placeholder(self, name: str, n_vectors: int) -> None:
+        """A placeholder must not be a word of the vocabulary (an embedding named ``a`` would replace
+        every "a", even inside words) and its vectors must fit in a prompt."""
+        if not isinstance(name, str) or not name or any(ch.isspace() for ch in name):
+            raise UserError(f"placeholder {name!r} must be a non-empty string without spaces")
+        if self.tokenizer.is_in_vocab(name):
+            raise UserError(f"placeholder {name!r} is a word of the vocabulary: prompts could no longer say the "
+                            "word itself; rename the embedding (e.g. <my-thing>)")
+        if n_vectors > self.tokenizer.max_length - 2:
+            raise UserError(f"embedding {name!r} has {n_vectors} vectors; a prompt holds at most "
+                            f"{self.tokenizer.max_length - 2} tokens")
+
     def check_prompt(self, prompt: str) -> None:
+        """Refuse a prompt naming a ``<token>`` no loaded embedding defines (it would be drawn from
+        its spelling, silently); warn when it uses none of the loaded tokens."""
+        named = dict.fromkeys(re.findall(r"<[^<>\s]+>", prompt))
+        unknown = [t for t in named if t not in self.embeddings and t not in self.tokenizer.added_tokens
+                   and not any(t in name for name in self.embeddings)]
+        if unknown:
+            loaded = ", ".join(self.embeddings) or "none"
+            raise UserError(f"prompt {prompt!r} names {unknown[0]}, which no loaded embedding defines "
+                            f"(loaded: {loaded}); pass it with --embedding FILE")
         if self.embeddings and not any(name in prompt for name in self.embeddings):
             print(f"warning: prompt {prompt!r} uses none of the loaded tokens "
                   f"({', '.join(self.embeddings)})", file=sys.stderr)
@@ -81,13 +107,10 @@ class Pipeline:
                  width: int | None = None, latents: np.ndarray | None = None, progress: bool = True,
                  return_latents: bool = False):
         """Generate ``num_images`` images per prompt. Returns uint8 [B, H, W, 3]."""
-        if steps < 1:
-            raise UserError(f"--steps must be >= 1, got {steps}")
+        check_sampling(self.bundle, steps, guidance, seed, height, width)
         height = height or self.bundle.resolution
         width = width or self.bundle.resolution
         f = self.bundle.vae_scale_factor
-        if height % 8 or width % 8 or height % f or width % f:
-            raise UserError(f"image size {width}x{height} must be divisible by 8")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images)]
         for p in dict.fromkeys(prompts):
@@ -128,20 +151,54 @@ class Pipeline:
         return (images, latents) if return_latents else images
 
 
-def save_png(path: str | Path, image: np.ndarray, metadata: dict | None = None) -> None:
-    """Write uint8 [H, W, 3] as PNG with text metadata, atomically (temp file + rename)."""
-    import os
+MAX_SIDE = 8192
 
+
+def check_sampling(bundle: Bundle, steps: int, guidance: float, seed: int, height: int | None,
+                   width: int | None) -> None:
+    """The sampling settings, before any work: one UserError line for the first bad one."""
+    train_steps = int(bundle.noise_schedule["num_train_timesteps"])
+    if not 1 <= steps <= train_steps:
+        raise UserError(f"--steps must be between 1 and the model's {train_steps} training timesteps, got {steps}")
+    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
+        raise UserError(f"--guidance must be a finite number between 0 and 100, got {guidance}")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    f = bundle.vae_scale_factor
+    for name, v in (("--height", height), ("--width", width)):
+        if v is not None and (v < 8 or v > MAX_SIDE or v % 8 or v % f):
+            raise UserError(f"{name} must be divisible by 8 (and by the VAE factor {f}) and between 8 and "
+                            f"{MAX_SIDE}, got {v}")
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def save_image(path: str | Path, image: np.ndarray, metadata: dict | None = None, overwrite: bool = True) -> None:
+    """Write uint8 [H, W, 3] in the format its suffix names (PNG with text metadata, JPEG quality 95
+    with the metadata as a comment, lossless WebP), atomically: a temporary file, then renamed into
+    place; without ``overwrite`` an existing file is never replaced."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
-    for k, v in (metadata or {}).items():
-        info.add_text(str(k), str(v))
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot write an image as {path.name!r}: use .png, .jpg or .webp")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if fmt == "PNG":
+        info = PngInfo()
+        for k, v in meta.items():
+            info.add_text(k, v)
+        options = {"pnginfo": info}
+    elif fmt == "JPEG":
+        options = {"quality": 95, "comment": json.dumps(meta)} if meta else {"quality": 95}
+    else:
+        options = {"lossless": True}
+    write_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format=fmt, **options), overwrite, "image")
+
+
+save_png = save_image  # the name earlier callers use
 
 
 def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
