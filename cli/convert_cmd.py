@@ -46,27 +46,44 @@ def convert(src, out, weights, text_encoder_fp32, overwrite, calibration_samples
 
 
 @click.command("info")
-@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("bundle", type=click.Path(path_type=str), default="shapes")
 @click.option("--verify", is_flag=True, help="Also check every file's size and sha256 against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def info(bundle, verify, as_json):
-    """Describe the zo-edge bundle BUNDLE: family, graphs, precision, sizes, accuracy report."""
+    """Describe the zo-edge bundle BUNDLE ('shapes': the embedded model): family, graphs, precision,
+    sizes, accuracy report; for the shapes model also the words of its world."""
     import json
 
     from zo_edge.convert.manifest import format_info, read_manifest, verify_files
+    from zo_edge.models import resolve_model
 
+    shapes = bundle == "shapes"
+    bundle = resolve_model(bundle)
     m = read_manifest(bundle)
     if as_json:
         click.echo(json.dumps(m, indent=2))
     else:
         for line in format_info(m, bundle):
             click.echo(line)
+        if shapes:
+            for line in world_vocabulary():
+                click.echo(line)
     if verify:
         bad = verify_files(bundle, m)
         if bad:
             raise UserError(f"bundle {bundle} failed verification: {'; '.join(bad[:3])}"
                             f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}")
         click.echo(f"verified {len(m['files'])} files (sha256)")
+
+
+def world_vocabulary() -> list[str]:
+    """The words the shapes model was trained on (other words it draws as it happens to)."""
+    from zo_edge.models import world
+    return ["prompt words (the shapes world; e.g. 'a red striped star on a sky background'):",
+            f"  shapes      {', '.join(world.SHAPES)}",
+            f"  colours     {', '.join(world.COLOURS)}",
+            f"  patterns    {', '.join(world.PATTERNS)}",
+            f"  backgrounds {', '.join(world.BACKGROUNDS)}"]
 
 
 @click.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from zo_edge.models import resolve_model
+from zo_runtime.data import DEFAULT_MAX_PIXELS
 from zo_runtime.errors import UserError
 from zo_runtime.recipe import DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPES, SCHEDULES
 
@@ -12,6 +13,8 @@ def _recipe_help(what: str, key: str) -> str:
     values = " / ".join(f"{name}: {r[key]}" for name, r in RECIPES.items())
     return f"{what} [{values}]"
 
+
+RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "threads")
 
 
 @click.command()
@@ -54,15 +57,26 @@ def _recipe_help(what: str, key: str) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--provider", default="cpu", show_default=True, help="ORT execution provider: cpu, cuda, dml, coreml, openvino, qnn.")
 @click.option("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default).")
+@click.option("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse reference images with more pixels (decompression-bomb guard).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file or run directory.")
-def personalize(model, images, token, init_word, out, run_dir, resume_dir, steps, num_vectors, resolution, recipe,
+@click.pass_context
+def personalize(ctx, model, images, token, init_word, out, run_dir, resume_dir, steps, num_vectors, resolution, recipe,
                 batch_candidates, captions, no_upscale, checkpoint_every, preview_every, seed, provider, threads,
-                overwrite, **recipe_fields):
+                overwrite, max_image_pixels, **recipe_fields):
     """Learn a token from a few images with forward passes only (RGE + SG + PUTS + ZO-Adam and variants)."""
     from zo_runtime.personalize import PersonalizeConfig, Trainer, default_run_dir, resume
 
     if resume_dir:
-        resume(resume_dir)
+        given = [p.name for p in ctx.command.params
+                 if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        fixed = [name for name in given if name not in RESUME_OVERRIDES]
+        if fixed:
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == fixed[0])
+            raise UserError(f"{flag} cannot change on --resume: the run's config.json fixes it "
+                            f"(--resume takes {', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDES[1:])})")
+        resume(resume_dir, steps=steps if "steps" in given else None, out=out, overwrite=overwrite,
+               provider=provider if "provider" in given else None, threads=threads if "threads" in given else None)
         return
     missing = [flag for flag, v in (("--images", images), ("--token", token), ("--init", init_word),
                                     ("--out", out)) if not v]
@@ -73,7 +87,7 @@ def personalize(model, images, token, init_word, out, run_dir, resume_dir, steps
                             resolution=resolution, recipe=recipe, batch_candidates=batch_candidates,
                             captions=captions, allow_upscale=not no_upscale, checkpoint_every=checkpoint_every,
                             preview_every=preview_every, seed=seed, provider=provider, threads=threads,
-                            overwrite=overwrite, **recipe_fields)
+                            overwrite=overwrite, max_image_pixels=max_image_pixels, **recipe_fields)
     Trainer(cfg).train()
 
 

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+DEFAULT_MAX_PIXELS = 2 * 89_478_485     # PIL's own decompression-bomb error threshold (~179 MP)
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -28,23 +29,27 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_image(path: str | Path, resolution: int, allow_upscale: bool = True) -> np.ndarray:
+def load_image(path: str | Path, resolution: int, allow_upscale: bool = True,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One reference image: EXIF orientation applied, RGB, centre-cropped to a square and resized.
 
     Returns uint8 [resolution, resolution, 3]. Images smaller than the resolution are upscaled
-    with a warning, or refused when ``allow_upscale`` is False.
+    with a warning, or refused when ``allow_upscale`` is False. 16-bit and float images are scaled
+    to 8 bits by their range (not clipped); an image over ``max_pixels`` is refused before it is
+    decoded (a decompression bomb: a small file that expands to gigabytes).
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with _open_unguarded(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise UserError(f"image {path} is {w}x{h} = {w * h / 1e6:,.0f} MP, over the limit of "
+                                f"{max_pixels / 1e6:,.0f} MP ({max_pixels:,} pixels) that guards against "
+                                "decompression bombs; raise it with --max-image-pixels")
             im.load()
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, rgba)
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            im = to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
     w, h = im.size
     side = min(w, h)
@@ -55,6 +60,36 @@ def load_image(path: str | Path, resolution: int, allow_upscale: bool = True) ->
     left, top = (w - side) // 2, (h - side) // 2
     im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
     return np.asarray(im, np.uint8)
+
+
+def _open_unguarded(path: Path) -> Image.Image:
+    """Image.open without PIL's own pixel limit: :func:`load_image` applies ``max_pixels`` itself,
+    so the limit is the one the user set (PIL reads only the header here)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, 8 bits: transparency composited on white; 16-bit and 32-bit integer greyscale scaled by
+    their bit depth and float greyscale by its range (PIL's own convert clips them: mid-grey would
+    become white)."""
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+    elif im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if np.nanmax(a, initial=0.0) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.nan_to_num(a / top, nan=0.0, posinf=1.0, neginf=0.0)
+        im = Image.fromarray((np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:

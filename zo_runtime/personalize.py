@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
+import zipfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,9 +25,10 @@ import numpy as np
 
 from . import optim
 from .bundle import Bundle
-from .data import encode_images, list_images, load_image
+from .data import DEFAULT_MAX_PIXELS, encode_images, list_images, load_image
 from .embeddings import save_embedding
 from .errors import UserError
+from .outputs import check_output, write_atomic
 from .oracle import LossOracle
 from .progress import Progress
 from .sysinfo import peak_rss_mb
@@ -34,6 +37,11 @@ from .timesteps import puts, uniform
 from .tokenizer import CLIPTokenizer
 
 CHECKPOINT = "checkpoint.npz"
+LOCK = ".lock"
+MAX_VECTORS = 75            # 77 tokens less BOS and EOS
+MAX_RESOLUTION = 4096
+_OPTIONAL_FIELDS = {"run_dir": (str,), "resolution": (int,), "captions": (str,)}
+_FIELD_TYPES = {**_OPTIONAL_FIELDS, "templates": (tuple, list)}
 
 
 @dataclass
@@ -78,6 +86,7 @@ class PersonalizeConfig:
     provider: str = "cpu"
     threads: int = 0
     overwrite: bool = False
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     templates: tuple = field(default=TEMPLATES)
 
     def resolved(self) -> "PersonalizeConfig":
@@ -87,7 +96,9 @@ class PersonalizeConfig:
 
     def validate(self) -> None:
         """Checks the run's own settings; the estimator's and step rule's hyper-parameters are checked
-        where they are built (``zo_runtime.optim``), by building them once here."""
+        where they are built (``zo_runtime.optim``), by building them once here. Every check runs
+        before anything is loaded (the model-dependent ones follow in :class:`Trainer`)."""
+        self.check_types()
         cfg = self.resolved()
         if cfg.puts and not 0 <= cfg.t_low < cfg.t_high:
             raise UserError(f"PUTS needs 0 <= T_L < T_U, got T_L={cfg.t_low}, T_U={cfg.t_high}")
@@ -99,12 +110,18 @@ class PersonalizeConfig:
             raise UserError(f"--rank must be >= 0, got {cfg.rank}")
         if self.steps < 1:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
-        if self.num_vectors < 1:
-            raise UserError(f"--num-vectors must be >= 1, got {self.num_vectors}")
+        if not 1 <= self.num_vectors <= MAX_VECTORS:
+            raise UserError(f"--num-vectors must be between 1 and {MAX_VECTORS} (a prompt holds 77 tokens), "
+                            f"got {self.num_vectors}")
         if self.checkpoint_every < 1:
             raise UserError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        for flag, v in (("--seed", self.seed), ("--preview-every", self.preview_every), ("--threads", self.threads)):
+            if v < 0:
+                raise UserError(f"{flag} must be >= 0, got {v}")
+        if self.resolution is not None and not (8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0):
+            raise UserError(f"--resolution must be a multiple of 8 between 8 and {MAX_RESOLUTION}, got {self.resolution}")
+        if self.max_image_pixels < 1:
+            raise UserError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
         if self.batch_candidates not in ("auto", "on", "off"):
             raise UserError(f"--batch-candidates must be auto, on or off, got {self.batch_candidates!r}")
         if not self.templates:
@@ -115,6 +132,21 @@ class PersonalizeConfig:
             optim.guided(k=cfg.rank or 4, alpha=cfg.guided_alpha)
         except ValueError as e:
             raise UserError(str(e)) from None
+
+    def check_types(self) -> None:
+        """Each field has its type (a config.json edited by hand, or damaged, is caught here)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want = _FIELD_TYPES.get(f.name)
+            if want is None:
+                want = (str,) if f.default is dataclasses.MISSING else (type(f.default),)
+                want = (int, float) if want == (float,) else want
+            if v is None and f.name in _OPTIONAL_FIELDS:
+                continue
+            if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
+                raise UserError(f"setting {f.name!r} has the wrong type: {v!r}")
+        if not all(isinstance(t, str) and "{}" in t for t in self.templates):
+            raise UserError("every prompt template must be a string with {} where the token goes")
 
 
 def default_run_dir(token: str) -> str:
@@ -175,15 +207,73 @@ def _read_captions(path: str, files: list[Path], token: str) -> list[str | None]
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    write_atomic(path, write, overwrite=True, what="checkpoint")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _atomic_write_text(path: Path, text: str, what: str = "run file") -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True, what=what)
+
+
+def read_log(path: Path, upto: int) -> list[str]:
+    """The log's lines for steps 1..upto; a line cut short by a kill or a full disk, or otherwise
+    unreadable, is dropped (the checkpoint, not the log, is what a run resumes from)."""
+    keep = []
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return keep
+    for line in raw.split(b"\n"):
+        try:
+            entry = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and 1 <= entry["step"] <= upto:
+            keep.append(line.decode("utf-8"))
+    return keep
+
+
+class RunLock:
+    """An exclusive claim on a run directory for as long as a run writes to it: two processes never
+    share one (the kernel drops the claim when a process dies, so kill -9 leaves nothing stale)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.fd = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): the checks before and after still apply
+            return
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use the run directory {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"run directory {self.path.parent} is in use by another zo-edge run; wait for it "
+                            "or choose another --run-dir") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Temporary files a killed run left behind (never read: every write renames its file into place)."""
+    for p in [*run_dir.glob(".*.tmp"), *run_dir.glob("*.tmp.npz"), *run_dir.glob("*.json.tmp")]:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -204,14 +294,13 @@ class Trainer:
     def __init__(self, cfg: PersonalizeConfig, resume: bool = False):
         cfg.validate()
         cfg = self.cfg = cfg.resolved()
+        self.resuming = resume
         self.run_dir = Path(cfg.run_dir or default_run_dir(cfg.token))
-        out = Path(cfg.out)
-        if not resume:
-            if out.exists() and not cfg.overwrite:
-                raise UserError(f"output {cfg.out} exists; pass --overwrite to replace it")
-            if (self.run_dir / CHECKPOINT).exists() and not cfg.overwrite:
-                raise UserError(f"run directory {self.run_dir} already holds a run; resume it with "
-                                f"--resume {self.run_dir} or pass --overwrite")
+        self.last_checkpoint = None
+        check_output(cfg.out, (".safetensors",), cfg.overwrite, "--out")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"run directory {self.run_dir} exists and is not a folder")
+        self.check_run_dir()
         self.bundle = Bundle.load(cfg.model, provider=cfg.provider, threads=cfg.threads)
         static = [g for g in ("text_encoder", "unet") if self.bundle.graph(g).get("precision") in ("int8", "int4")]
         if static:
@@ -236,10 +325,18 @@ class Trainer:
         res = cfg.resolution or self.bundle.resolution
         if res % self.bundle.vae_scale_factor:
             raise UserError(f"--resolution {res} is not divisible by the VAE factor {self.bundle.vae_scale_factor}")
+        schedule = int(self.bundle.noise_schedule["num_train_timesteps"])
+        if cfg.puts and cfg.t_high > schedule:
+            raise UserError(f"--t-high {cfg.t_high} is past the model's {schedule} training timesteps "
+                            f"(PUTS draws t in [T_L, T_U) of 0..{schedule - 1})")
         self.files = list_images(cfg.images)
-        images = np.stack([load_image(f, res, cfg.allow_upscale) for f in self.files])
         self.captions = (_read_captions(cfg.captions, self.files, cfg.token) if cfg.captions
                          else [None] * len(self.files))
+        self.placeholders = {cfg.token: cfg.num_vectors}
+        self._prompt_cache: dict[str, tuple[np.ndarray, list]] = {}
+        for text in {*cfg.templates, *(c for c in self.captions if c)}:
+            self.prompt(text.format(cfg.token))
+        images = np.stack([load_image(f, res, cfg.allow_upscale, cfg.max_image_pixels) for f in self.files])
         self.latents = encode_images(self.bundle, images, flip=cfg.flip)
         self.bundle.release("vae_encoder")  # training needs only the text encoder and the UNet
 
@@ -251,8 +348,12 @@ class Trainer:
         self.opt = make_optimizer(cfg, dim=cfg.num_vectors * d)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
-        self.placeholders = {cfg.token: cfg.num_vectors}
-        self._prompt_cache: dict[str, tuple[np.ndarray, list]] = {}
+
+    def check_run_dir(self) -> None:
+        """A new run never takes over a directory that holds another run (without --overwrite)."""
+        if not self.resuming and (self.run_dir / CHECKPOINT).exists() and not self.cfg.overwrite:
+            raise UserError(f"run directory {self.run_dir} already holds a run; resume it with "
+                            f"--resume {self.run_dir} or pass --overwrite")
 
     # -- state ------------------------------------------------------------------------------
     def fresh_state(self):
@@ -264,31 +365,51 @@ class Trainer:
         """(direction sampler's state, the optimizer chain's state)."""
         return self.rge.sampler.init(theta), self.opt.init(theta)
 
+    def snapshot(self, step: int, theta, opt_state, rng) -> dict:
+        """Everything a checkpoint holds, copied now (the loop goes on changing the originals)."""
+        flat = {f"opt/{k}": np.array(v) for k, v in optim.flatten_state(opt_state).items()}
+        return dict(step=np.int64(step), theta=np.array(theta), rng=np.array(json.dumps(rng.bit_generator.state)),
+                    forward_passes=np.int64(self.oracle.forward_passes), **flat)
+
+    def write_checkpoint(self, snap: dict) -> None:
+        _atomic_savez(self.run_dir / CHECKPOINT, **snap)
+        self.last_checkpoint = int(snap["step"])
+
     def save_checkpoint(self, step: int, theta, opt_state, rng) -> None:
-        flat = {f"opt/{k}": v for k, v in optim.flatten_state(opt_state).items()}
-        _atomic_savez(self.run_dir / CHECKPOINT, step=np.int64(step), theta=theta,
-                      rng=np.array(json.dumps(rng.bit_generator.state)),
-                      forward_passes=np.int64(self.oracle.forward_passes), **flat)
+        self.write_checkpoint(self.snapshot(step, theta, opt_state, rng))
 
     def load_checkpoint(self):
         path = self.run_dir / CHECKPOINT
-        with np.load(path, allow_pickle=False) as z:
-            flat = {k[4:]: z[k] for k in z.files if k.startswith("opt/")}
-            rng = np.random.default_rng()
-            rng.bit_generator.state = json.loads(str(z["rng"]))
-            self.oracle.forward_passes = int(z["forward_passes"])
-            theta = z["theta"].astype(np.float32)
-            try:
-                state = optim.unflatten_state(flat, like=self.init_state(theta))
-            except ValueError as e:
-                raise UserError(f"{path}: {e} (was it written by another zo-edge version?)") from None
-            return int(z["step"]), theta, state, rng
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                flat = {k[4:]: z[k] for k in z.files if k.startswith("opt/")}
+                rng = np.random.default_rng()
+                rng.bit_generator.state = json.loads(str(z["rng"]))
+                step, theta, passes = int(z["step"]), z["theta"].astype(np.float32), int(z["forward_passes"])
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); start the run again "
+                            "without --resume") from None
+        want = (self.cfg.num_vectors, self.bundle.embedding_dim)
+        if theta.shape != want or not np.isfinite(theta).all() or not 0 <= step:
+            raise UserError(f"checkpoint {path} does not match its run (theta {list(theta.shape)}, expected "
+                            f"{list(want)}, finite); start the run again without --resume")
+        if step > self.cfg.steps:
+            raise UserError(f"the checkpoint is at step {step}, past --steps {self.cfg.steps}")
+        try:
+            state = optim.unflatten_state(flat, like=self.init_state(theta))
+        except ValueError as e:
+            raise UserError(f"{path}: {e} (was it written by another zo-edge version?)") from None
+        self.oracle.forward_passes = passes
+        self.last_checkpoint = step
+        return step, theta, state, rng
 
     def prompt(self, text: str):
         if text not in self._prompt_cache:
             ids, slots = self.tokenizer.encode_prompt(text, self.placeholders)
-            if not slots:
-                raise UserError(f"prompt {text!r} lost the placeholder (truncated?)")
+            if len(slots) != self.cfg.num_vectors * text.count(self.cfg.token) or not slots:
+                raise UserError(f"the training prompt {text!r} does not fit the text encoder's "
+                                f"{self.tokenizer.max_length} tokens with --num-vectors {self.cfg.num_vectors}; "
+                                "use fewer vectors or shorter captions")
             self._prompt_cache[text] = (ids, slots)
         return self._prompt_cache[text]
 
@@ -325,49 +446,90 @@ class Trainer:
         save_png(folder / f"step_{step:06d}.png", image, {"prompt": prompt, "step": step})
 
     def train(self, resume: bool = False, callback=None) -> Result:
-        """Run to ``cfg.steps``. ``callback(step, theta)``, if given, is called after every step."""
+        """Run to ``cfg.steps``. ``callback(step, theta)``, if given, is called after every step.
+
+        The run directory is claimed for the whole run (:class:`RunLock`). A checkpoint holds a θ
+        whose loss was seen finite: the state after step k is written once step k + 1 has evaluated
+        L(θ_k); only the last step's θ, never evaluated, is checked to be finite instead."""
+        lock = RunLock(self.run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run directory {self.run_dir}: {e.strerror or e}") from None
+        lock.acquire()
+        try:
+            self.resuming = resume
+            self.check_run_dir()    # again, now that the directory is ours
+            remove_stale_temp_files(self.run_dir)
+            return self._train(resume, callback)
+        finally:
+            lock.release()
+
+    def _write_config(self) -> None:
+        cfg_dict = dataclasses.asdict(self.cfg)
+        cfg_dict["templates"] = list(self.cfg.templates)
+        cfg_dict["overwrite"] = False   # an --overwrite applies to the command that gave it, not to a resume
+        _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg_dict, indent=2), "run config")
+
+    def _train(self, resume: bool, callback) -> Result:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.run_dir / "log.jsonl"
         if resume:
             start, theta, opt_state, rng = self.load_checkpoint()
-            # keep the log consistent with the checkpoint: drop lines written after it
-            if log_path.exists():
-                keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
-                _atomic_write_text(log_path, "".join(l + "\n" for l in keep))
+            # keep the log consistent with the checkpoint: drop lines written after it, and torn ones
+            keep = read_log(log_path, start)
+            _atomic_write_text(log_path, "".join(line + "\n" for line in keep), "run log")
+            self._write_config()            # --out / --steps given to --resume hold for later resumes too
         else:
             start, theta, opt_state, rng = self.fresh_state()
-            cfg_dict = dataclasses.asdict(cfg)
-            cfg_dict["templates"] = list(cfg.templates)
-            _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg_dict, indent=2))
-            if log_path.exists():
-                log_path.unlink()
+            self._write_config()
+            _atomic_write_text(log_path, "", "run log")
             self.save_checkpoint(0, theta, opt_state, rng)
 
         progress = Progress("personalize", total=cfg.steps, start=start)
         t0 = time.time()
         loss = float("nan")
-        with open(log_path, "a") as log:
-            for step in range(start + 1, cfg.steps + 1):
-                try:
-                    theta, opt_state, loss, t, dropped = self.step(theta, opt_state, rng)
-                except FloatingPointError as e:
-                    progress.close()
-                    raise UserError(f"stopping at step {step}: {e}; the last good checkpoint in "
-                                    f"{self.run_dir} is intact") from None
-                log.write(json.dumps({"step": step, "loss": loss, "timestep": t, "projected_dims": dropped,
-                                      "forward_passes": self.oracle.forward_passes,
-                                      "wall_time": round(time.time() - t0, 3)}) + "\n")
-                progress.update(step, loss=loss)
-                if callback is not None:
-                    callback(step, theta)
-                if cfg.preview_every and step % cfg.preview_every == 0:
-                    self.preview(step, theta)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    log.flush()
-                    self.save_checkpoint(step, theta, opt_state, rng)
-        progress.close()
-        save_embedding(cfg.out, cfg.token, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_recipe": cfg.recipe})
+        try:
+            with open(log_path, "a") as log:
+                pending = None
+                for step in range(start + 1, cfg.steps + 1):
+                    if step - 1 > start and (step - 1) % cfg.checkpoint_every == 0:
+                        pending = self.snapshot(step - 1, theta, opt_state, rng)
+                    try:
+                        theta, opt_state, loss, t, dropped = self.step(theta, opt_state, rng)
+                    except FloatingPointError as e:
+                        raise UserError(f"stopping at step {step}: {e}; the last good checkpoint (step "
+                                        f"{self.last_checkpoint}) in {self.run_dir} is intact") from None
+                    if pending is not None:     # θ of the pending checkpoint just gave a finite loss
+                        log.flush()
+                        self.write_checkpoint(pending)
+                        pending = None
+                    log.write(json.dumps({"step": step, "loss": loss, "timestep": t, "projected_dims": dropped,
+                                          "forward_passes": self.oracle.forward_passes,
+                                          "wall_time": round(time.time() - t0, 3)}) + "\n")
+                    progress.update(step, loss=loss)
+                    if callback is not None:
+                        callback(step, theta)
+                    if cfg.preview_every and step % cfg.preview_every == 0:
+                        self.preview(step, theta)
+                    if step == cfg.steps:
+                        if not np.isfinite(theta).all():
+                            raise UserError(f"θ is not finite after the last step; the last good checkpoint "
+                                            f"(step {self.last_checkpoint}) in {self.run_dir} is intact")
+                        log.flush()
+                        self.save_checkpoint(step, theta, opt_state, rng)
+        except OSError as e:
+            raise UserError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}; the checkpoint "
+                            f"of step {self.last_checkpoint} is intact (continue with --resume {self.run_dir})"
+                            ) from None
+        finally:
+            progress.close()
+        try:
+            save_embedding(cfg.out, cfg.token, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_recipe": cfg.recipe},
+                           overwrite=cfg.overwrite)
+        except UserError as e:
+            raise UserError(f"{e}; the trained token is in {self.run_dir}: write it with zo-edge personalize "
+                            f"--resume {self.run_dir} --out OTHER.safetensors") from None
         peak = peak_rss_mb()
         seconds = time.time() - t0
         print(f"done: {cfg.out} ({cfg.steps} steps, {self.oracle.forward_passes} UNet forward passes, "
@@ -382,20 +544,38 @@ def personalize(cfg: PersonalizeConfig) -> Result:
 
 
 def load_run_config(run_dir: str | Path) -> PersonalizeConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file() or not (Path(run_dir) / CHECKPOINT).is_file():
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist")
+    if not path.is_file():
         raise UserError(f"{run_dir} is not a personalize run directory (config.json and {CHECKPOINT} expected)")
-    d = json.loads(path.read_text())
-    d["templates"] = tuple(d.get("templates", TEMPLATES))
-    d.setdefault("recipe", "zoodip")  # runs from before recipes were the paper's algorithm
-    known = {f.name for f in dataclasses.fields(PersonalizeConfig)}
-    return PersonalizeConfig(**{k: v for k, v in d.items() if k in known})
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir} holds no checkpoint: the run stopped before its first one; start it again "
+                        "(the same command without --resume, with --run-dir pointing here)")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        d["templates"] = tuple(d.get("templates", TEMPLATES))
+        d.setdefault("recipe", "zoodip")  # runs from before recipes were the paper's algorithm
+        known = {f.name for f in dataclasses.fields(PersonalizeConfig)}
+        cfg = PersonalizeConfig(**{k: v for k, v in d.items() if k in known})
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is damaged ({e}); start the run again without --resume") from None
+    cfg.check_types()
+    return cfg
 
 
-def resume(run_dir: str | Path, steps: int | None = None) -> Result:
-    """Continue an interrupted run exactly where its last checkpoint left it."""
+def resume(run_dir: str | Path, steps: int | None = None, out: str | None = None, overwrite: bool = False,
+           provider: str | None = None, threads: int | None = None) -> Result:
+    """Continue an interrupted run exactly where its last checkpoint left it. ``steps`` and ``out``
+    replace the run's own (a finished run can so be extended, or its token written elsewhere);
+    ``overwrite`` is this command's own: the first run's --overwrite does not carry over."""
     cfg = load_run_config(run_dir)
     cfg.run_dir = str(run_dir)
-    if steps is not None:
-        cfg.steps = steps
+    cfg.overwrite = overwrite
+    for name, value in (("steps", steps), ("out", out), ("provider", provider), ("threads", threads)):
+        if value is not None:
+            setattr(cfg, name, value)
     return Trainer(cfg, resume=True).train(resume=True)
