@@ -372,3 +372,209 @@ def test_info_not_a_bundle(tmp_path, target):
     if target == "file":
         path.write_text("x")
     one_error(run(["info", path]), "x")
+
+
+# -- 2. personalize: every flag checked before any work ---------------------------------------------------
+
+def _out(name):
+    return lambda tmp: ["--out", tmp / name]
+
+
+PERSONALIZE_FLAGS = [  # (flag, value, words of the error line)
+    ("--lr", "0", "--lr"), ("--lr", "-1", "--lr"), ("--lr", "inf", "--lr"), ("--lr", "nan", "--lr"),
+    ("--lr", "-inf", "--lr"), ("--adam-eps", "-1", "--adam-eps"), ("--adam-eps", "0", "--adam-eps"),
+    ("--adam-eps", "nan", "--adam-eps"), ("--adam-eps", "inf", "--adam-eps"), ("--mu", "0", "--mu"),
+    ("--mu", "nan", "--mu"), ("--mu", "inf", "--mu"), ("--nu", "0", "--nu"), ("--nu", "1", "--nu"),
+    ("--nu", "nan", "--nu"), ("--steps", "0", "--steps"), ("--steps", "-5", "--steps"),
+    ("--num-vectors", "0", "--num-vectors"), ("--num-vectors", "76", "77 tokens"),
+    ("--num-vectors", "100", "77 tokens"), ("--num-vectors", "74", "does not fit"), ("--seed", "-1", "--seed"),
+    ("--t-high", "1001", "--t-high 1001"), ("--t-high", "5000", "training timesteps"), ("--t-low", "-1", "T_L"),
+    ("--t-low", "900", "T_L"), ("--resolution", "0", "--resolution"), ("--resolution", "-32", "--resolution"),
+    ("--resolution", "12", "--resolution"), ("--resolution", "100000", "--resolution"), ("--tau", "1", "--tau"),
+    ("--n", "0", "--n"), ("--checkpoint-every", "0", "--checkpoint-every"),
+    ("--preview-every", "-1", "--preview-every"), ("--threads", "-1", "--threads"),
+    ("--max-image-pixels", "0", "--max-image-pixels"), ("--provider", "nope", "not available"),
+    ("--batch-candidates", "sometimes", "Invalid value"), ("--steps", "abc", "not a valid integer"),
+    ("--lr", "abc", "not a valid float"), ("--bogus", "1", "No such option"), ("--token", "dog", "already a token"),
+    ("--token", "<|endoftext|>", "already a token"), ("--init", "zzzqqqxyzzy", "single token"),
+    ("--init", "a red", "single token"),
+]
+
+
+@pytest.mark.parametrize("flag,value,needle", PERSONALIZE_FLAGS, ids=[f"{f}={v}" for f, v, _ in PERSONALIZE_FLAGS])
+def test_personalize_bad_flag(flag, value, needle, pristine, refs, tmp_path):
+    args = personalize_args(pristine, tmp_path, refs)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    one_error(run(args), needle)
+    assert not (tmp_path / "p.safetensors").exists() and not (tmp_path / "run").exists()
+
+
+def _file(tmp, name="afile"):
+    (tmp / name).write_text("x")
+    return tmp / name
+
+
+PERSONALIZE_PATHS = {  # name: (args to set, given tmp_path; words of the error line)
+    "out-txt": (lambda t: ["--out", t / "x.txt"], "must end in .safetensors"),
+    "out-pickle": (lambda t: ["--out", t / "x.bin"], "must end in .safetensors"),
+    "out-no-suffix": (lambda t: ["--out", t / "x"], "must end in .safetensors"),
+    "out-is-folder": (lambda t: (t / "d.safetensors").mkdir() or ["--out", t / "d.safetensors"], "is a folder"),
+    "out-under-file": (lambda t: ["--out", _file(t) / "x.safetensors"], "cannot write"),
+    "out-in-proc": (lambda t: ["--out", "/proc/zo-edge-hostile/x.safetensors"], "cannot write"),
+    "out-exists": (lambda t: _file(t, "p.safetensors") and ["--out", t / "p.safetensors"], "exists"),
+    "run-dir-is-file": (lambda t: ["--run-dir", _file(t)], "not a folder"),
+    "images-missing": (lambda t: ["--images", t / "nope"], "does not exist"),
+    "images-empty": (lambda t: (t / "empty").mkdir() or ["--images", t / "empty"], "no images"),
+    "images-is-file": (lambda t: ["--images", _file(t)], "does not exist"),
+    "captions-missing": (lambda t: ["--captions", t / "nope.txt"], "captions file"),
+    "model-missing": (lambda t: ["--model", t / "nope"], "does not exist"),
+    "model-is-file": (lambda t: ["--model", _file(t)], "not a folder"),
+}
+
+RESUME_ARGS = {  # the whole command line, given tmp_path
+    "resume-missing": (lambda t: ["--resume", t / "nope"], "does not exist"),
+    "resume-a-file": (lambda t: ["--resume", _file(t)], "does not exist"),
+    "resume-empty-dir": (lambda t: (t / "e").mkdir() or ["--resume", t / "e"], "not a personalize run"),
+    "resume-with-lr": (lambda t: ["--resume", t / "nope", "--lr", "1"], "--lr cannot change on --resume"),
+    "resume-with-token": (lambda t: ["--resume", t / "nope", "--token", "<x>"], "--token cannot change"),
+    "resume-with-model": (lambda t: ["--resume", t / "nope", "--model", "shapes"], "--model cannot change"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_ARGS))
+def test_resume_bad_args(case, tmp_path):
+    make, needle = RESUME_ARGS[case]
+    one_error(run(["personalize", *make(tmp_path)]), needle)
+
+
+def _set_args(args, extra):
+    args = list(args)
+    for i in range(0, len(extra), 2):
+        if extra[i] in args and extra[i] != "--resume":
+            args[args.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            args += extra[i:i + 2]
+    return args
+
+
+@pytest.mark.parametrize("case", sorted(PERSONALIZE_PATHS))
+def test_personalize_bad_path(case, pristine, refs, tmp_path):
+    make, needle = PERSONALIZE_PATHS[case]
+    extra = make(tmp_path)
+    before = (tmp_path / "p.safetensors").read_bytes() if (tmp_path / "p.safetensors").exists() else None
+    one_error(run(_set_args(personalize_args(pristine, tmp_path, refs), extra)), needle)
+    if before is not None:
+        assert (tmp_path / "p.safetensors").read_bytes() == before
+
+
+def test_personalize_missing_flags(tmp_path):
+    one_error(run(["personalize", "--out", tmp_path / "x.safetensors"]), "missing --images, --token, --init")
+
+
+# -- 3. images ---------------------------------------------------------------------------------------------
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header that claims width x height greyscale pixels; a few bytes of data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def png_text_bomb() -> bytes:
+    """A tiny PNG whose zTXt chunk inflates to 8 MB."""
+    buf = __import__("io").BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="PNG")
+    raw = buf.getvalue()
+    ztxt = _chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(b"A" * 8_000_000, 9))
+    return raw[:33] + ztxt + raw[33:]
+
+
+def _png(arr, mode=None):
+    def make(path: Path):
+        Image.fromarray(arr, mode=mode).save(path) if mode else Image.fromarray(arr).save(path)
+    return make
+
+
+IMAGE_CASES = {  # name: (write one image file, extra flags, words of the error line)
+    "bomb-10-gigapixels": (lambda p: p.write_bytes(png_bomb(100_000, 100_000)), [], "--max-image-pixels"),
+    "bomb-200-MP": (lambda p: p.write_bytes(png_bomb(20_000, 10_000)), [], "179 MP"),
+    "over-own-limit": (_png(np.zeros((40, 40, 3), np.uint8)), ["--max-image-pixels", "1000"], "1,000 pixels"),
+    "text-chunk-bomb": (lambda p: p.write_bytes(png_text_bomb()), [], "cannot read image"),
+    "truncated": (lambda p: (_png(np.zeros((40, 40, 3), np.uint8))(p), p.write_bytes(p.read_bytes()[:60])),
+                  [], "cannot read image"),
+    "empty-file": (lambda p: p.write_bytes(b""), [], "cannot read image"),
+    "text-as-png": (lambda p: p.write_text("hello"), [], "cannot read image"),
+    "header-only": (lambda p: p.write_bytes(png_bomb(64, 64)[:33]), [], "cannot read image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+def test_personalize_bad_image(case, pristine, refs, tmp_path):
+    make, flags, needle = IMAGE_CASES[case]
+    folder = tmp_path / "imgs"
+    shutil.copytree(refs, folder)
+    make(folder / "zz.png")
+    args = _set_args(personalize_args(pristine, tmp_path, refs), ["--images", folder, *flags])
+    line = one_error(run(args), needle)
+    assert "zz.png" in line or "ref_" in line
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def _grey16(value):
+    return np.full((40, 40), value, np.uint16), None
+
+
+GREY_CASES = {  # name: (write the image, expected 8-bit grey level)
+    "16-bit-zero": (lambda p: Image.fromarray(np.zeros((40, 40), np.uint16)).save(p), 0),
+    "16-bit-quarter": (lambda p: Image.fromarray(np.full((40, 40), 16384, np.uint16)).save(p), 64),
+    "16-bit-half": (lambda p: Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(p), 128),
+    "16-bit-full": (lambda p: Image.fromarray(np.full((40, 40), 65535, np.uint16)).save(p), 255),
+    "32-bit-int-half": (lambda p: Image.fromarray(np.full((40, 40), 32768, np.int32)).save(p.with_suffix(".tiff")),
+                        128),
+    "float-half": (lambda p: Image.fromarray(np.full((40, 40), 0.5, np.float32)).save(p.with_suffix(".tiff")), 128),
+    "float-nan": (lambda p: Image.fromarray(np.full((40, 40), np.nan, np.float32)).save(p.with_suffix(".tiff")), 0),
+    "8-bit-grey": (lambda p: Image.fromarray(np.full((40, 40), 100, np.uint8)).save(p), 100),
+    "palette-transparent": (lambda p: Image.fromarray(np.full((40, 40), 0, np.uint8)).convert("P").save(
+        p, transparency=0), 255),
+    "grey-alpha-clear": (lambda p: Image.fromarray(np.zeros((40, 40, 2), np.uint8), mode="LA").save(p), 255),
+    "cmyk-jpeg": (lambda p: Image.new("CMYK", (40, 40), (0, 0, 0, 0)).save(p.with_suffix(".jpg")), 255),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GREY_CASES))
+def test_image_modes_converted_by_range(case, tmp_path):
+    """16-bit and float images keep their grey level (PIL's convert would clip 25-50 % grey to white)."""
+    from zo_runtime.data import load_image
+
+    make, level = GREY_CASES[case]
+    make(tmp_path / "img.png")
+    path = next(tmp_path.glob("img.*"))
+    out = load_image(path, 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - level).max() <= 1, (out.min(), out.max())
+
+
+def test_16_bit_rgb_png(tmp_path):
+    a = np.full((40, 40, 3), 0x8000, np.uint16)
+    import io
+    # PIL cannot write 48-bit PNG from an array; build it by hand
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(40))
+    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 40, 16, 2, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+    (tmp_path / "rgb48.png").write_bytes(data)
+    from zo_runtime.data import load_image
+    assert Image.open(io.BytesIO(data)).size == (40, 40)
+    assert np.abs(load_image(tmp_path / "rgb48.png", 32).astype(int) - 128).max() <= 1
+
+
+def test_long_caption_does_not_fit(pristine, refs, tmp_path):
+    caps = tmp_path / "caps.txt"
+    caps.write_text("ref_0.png\t" + "a very " * 40 + "{}\n")
+    one_error(run(personalize_args(pristine, tmp_path, refs) + ["--captions", caps]), "does not fit")
