@@ -578,3 +578,242 @@ def test_long_caption_does_not_fit(pristine, refs, tmp_path):
     caps = tmp_path / "caps.txt"
     caps.write_text("ref_0.png\t" + "a very " * 40 + "{}\n")
     one_error(run(personalize_args(pristine, tmp_path, refs) + ["--captions", caps]), "does not fit")
+
+
+# -- 4. embedding files (generate --embedding) -------------------------------------------------------------
+
+def st_file(path: Path, header, data: bytes = b"", n: int | None = None) -> Path:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(raw) if n is None else n) + raw + data)
+    return path
+
+
+ZEROS = np.zeros(64, np.float32).tobytes()
+
+
+def _tensor(name="<e>", shape=(1, 64), dtype="F32", data=None, offsets=None):
+    data = np.zeros(shape, np.float32).tobytes() if data is None else data
+    return {name: {"dtype": dtype, "shape": list(shape), "data_offsets": offsets or [0, len(data)]}}, data
+
+
+def _save(name, vecs):
+    def make(p: Path):
+        from safetensors.numpy import save_file
+        save_file({name: np.asarray(vecs, np.float32)}, str(p))
+        return p
+    return make
+
+
+EMBEDDING_CASES = {  # name: (write the file at the given path (or return another path), words of the error line)
+    "header-longer-than-file": (lambda p: st_file(p, {"a": 1}, n=10_000), "bad header length"),
+    "header-length-zero": (lambda p: st_file(p, b"", n=0), "bad header length"),
+    "too-short": (lambda p: p.write_bytes(b"\x01\x02\x03") and p, "too short"),
+    "header-not-json": (lambda p: st_file(p, b"{nope"), "unreadable header"),
+    "header-bad-utf8": (lambda p: st_file(p, b'{"\xff": 1}'), "unreadable header"),
+    "header-list": (lambda p: st_file(p, b"[1, 2, 3]"), "unreadable header"),
+    "no-tensors": (lambda p: st_file(p, {"__metadata__": {"a": "b"}}), "holds no tensors"),
+    "entry-not-object": (lambda p: st_file(p, {"<e>": [1, 2]}), "malformed"),
+    "offsets-strings": (lambda p: st_file(p, *_tensor(offsets=["0", "256"])), "malformed"),
+    "offsets-three": (lambda p: st_file(p, *_tensor(offsets=[0, 128, 256])), "malformed"),
+    "offsets-negative": (lambda p: st_file(p, *_tensor(offsets=[-256, 0])), "inconsistent size"),
+    "offsets-past-end": (lambda p: st_file(p, *_tensor(offsets=[256, 512])), "truncated"),
+    "shape-negative": (lambda p: st_file(p, *_tensor(shape=(-4, -64), data=ZEROS)), "malformed"),
+    "shape-mismatch": (lambda p: st_file(p, *_tensor(shape=(2, 64), data=ZEROS)), "inconsistent size"),
+    "shape-huge": (lambda p: st_file(p, *_tensor(shape=(2 ** 62, 2 ** 62), data=ZEROS)), "inconsistent size"),
+    "dtype-int": (lambda p: st_file(p, *_tensor(dtype="I32")), "floating point"),
+    "dtype-list": (lambda p: st_file(p, *_tensor(dtype=["F32"])), "malformed"),
+    "values-nan": (_save("<e>", np.full((1, 64), np.nan)), "NaN"),
+    "wrong-dim": (_save("<e>", np.zeros((1, 32))), "dimension 32"),
+    "three-tensors": (lambda p: st_file(p, {**_tensor("a")[0], **_tensor("b")[0], **_tensor("c")[0]},
+                                        np.zeros(64, np.float32).tobytes()), "not a textual-inversion"),
+    "sdxl": (lambda p: st_file(p, {**_tensor("clip_l")[0], **_tensor("clip_g")[0]},
+                               np.zeros(64, np.float32).tobytes()), "SDXL"),
+    "placeholder-a-word": (_save("a", np.zeros((1, 64))), "word of the vocabulary"),
+    "placeholder-star-word": (_save("star", np.zeros((1, 64))), "word of the vocabulary"),
+    "placeholder-special": (_save("<|endoftext|>", np.zeros((1, 64))), "word of the vocabulary"),
+    "placeholder-space": (_save("<my tok>", np.zeros((1, 64))), "without spaces"),
+    "too-many-vectors": (_save("<e>", np.zeros((76, 64))), "at most 75"),
+    "pickle-suffix": (lambda p: (p.with_suffix(".pt").write_bytes(b"\x80\x04K\x01."), p.with_suffix(".pt"))[1],
+                      "pickle"),
+    "zip-archive": (lambda p: p.write_bytes(b"PK\x03\x04" + b"\x00" * 40) and p, "zip archive"),
+    "pickle-bytes": (lambda p: p.write_bytes(b"\x80\x04\x95" + b"\x00" * 40) and p, "pickle"),
+    "folder-without-file": (lambda p: p.mkdir() or p, "learned_embeds.safetensors"),
+    "missing": (lambda p: p, "not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDING_CASES))
+def test_generate_bad_embedding(case, pristine, tmp_path):
+    make, needle = EMBEDDING_CASES[case]
+    path = make(tmp_path / "emb.safetensors") or tmp_path / "emb.safetensors"
+    one_error(run(["generate", "--model", pristine, "--embedding", path, "a <e>", "--out", tmp_path / "g.png",
+                   "--steps", "1"]), needle)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_same_placeholder_in_two_files(pristine, tmp_path):
+    a, b = _save("<e>", np.zeros((1, 64)))(tmp_path / "a.safetensors"), _save("<e>", np.ones((1, 64)))(tmp_path / "b.st")
+    one_error(run(["generate", "--model", pristine, "--embedding", a, "--embedding", b, "a <e>", "--out",
+                   tmp_path / "g.png"]), "two embedding files")
+
+
+@pytest.mark.parametrize("loaded", [0, 1])
+def test_prompt_names_unknown_token(loaded, pristine, tmp_path):
+    emb = ["--embedding", _save("<e>", np.zeros((1, 64)))(tmp_path / "e.safetensors")] if loaded else []
+    one_error(run(["generate", "--model", pristine, *emb, "a photo of <other>", "--out", tmp_path / "g.png"]),
+              "<other>", "no loaded embedding defines")
+    assert not (tmp_path / "g.png").exists()
+
+
+def _valid_embedding_bytes() -> bytes:
+    from safetensors.numpy import save
+    return save({"<e>": np.arange(64, dtype=np.float32)[None] / 64}, metadata={"format": "pt"})
+
+
+def _check_loader(tmp_path, data: bytes) -> None:
+    """Loading arbitrary bytes gives embeddings or one UserError line; never another exception."""
+    from zo_runtime.embeddings import load_embeddings
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(data)
+    try:
+        out = load_embeddings(path, expected_dim=64)
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    for vecs in out.values():
+        assert vecs.dtype == np.float32 and vecs.ndim == 2 and np.isfinite(vecs).all()
+
+
+def test_fuzzed_safetensors_headers(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = _valid_embedding_bytes()
+    n = struct.unpack("<Q", good[:8])[0]
+    header = json.loads(good[8:8 + n])
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(), st.text(max_size=8))
+    value = st.recursive(scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c,
+                                                                                        max_size=4), max_leaves=8)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(field=st.sampled_from(["dtype", "shape", "data_offsets", None]), new=value,
+           length_delta=st.integers(-16, 16))
+    def check(field, new, length_delta):
+        h = json.loads(json.dumps(header))
+        if field is None:
+            h["<e>"] = new
+        else:
+            h["<e>"][field] = new
+        raw = json.dumps(h).encode()
+        _check_loader(tmp_path, struct.pack("<Q", max(0, len(raw) + length_delta)) + raw + good[8 + n:])
+
+    check()
+
+
+def test_fuzzed_safetensors_bytes(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = _valid_embedding_bytes()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(flips=st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)), min_size=1, max_size=6),
+           cut=st.integers(0, len(good)))
+    def check(flips, cut):
+        data = bytearray(good)
+        for i, b in flips:
+            data[i] = b
+        _check_loader(tmp_path, bytes(data[:max(cut, 1)]) if cut < 8 else bytes(data))
+
+    check()
+
+
+# -- 5. generate: settings and outputs checked before any work -----------------------------------------------
+
+GENERATE_FLAGS = [
+    ("--guidance", "inf", "--guidance"), ("--guidance", "nan", "--guidance"), ("--guidance", "-1", "--guidance"),
+    ("--guidance", "1000", "--guidance"), ("--guidance", "x", "not a valid float"), ("--steps", "0", "--steps"),
+    ("--steps", "5000", "--steps"), ("--seed", "-1", "--seed"), ("--height", "-8", "--height"),
+    ("--height", "0", "--height"), ("--height", "12", "divisible by 8"), ("--height", "100000", "--height"),
+    ("--width", "-16", "--width"), ("--images-per-prompt", "0", "--images-per-prompt"),
+    ("--images-per-prompt", "1000", "--images-per-prompt"), ("--threads", "-1", "--threads"),
+    ("--scheduler", "nope", "nope"), ("--provider", "nope", "not available"),
+]
+
+
+@pytest.mark.parametrize("flag,value,needle", GENERATE_FLAGS, ids=[f"{f}={v}" for f, v, _ in GENERATE_FLAGS])
+def test_generate_bad_flag(flag, value, needle, pristine, tmp_path):
+    args = generate_args(pristine, tmp_path)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    one_error(run(args), needle)
+    assert not (tmp_path / "g.png").exists()
+
+
+def _prompts(t, text: bytes):
+    (t / "prompts.txt").write_bytes(text)
+    return ["--prompts", t / "prompts.txt"]
+
+
+GENERATE_PATHS = {  # name: (the command line after `generate --model M`, given tmp_path; error words)
+    "out-gif": (lambda t: ["a star", "--out", t / "x.gif"], "must end in"),
+    "out-no-suffix": (lambda t: ["a star", "--out", t / "x"], "must end in"),
+    "out-exists": (lambda t: _file(t, "x.png") and ["a star", "--out", t / "x.png"], "exists"),
+    "out-is-folder": (lambda t: (t / "d.png").mkdir() or ["a star", "--out", t / "d.png"], "is a folder"),
+    "out-under-file": (lambda t: ["a star", "--out", _file(t) / "x.png"], "cannot write"),
+    "out-in-proc": (lambda t: ["a star", "--out", "/proc/zo-edge-hostile/x.png"], "cannot write"),
+    "out-dir-is-file": (lambda t: ["a star", "--out-dir", _file(t)], "not a folder"),
+    "out-and-out-dir": (lambda t: ["a star", "--out", t / "x.png", "--out-dir", t / "d"], "not both"),
+    "grid-exists": (lambda t: (t / "d").mkdir() or _file(t / "d", "grid.png") and
+                    ["a star", "--out-dir", t / "d", "--grid"], "grid.png exists"),
+    "image-exists": (lambda t: (t / "d").mkdir() or _file(t / "d", "000_0.png") and
+                     ["a star", "--out-dir", t / "d"], "000_0.png exists"),
+    "no-output": (lambda t: ["a star"], "give --out"),
+    "no-prompt": (lambda t: ["--out", t / "x.png"], "give a PROMPT"),
+    "prompts-missing": (lambda t: ["--prompts", t / "nope.txt", "--out-dir", t / "d"], "does not exist"),
+    "prompts-empty": (lambda t: [*_prompts(t, b"\n  \n"), "--out-dir", t / "d"], "has no prompts"),
+    "prompts-bad-utf8": (lambda t: [*_prompts(t, b"a \xff star\n"), "--out-dir", t / "d"], "not UTF-8"),
+    "prompts-two-one-out": (lambda t: [*_prompts(t, b"a\nb\n"), "--out", t / "x.png"], "--out takes one prompt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE_PATHS))
+def test_generate_bad_path(case, pristine, tmp_path):
+    make, needle = GENERATE_PATHS[case]
+    existing = {p: p.read_bytes() for p in tmp_path.rglob("*.png") if p.is_file()}
+    args = make(tmp_path)
+    existing.update({p: p.read_bytes() for p in tmp_path.rglob("*.png") if p.is_file()})
+    one_error(run(["generate", "--model", pristine, *args]), needle)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.png") if p.is_file()} == existing
+
+
+MAGIC = {".png": b"\x89PNG", ".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".webp": b"RIFF"}
+
+
+@pytest.mark.parametrize("suffix", sorted(MAGIC))
+def test_generate_writes_the_format_its_name_says(suffix, pristine, tmp_path):
+    out = tmp_path / f"x{suffix}"
+    ok(run(["generate", "--model", pristine, "a red star", "--out", out, "--steps", "1"]))
+    assert out.read_bytes()[:len(MAGIC[suffix])] == MAGIC[suffix]
+    assert Image.open(out).size == (32, 32)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_grid_replaced_only_with_overwrite(pristine, tmp_path):
+    d = tmp_path / "d"
+    args = ["generate", "--model", pristine, "a red star", "--out-dir", d, "--grid", "--steps", "1"]
+    ok(run(args))
+    first = (d / "grid.png").read_bytes()
+    one_error(run(args + ["--seed", "5"]), "exists")
+    assert (d / "grid.png").read_bytes() == first
+    ok(run(args + ["--seed", "5", "--overwrite"]))
+    assert (d / "grid.png").read_bytes() != first
