@@ -382,7 +382,7 @@ def _out(name):
 
 PERSONALIZE_FLAGS = [  # (flag, value, words of the error line)
     ("--lr", "0", "--lr"), ("--lr", "-1", "--lr"), ("--lr", "inf", "--lr"), ("--lr", "nan", "--lr"),
-    ("--lr", "-inf", "--lr"), ("--adam-eps", "-1", "--adam-eps"), ("--adam-eps", "0", "--adam-eps"),
+    ("--lr", "-inf", "--lr"), ("--lr", "1e38", "--lr"), ("--lr", "2", "--lr"), ("--adam-eps", "-1", "--adam-eps"), ("--adam-eps", "0", "--adam-eps"),
     ("--adam-eps", "nan", "--adam-eps"), ("--adam-eps", "inf", "--adam-eps"), ("--mu", "0", "--mu"),
     ("--mu", "nan", "--mu"), ("--mu", "inf", "--mu"), ("--nu", "0", "--nu"), ("--nu", "1", "--nu"),
     ("--nu", "nan", "--nu"), ("--steps", "0", "--steps"), ("--steps", "-5", "--steps"),
@@ -817,3 +817,370 @@ def test_grid_replaced_only_with_overwrite(pristine, tmp_path):
     assert (d / "grid.png").read_bytes() == first
     ok(run(args + ["--seed", "5", "--overwrite"]))
     assert (d / "grid.png").read_bytes() != first
+
+
+# -- 6. faults: full disk, torn logs, damaged checkpoints, non-finite training, kills ---------------------------
+
+CLI_WITH_FILE_LIMIT = ("import resource, sys\n"
+                       "limit = int(sys.argv.pop(1))\n"
+                       "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))\n"
+                       "from zo_edge.cli.main import main\n"
+                       "main(sys.argv[1:], prog_name='zo-edge')\n")
+
+
+def run_limited(limit: int, args, timeout=180):
+    """The CLI in a subprocess whose files cannot grow past ``limit`` bytes (a full disk: EFBIG)."""
+    return subprocess.run([sys.executable, "-c", CLI_WITH_FILE_LIMIT, str(limit), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "ZO_EDGE_THREADS": "1"})
+
+
+def one_error_line(stderr: str, *needles) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(NOISE)]
+    assert len(lines) == 1 and lines[0].startswith("zo-edge: error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_full_disk_on_image_keeps_previous_file(pristine, tmp_path):
+    out = tmp_path / "x.png"
+    out.write_bytes(b"previous image")
+    p = run_limited(1000, ["generate", "--model", pristine, "a red star", "--out", out, "--steps", "1", "--overwrite"])
+    assert p.returncode == 2, p.stderr
+    one_error_line(p.stderr, "File too large", "nothing was replaced")
+    assert out.read_bytes() == b"previous image"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["sentinel", "x.png"]   # no temporary file left
+
+
+def test_full_disk_during_training_then_resume(pristine, refs, tmp_path):
+    args = personalize_args(pristine, tmp_path, refs)
+    args = _set_args(args, ["--steps", "60", "--checkpoint-every", "10", "--no-sg"])
+    p = run_limited(4096, args)
+    assert p.returncode == 2, p.stderr
+    one_error_line(p.stderr, "cannot write", "is intact")
+    with np.load(tmp_path / "run" / "checkpoint.npz") as z:
+        step = int(z["step"])
+        assert step >= 10 and np.isfinite(z["theta"]).all()
+    assert not (tmp_path / "p.safetensors").exists()
+    ok(run(["personalize", "--resume", tmp_path / "run"]))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def _cfg(pristine, refs, tmp, **kw):
+    from zo_runtime.personalize import PersonalizeConfig
+    base = dict(model=str(pristine), images=str(refs), token=TOKEN, init="star", out=str(tmp / "p.safetensors"),
+                run_dir=str(tmp / "run"), steps=8, checkpoint_every=2, tau=8, seed=1)
+    base.update(kw)
+    return PersonalizeConfig(**base)
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(n):
+    def callback(step, theta):
+        if step == n:
+            raise Killed
+    return callback
+
+
+@pytest.fixture(scope="module")
+def done_run(pristine, refs, tmp_path_factory):
+    """A finished run (8 steps, checkpoints every 2) and its embedding; cases copy it."""
+    from zo_runtime.personalize import Trainer
+    tmp = tmp_path_factory.mktemp("done")
+    Trainer(_cfg(pristine, refs, tmp)).train()
+    return tmp
+
+
+@pytest.fixture
+def run_copy(done_run, tmp_path):
+    shutil.copytree(done_run / "run", tmp_path / "run")
+    shutil.copyfile(done_run / "p.safetensors", tmp_path / "p.safetensors")
+    return tmp_path / "run"
+
+
+def test_torn_log_line_dropped_on_resume(pristine, refs, tmp_path):
+    from zo_runtime.personalize import Trainer
+    cfg = _cfg(pristine, refs, tmp_path)
+    with pytest.raises(Killed):
+        Trainer(cfg).train(callback=_kill_at(6))
+    with open(tmp_path / "run" / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 7, "lo')          # a write cut short by a kill or a full disk
+    ok(run(["personalize", "--resume", tmp_path / "run"]))
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+
+
+def _rewrite_checkpoint(**changes):
+    def f(path: Path):
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays.update(changes)
+        for k in [k for k, v in changes.items() if v is None]:
+            arrays.pop(k)
+        path.unlink()
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+    return f
+
+
+CHECKPOINT_CASES = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:300]),
+    "empty": lambda p: p.write_bytes(b""),
+    "garbage": lambda p: p.write_bytes(b"\x00garbage" * 100),
+    "theta-shape": _rewrite_checkpoint(theta=np.zeros((3, 3), np.float32)),
+    "theta-nan": _rewrite_checkpoint(theta=np.full((1, 64), np.nan, np.float32)),
+    "no-rng": _rewrite_checkpoint(rng=None),
+    "rng-garbage": _rewrite_checkpoint(rng=np.array("{not json")),
+    "step-past-end": _rewrite_checkpoint(step=np.int64(100)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_damaged_checkpoint_on_resume(case, run_copy, tmp_path):
+    ckpt = run_copy / "checkpoint.npz"
+    CHECKPOINT_CASES[case](ckpt)
+    before = tree_digest(run_copy)
+    one_error(run(["personalize", "--resume", run_copy, "--out", tmp_path / "new.safetensors"]), "checkpoint")
+    assert tree_digest(run_copy) == before
+    assert not (tmp_path / "new.safetensors").exists()
+
+
+CONFIG_CASES = {
+    "garbage": (b"{nope", "damaged"),
+    "bad-utf8": (b'{"lr": "\xff"}', "damaged"),
+    "list": (b"[1, 2]", "damaged"),
+    "lr-string": (lambda d: d.update(lr="0.1"), "wrong type"),
+    "steps-float": (lambda d: d.update(steps=1.5), "wrong type"),
+    "flag-number": (lambda d: d.update(sg=1), "wrong type"),
+    "templates-bad": (lambda d: d.update(templates=[1, 2]), "template"),
+    "no-token": (lambda d: d.pop("token"), "damaged"),
+    "lr-negative": (lambda d: d.update(lr=-1.0), "--lr"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_damaged_config_on_resume(case, run_copy, tmp_path):
+    change, needle = CONFIG_CASES[case]
+    path = run_copy / "config.json"
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+    else:
+        d = json.loads(path.read_text())
+        change(d)
+        path.write_text(json.dumps(d))
+    before = tree_digest(run_copy)
+    one_error(run(["personalize", "--resume", run_copy, "--out", tmp_path / "new.safetensors"]), needle)
+    assert tree_digest(run_copy) == before
+
+
+def test_resume_of_finished_run_never_replaces_output(run_copy, tmp_path):
+    out = tmp_path / "p.safetensors"
+    first = out.read_bytes()
+    one_error(run(["personalize", "--resume", run_copy]), "exists", "--overwrite")
+    assert out.read_bytes() == first
+    from zo_runtime.embeddings import load_embeddings
+    ok(run(["personalize", "--resume", run_copy, "--out", tmp_path / "again.safetensors"]))
+    token = load_embeddings(out)[TOKEN]
+    np.testing.assert_array_equal(load_embeddings(tmp_path / "again.safetensors")[TOKEN], token)  # bit for bit
+    ok(run(["personalize", "--resume", run_copy, "--overwrite"]))
+    np.testing.assert_array_equal(load_embeddings(out)[TOKEN], token)
+
+
+def test_resume_extends_a_finished_run(run_copy, tmp_path):
+    ok(run(["personalize", "--resume", run_copy, "--steps", "10", "--out", tmp_path / "ten.safetensors"]))
+    steps = [json.loads(line)["step"] for line in (run_copy / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    assert json.loads((run_copy / "config.json").read_text())["steps"] == 10
+
+
+def test_stale_temp_files_removed_on_resume(run_copy, tmp_path):
+    for name in (".checkpoint.npz.abc123.tmp", "checkpoint.npz.tmp.npz", ".log.jsonl.x.tmp"):
+        (run_copy / name).write_bytes(b"left by a kill")
+    ok(run(["personalize", "--resume", run_copy, "--steps", "9", "--out", tmp_path / "n.safetensors"]))
+    assert sorted(p.name for p in run_copy.iterdir() if p.name != ".lock") == ["checkpoint.npz", "config.json",
+                                                                               "log.jsonl"]
+
+
+def test_embedding_file_mode_follows_umask(done_run):
+    assert (done_run / "p.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_killed_before_first_checkpoint(pristine, refs, tmp_path):
+    """A kill between config.json and the step-0 checkpoint: --resume says what to do; a new run works."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    one_error(run(["personalize", "--resume", run_dir]), "stopped before its first")
+    ok(run(personalize_args(pristine, tmp_path, refs)))
+
+
+def test_nan_loss_keeps_the_checkpoint_whose_loss_was_seen(pristine, refs, tmp_path):
+    """The loss of θ_k is seen at step k + 1: with NaN at step 7, the checkpoint is step 4 (not 6, unseen)."""
+    from zo_runtime.personalize import Trainer
+    trainer = Trainer(_cfg(pristine, refs, tmp_path, checkpoint_every=2))
+    real, calls = trainer.oracle.losses, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k) * (np.nan if calls["n"] == 7 else 1)
+
+    trainer.oracle.losses = flaky
+    with pytest.raises(UserError, match="step 4"):
+        trainer.train()
+    with np.load(tmp_path / "run" / "checkpoint.npz") as z:
+        assert int(z["step"]) == 4
+
+
+# -- 7. overwrite protection under concurrency ------------------------------------------------------------------
+
+def test_run_dir_in_use(pristine, refs, tmp_path):
+    from zo_runtime.personalize import RunLock
+    (tmp_path / "run").mkdir()
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    try:
+        one_error(run(personalize_args(pristine, tmp_path, refs)), "in use")
+    finally:
+        lock.release()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+
+
+def test_default_run_dir_not_shared(pristine, refs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["personalize", "--model", pristine, "--images", refs, "--token", TOKEN, "--init", "star", "--steps", "2"]
+    ok(run(base + ["--out", "a.safetensors"]))
+    run_dir = tmp_path / "runs" / "hz-tok"
+    before = tree_digest(run_dir)
+    one_error(run(base + ["--out", "b.safetensors"]), "already holds a run")
+    assert tree_digest(run_dir) == before and not (tmp_path / "b.safetensors").exists()
+
+
+def test_output_that_appears_during_training(pristine, refs, tmp_path):
+    from zo_runtime.personalize import Trainer, resume
+    cfg = _cfg(pristine, refs, tmp_path, steps=3)
+
+    def other_process(step, theta):
+        if step == 1:
+            Path(cfg.out).write_bytes(b"someone else's file")
+
+    with pytest.raises(UserError, match="appeared"):
+        Trainer(cfg).train(callback=other_process)
+    assert Path(cfg.out).read_bytes() == b"someone else's file"
+    res = resume(cfg.run_dir, out=str(tmp_path / "mine.safetensors"))
+    assert Path(res.out).is_file() and Path(cfg.out).read_bytes() == b"someone else's file"
+
+
+def test_publish_never_replaces_without_overwrite(tmp_path):
+    from zo_runtime.embeddings import save_embedding
+    path = tmp_path / "e.safetensors"
+    path.write_bytes(b"first")
+    with pytest.raises(UserError, match="appeared"):
+        save_embedding(path, "<e>", np.zeros((1, 8), np.float32), overwrite=False)
+    assert path.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors",
+                                                                                            "sentinel"]
+
+
+def _spawn(args):
+    return subprocess.Popen([sys.executable, "-m", "zo_edge.cli.main", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "ZO_EDGE_THREADS": "1"})
+
+
+def test_two_generates_same_out(pristine, tmp_path):
+    out = tmp_path / "x.png"
+    procs = [_spawn(["generate", "--model", pristine, "a red star", "--out", out, "--steps", "3", "--seed", str(i)])
+             for i in range(2)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    line = one_error_line(next(err for code, err in results if code == 2))
+    assert "exists" in line or "appeared" in line
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_runs_same_run_dir(pristine, refs, tmp_path):
+    procs = [_spawn(_set_args(personalize_args(pristine, tmp_path, refs),
+                              ["--out", tmp_path / f"p{i}.safetensors", "--steps", "30"])) for i in range(2)]
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    line = one_error_line(next(err for code, err in results if code == 2))
+    assert "in use" in line or "already holds a run" in line
+    winner = next(i for i, (code, _) in enumerate(results) if code == 0)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["out"].endswith(f"p{winner}.safetensors")
+
+
+# -- 8. requantize and convert write only inside their output ------------------------------------------------------
+
+def _as_fp32(b):
+    edit(b, lambda m: m["quantization"].__setitem__("weights", "fp32"))
+
+
+REQUANTIZE_CASES = {
+    "token-table-traversal": (lambda b, s: (_as_fp32(b), edit(b, lambda m: m["token_embedding"].__setitem__(
+        "path", "../../x"))), "outside the bundle"),
+    "files-entry-traversal": (lambda b, s: (_as_fp32(b), _list_outside(b, s)), "outside the bundle"),
+    "tokenizer-symlink": (lambda b, s: (_as_fp32(b), _tokenizer_symlink(b, s)), "symbolic link"),
+    "not-fp32": (lambda b, s: None, "not an fp32 bundle"),
+    "unknown-graph": (lambda b, s: (_as_fp32(b), edit(b, lambda m: m["graphs"].__setitem__(
+        "../../evil", m["graphs"]["unet"]))), "unknown graph"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REQUANTIZE_CASES))
+def test_requantize_refuses(case, bundle, sentinel, tmp_path):
+    tamper, needle = REQUANTIZE_CASES[case]
+    tamper(bundle, sentinel)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    one_error(run(["requantize", bundle, tmp_path / "out"]), needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before       # no output, no temporary folder
+
+
+def test_requantize_over_a_user_folder(bundle, tmp_path):
+    _as_fp32(bundle)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    one_error(run(["requantize", bundle, tmp_path / "mine", "--overwrite"]), "not a zo-edge bundle")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_requantize_copies_only_listed_files(bundle, tmp_path):
+    _as_fp32(bundle)
+    (bundle / "tokenizer" / "unlisted-extra.txt").write_text("not part of the bundle")
+    ok(run(["requantize", bundle, tmp_path / "out"]))
+    assert not (tmp_path / "out" / "tokenizer" / "unlisted-extra.txt").exists()
+    assert "verified 10 files" in ok(run(["info", tmp_path / "out", "--verify"])).output
+
+
+def test_demo_out_dir_is_a_file(tmp_path):
+    one_error(run(["demo", "--out-dir", _file(tmp_path)]), "afile")
+
+
+# -- 9. the top-level handler: expected failures one line, bugs one line unless asked -----------------------------
+
+def test_bug_is_one_line_without_traceback(pristine, tmp_path, monkeypatch):
+    from zo_runtime import pipeline
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline.Pipeline, "__init__", boom)
+    args = ["generate", "--model", pristine, "a star", "--out", tmp_path / "x.png"]
+    r = run(args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error: RuntimeError: boom" in lines[0] and "--debug" in lines[0]
+    assert isinstance(run(args, env={"ZO_EDGE_DEBUG": "1"}).exception, RuntimeError)
+    assert isinstance(run(["--debug", *args]).exception, RuntimeError)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["nosuchcommand"], "No such command"),
+    (["generate", "--steps"], "requires an argument"),
+    (["info", "a", "b"], "unexpected extra argument"),
+])
+def test_usage_errors_one_line(args, needle):
+    one_error(run(args), needle)

@@ -40,6 +40,7 @@ CHECKPOINT = "checkpoint.npz"
 LOCK = ".lock"
 MAX_VECTORS = 75            # 77 tokens less BOS and EOS
 MAX_RESOLUTION = 4096
+MAX_LR = 1.0
 _OPTIONAL_FIELDS = {"run_dir": (str,), "resolution": (int,), "captions": (str,)}
 _FIELD_TYPES = {**_OPTIONAL_FIELDS, "templates": (tuple, list)}
 
@@ -108,6 +109,9 @@ class PersonalizeConfig:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if cfg.rank < 0:
             raise UserError(f"--rank must be >= 0, got {cfg.rank}")
+        if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
+            raise UserError(f"--lr must be at most {MAX_LR} with Adam (it moves every coordinate by about lr per "
+                            f"step; a token row has norm about 1), got {cfg.lr}")
         if self.steps < 1:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
         if not 1 <= self.num_vectors <= MAX_VECTORS:
