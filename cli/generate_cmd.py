@@ -82,6 +82,8 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
     pipe = Pipeline(bundle, embeddings=loaded, scheduler=scheduler, low_memory=low_memory)
     for text in dict.fromkeys(prompts):
         pipe.check_prompt(text)
+        if model == "shapes":
+            warn_unknown_background(text)
 
     all_images = []
     for i, (text, paths) in enumerate(zip(prompts, targets)):
@@ -100,6 +102,18 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
         save_image(grid_path, grid(np.concatenate(all_images), cols=images_per_prompt if len(prompts) > 1 else None),
                    overwrite=overwrite)
         click.echo(str(grid_path))
+
+
+def warn_unknown_background(prompt: str) -> None:
+    """The shapes model knows five backgrounds; any other it draws as grey, so say so."""
+    import re
+
+    from zo_edge.models import world
+
+    for word in re.findall(r"\bon an? ([\w-]+) background", prompt):
+        if word not in world.BACKGROUNDS:
+            click.echo(f"zo-edge: warning: the shapes model never saw a {word!r} background (it knows "
+                       f"{', '.join(world.BACKGROUNDS)}); expect grey", err=True)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -808,6 +808,12 @@ def _umask() -> int:
     return m
 
 
+@pytest.mark.parametrize("background,warned", [("beach", True), ("sky", False)])
+def test_shapes_unknown_background_warns(background, warned, tmp_path):
+    r = ok(run(["generate", f"a red star on a {background} background", "--out", tmp_path / "x.png", "--steps", "1"]))
+    assert ("never saw a 'beach' background" in r.stderr) == warned
+
+
 def test_grid_replaced_only_with_overwrite(pristine, tmp_path):
     d = tmp_path / "d"
     args = ["generate", "--model", pristine, "a red star", "--out-dir", d, "--grid", "--steps", "1"]

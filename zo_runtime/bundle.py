@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import UserError
-from .manifest import file_problems, inside, listed, read_manifest, sha256_file, verify_files  # noqa: F401
+from .manifest import inside, listed, read_manifest, verify_files
 
 MANIFEST = "zo-edge.json"
 FORMAT_VERSION = 1

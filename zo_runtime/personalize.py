@@ -41,8 +41,6 @@ LOCK = ".lock"
 MAX_VECTORS = 75            # 77 tokens less BOS and EOS
 MAX_RESOLUTION = 4096
 MAX_LR = 1.0
-_OPTIONAL_FIELDS = {"run_dir": (str,), "resolution": (int,), "captions": (str,)}
-_FIELD_TYPES = {**_OPTIONAL_FIELDS, "templates": (tuple, list)}
 
 
 @dataclass
@@ -138,19 +136,27 @@ class PersonalizeConfig:
             raise UserError(str(e)) from None
 
     def check_types(self) -> None:
-        """Each field has its type (a config.json edited by hand, or damaged, is caught here)."""
+        """Each field has the type its annotation names (a config.json edited by hand, or damaged,
+        is caught here rather than deep inside the run)."""
         for f in dataclasses.fields(self):
+            allowed = _allowed_types(f.type)
             v = getattr(self, f.name)
-            want = _FIELD_TYPES.get(f.name)
-            if want is None:
-                want = (str,) if f.default is dataclasses.MISSING else (type(f.default),)
-                want = (int, float) if want == (float,) else want
-            if v is None and f.name in _OPTIONAL_FIELDS:
-                continue
-            if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
+            if allowed is not None and (not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed)):
                 raise UserError(f"setting {f.name!r} has the wrong type: {v!r}")
         if not all(isinstance(t, str) and "{}" in t for t in self.templates):
             raise UserError("every prompt template must be a string with {} where the token goes")
+
+
+_TYPE_NAMES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+               "tuple": (tuple, list)}
+
+
+def _allowed_types(annotation) -> tuple | None:
+    """``"int | None"`` -> (int, NoneType); None for an annotation not spelled with those names."""
+    names = [n.strip() for n in str(annotation).split("|")]
+    if not all(n in _TYPE_NAMES for n in names):
+        return None
+    return tuple(t for n in names for t in _TYPE_NAMES[n])
 
 
 def default_run_dir(token: str) -> str:
