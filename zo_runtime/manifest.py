@@ -32,7 +32,7 @@ def read_manifest(root: str | Path, name: str, fmt: str, what: str, remedy: str)
     ``format_version`` 1, and a well-formed ``files`` table whose paths stay inside ``root``."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise UserError(f"{what} {str(root)!r} does not exist")
+        raise UserError(f"{what} {str(root)!r} does not exist ({remedy})")
     if not root.is_dir():
         raise UserError(f"{what} {str(root)!r} is not a folder")
     path = root / name
