@@ -381,17 +381,17 @@ def _out(name):
 
 
 PERSONALIZE_FLAGS = [  # (flag, value, words of the error line)
-    ("--lr", "0", "--lr"), ("--lr", "-1", "--lr"), ("--lr", "inf", "--lr"), ("--lr", "nan", "--lr"),
-    ("--lr", "-inf", "--lr"), ("--lr", "1e38", "--lr"), ("--lr", "2", "--lr"), ("--adam-eps", "-1", "--adam-eps"), ("--adam-eps", "0", "--adam-eps"),
-    ("--adam-eps", "nan", "--adam-eps"), ("--adam-eps", "inf", "--adam-eps"), ("--mu", "0", "--mu"),
-    ("--mu", "nan", "--mu"), ("--mu", "inf", "--mu"), ("--nu", "0", "--nu"), ("--nu", "1", "--nu"),
-    ("--nu", "nan", "--nu"), ("--steps", "0", "--steps"), ("--steps", "-5", "--steps"),
+    ("--lr", "0", "learning rate"), ("--lr", "-1", "learning rate"), ("--lr", "inf", "learning rate"), ("--lr", "nan", "learning rate"),
+    ("--lr", "-inf", "learning rate"), ("--lr", "1e38", "--lr"), ("--lr", "2", "--lr"), ("--adam-eps", "-1", "Adam eps"), ("--adam-eps", "0", "Adam eps"),
+    ("--adam-eps", "nan", "Adam eps"), ("--adam-eps", "inf", "Adam eps"), ("--mu", "0", "mu"),
+    ("--mu", "nan", "mu"), ("--mu", "inf", "mu"), ("--nu", "0", "nu"), ("--nu", "1", "nu"),
+    ("--nu", "nan", "nu"), ("--steps", "0", "--steps"), ("--steps", "-5", "--steps"),
     ("--num-vectors", "0", "--num-vectors"), ("--num-vectors", "76", "77 tokens"),
     ("--num-vectors", "100", "77 tokens"), ("--num-vectors", "74", "does not fit"), ("--seed", "-1", "--seed"),
     ("--t-high", "1001", "--t-high 1001"), ("--t-high", "5000", "training timesteps"), ("--t-low", "-1", "T_L"),
     ("--t-low", "900", "T_L"), ("--resolution", "0", "--resolution"), ("--resolution", "-32", "--resolution"),
-    ("--resolution", "12", "--resolution"), ("--resolution", "100000", "--resolution"), ("--tau", "1", "--tau"),
-    ("--n", "0", "--n"), ("--checkpoint-every", "0", "--checkpoint-every"),
+    ("--resolution", "12", "--resolution"), ("--resolution", "100000", "--resolution"), ("--tau", "1", "tau"),
+    ("--n", "0", "n >= 1"), ("--checkpoint-every", "0", "--checkpoint-every"),
     ("--preview-every", "-1", "--preview-every"), ("--threads", "-1", "--threads"),
     ("--max-image-pixels", "0", "--max-image-pixels"), ("--provider", "nope", "not available"),
     ("--batch-candidates", "sometimes", "Invalid value"), ("--steps", "abc", "not a valid integer"),
@@ -965,7 +965,7 @@ CONFIG_CASES = {
     "flag-number": (lambda d: d.update(sg=1), "wrong type"),
     "templates-bad": (lambda d: d.update(templates=[1, 2]), "template"),
     "no-token": (lambda d: d.pop("token"), "damaged"),
-    "lr-negative": (lambda d: d.update(lr=-1.0), "--lr"),
+    "lr-negative": (lambda d: d.update(lr=-1.0), "learning rate"),
 }
 
 

@@ -107,9 +107,6 @@ class PersonalizeConfig:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if cfg.rank < 0:
             raise UserError(f"--rank must be >= 0, got {cfg.rank}")
-        if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
-            raise UserError(f"--lr must be at most {MAX_LR} with Adam (it moves every coordinate by about lr per "
-                            f"step; a token row has norm about 1), got {cfg.lr}")
         if self.steps < 1:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
         if not 1 <= self.num_vectors <= MAX_VECTORS:
@@ -134,6 +131,9 @@ class PersonalizeConfig:
             optim.guided(k=cfg.rank or 4, alpha=cfg.guided_alpha)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
+            raise UserError(f"--lr must be at most {MAX_LR} with Adam (it moves every coordinate by about lr per "
+                            f"step; a token row has norm about 1), got {cfg.lr}")
 
     def check_types(self) -> None:
         """Each field has the type its annotation names (a config.json edited by hand, or damaged,
