@@ -909,6 +909,51 @@ def run_copy(done_run, tmp_path):
     return tmp_path / "run"
 
 
+@pytest.mark.parametrize("target,nth", [("config.json", 1), ("log.jsonl", 1), ("checkpoint.npz", 1),
+                                        ("checkpoint.npz", 3), ("config.json", 2), ("p.safetensors", 1)])
+def test_crash_during_each_write(target, nth, done_run, pristine, refs, tmp_path, monkeypatch):
+    """A crash at any write (the nth of that file) loses nothing: resume (or, before the first
+    checkpoint, the same command again) ends with the token of an uninterrupted run, bit for bit."""
+    from zo_runtime import outputs
+    from zo_runtime.embeddings import load_embeddings
+    from zo_runtime.personalize import Trainer, resume
+
+    real, seen = outputs.publish, {"n": 0}
+
+    def crashing(tmp, path, overwrite, what="output"):
+        if Path(path).name == target:
+            seen["n"] += 1
+            if seen["n"] == nth:
+                raise Killed
+        return real(tmp, path, overwrite, what)
+
+    monkeypatch.setattr(outputs, "publish", crashing)
+    cfg = _cfg(pristine, refs, tmp_path)
+    if target == "config.json" and nth == 2:   # the second config write is the resume's
+        with pytest.raises(Killed):
+            _crash_then_resume(cfg)
+    else:
+        with pytest.raises(Killed):
+            Trainer(cfg).train()
+    monkeypatch.setattr(outputs, "publish", real)
+    run_dir = Path(cfg.run_dir)
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    if (run_dir / "checkpoint.npz").is_file():
+        resume(run_dir)
+    else:
+        Trainer(cfg).train()
+    np.testing.assert_array_equal(load_embeddings(cfg.out)[TOKEN], load_embeddings(done_run / "p.safetensors")[TOKEN])
+
+
+def _crash_then_resume(cfg):
+    from zo_runtime.personalize import Trainer, resume
+    try:
+        Trainer(cfg).train(callback=_kill_at(5))
+    except Killed:
+        pass
+    resume(cfg.run_dir)
+
+
 def test_torn_log_line_dropped_on_resume(pristine, refs, tmp_path):
     from zo_runtime.personalize import Trainer
     cfg = _cfg(pristine, refs, tmp_path)
