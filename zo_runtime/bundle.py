@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import UserError
-from .manifest import inside, listed, read_manifest, verify_files
+from .manifest import file_problems, inside, listed, read_manifest, sha256_file, verify_files  # noqa: F401 (re-exported)
 
 MANIFEST = "zo-edge.json"
 FORMAT_VERSION = 1
