@@ -70,7 +70,7 @@ def main(ctx, debug) -> None:
 
 def _register() -> None:
     import importlib
-    for mod in ("convert_cmd", "personalize_cmd", "generate_cmd", "evaluate_cmd", "bench_cmd"):
+    for mod in ("convert_cmd", "personalize_cmd", "generate_cmd", "evaluate_cmd", "bench_cmd", "many_cmd"):
         try:
             m = importlib.import_module(f"zo_edge.cli.{mod}")
         except ModuleNotFoundError as e:
