@@ -353,6 +353,7 @@ class LocalBackend:
         self.cores = cores or os.cpu_count() or 1
         self.memory_mb = memory_mb if memory_mb is not None else available_memory_mb()
         self.running: dict = {}                      # connection -> (process, job, spec)
+        self.exiting: list = []                      # processes that answered and are shutting down
 
     def describe(self, threads: int, job_mb: float) -> str:
         n = self.workers or fits(self.cores, self.memory_mb, threads, job_mb)
@@ -388,18 +389,21 @@ class LocalBackend:
             proc, job, _ = self.running.pop(conn)
             try:
                 record = conn.recv()
+                self.exiting.append(proc)  # it has answered; the next job need not wait for its exit
             except EOFError:
                 proc.join()
                 record = {"status": "failed", "retry": True,
                           "error": f"the job's process died (exit status {proc.exitcode})"}
-            proc.join()
             conn.close()
             done.append((job, record))
+        self.exiting = [p for p in self.exiting if p.is_alive()]  # reaps those that have exited
         return done
 
     def close(self) -> None:
         for proc, _, _ in self.running.values():
             proc.kill()
+        for proc in self.exiting:
+            proc.join(30)
 
 
 def check_ray_address(address: str) -> None:
