@@ -5,14 +5,15 @@ side in one run (a script, not a test).
     python benchmarks/bench_runner.py --table docs/results/bench_runner.json    # the README's table
 
 Writes five references of each of the 8 held-out subjects and a jobs file (one thread per job, no SG,
-the demo's recipe), then times, each as its own command:
+the demo's recipe), then times, each as its own command, in turn, for ``--rounds`` rounds:
   - ``sequential``: ``zo-edge personalize`` once per job, one after another, one thread each;
   - ``sequential, all cores``: the same with ORT's default threads (one run alone uses every core);
   - ``runner``: ``zo-edge personalize-many`` on local processes (as many at once as fit);
   - ``runner, Ray`` with ``--ray ADDRESS``: the same jobs as Ray tasks.
 The goal (issue 18): the runner's wall time is ⌈8 / jobs-that-fit⌉ single jobs (±15 %). Every mode's
-tokens are checked bit for bit against the sequential ones. Load averages are recorded around each
-mode: on a shared machine the absolute seconds move, the side-by-side ratio is the figure.
+tokens are checked bit for bit against the sequential ones. Load averages and the CPU seconds of the
+child processes are recorded around each mode: on a shared machine the seconds move with the load of
+everything else running, which is why the modes take turns.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ import math
 import os
 import platform
 import re
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,10 +78,13 @@ def zo_edge(*args) -> subprocess.CompletedProcess:
 
 
 def timed(fn) -> dict:
-    load0, t0 = os.getloadavg()[0], time.time()
+    """Wall time, CPU time of the child processes (not Ray's workers) and the load around ``fn``."""
+    load0, t0, c0 = os.getloadavg()[0], time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     extra = fn()
-    return {"wall_s": round(time.time() - t0, 2), "loadavg_1min_before": load0,
-            "loadavg_1min_after": os.getloadavg()[0], **extra}
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": round(time.time() - t0, 2),
+            "cpu_s": round(c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime, 2),
+            "loadavg_1min_before": load0, "loadavg_1min_after": os.getloadavg()[0], **extra}
 
 
 def run_sequential(jobs: list[dict], out: Path, threads: int | None) -> dict:
@@ -86,7 +93,8 @@ def run_sequential(jobs: list[dict], out: Path, threads: int | None) -> dict:
     for job in jobs:
         t0 = time.time()
         r = zo_edge("personalize", "--images", job["images"], "--token", job["token"], "--init", job["init"],
-                    "--steps", job["steps"], "--no-sg", "--seed", job["seed"], "--threads", job["threads"] if threads is None else threads,
+                    "--steps", job["steps"], "--no-sg", "--seed", job["seed"],
+                    "--threads", job["threads"] if threads is None else threads,
                     "--out", out / f"{job['name']}.safetensors", "--run-dir", out / f"{job['name']}.run")
         if r.returncode:
             raise SystemExit(f"personalize failed: {r.stderr[-2000:]}")
@@ -108,6 +116,19 @@ def run_many(jobs: list[dict], out: Path, ray: str | None) -> dict:
             "first_line": r.stderr.splitlines()[0]}
 
 
+def run_on_ray(jobs: list[dict], out: Path, address: str) -> dict:
+    if address != "local":
+        return run_many(jobs, out, address)
+    import ray
+
+    t0 = time.time()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:  # the command joins the instance started here, as it would join a cluster
+        return {"ray_start_s": round(time.time() - t0, 2), **run_many(jobs, out, "auto")}
+    finally:
+        ray.shutdown()
+
+
 def same_tokens(a: Path, b: Path, jobs: list[dict]) -> bool:
     from zo_edge.runner import token_sha256
 
@@ -118,8 +139,10 @@ def same_tokens(a: Path, b: Path, jobs: list[dict]) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--ray", help="also run the jobs on this Ray cluster (auto, HOST:PORT)")
+    ap.add_argument("--ray", help="also run the jobs on this Ray cluster (auto, HOST:PORT), or 'local': on a "
+                                  "Ray instance this script starts with every core")
     ap.add_argument("--no-all-cores", action="store_true", help="skip the sequential run at ORT's default threads")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of every mode in turn")
     ap.add_argument("--out", default="bench_runner.json")
     ap.add_argument("--table", metavar="RESULTS", help="print the markdown table of a results file and stop")
     args = ap.parse_args()
@@ -127,42 +150,75 @@ def main() -> None:
         print(table(json.loads(Path(args.table).read_text())))
         return
     work = Path(tempfile.mkdtemp(prefix="zo-bench-runner-"))
-    jobs = make_jobs(work, args.steps)
-    modes = {"runner": timed(lambda: run_many(jobs, work / "runner", None)),
-             "sequential": timed(lambda: run_sequential(jobs, work / "sequential", None))}
-    if not args.no_all_cores:
-        modes["sequential, all cores"] = timed(lambda: run_sequential(jobs, work / "all-cores", 0))
-    if args.ray:
-        modes["runner, Ray"] = timed(lambda: run_many(jobs, work / "ray", args.ray))
-    for name, folder in (("runner", "runner"), ("runner, Ray", "ray")):
-        if name in modes:
-            modes[name]["tokens_equal_sequential"] = same_tokens(work / folder, work / "sequential", jobs)
-    seq = modes["sequential"]
-    single = sum(seq["single_job_s"]) / len(jobs)
-    fit = modes["runner"]["jobs_at_once"]
-    goal = math.ceil(len(jobs) / fit) * single
-    cores = os.cpu_count()
-    for m in modes.values():
-        m["jobs_per_hour_per_core"] = round(len(jobs) / m["wall_s"] * 3600 / cores, 1)
-    result = {"benchmark": "bench_runner", "machine": machine(), "commit": commit(), "threads_per_job": 1,
-              "jobs": len(jobs), "steps": args.steps, "single_job_s": round(single, 2), "jobs_that_fit": fit,
-              "goal_wall_s": round(goal, 2), "runner_vs_goal": round(modes["runner"]["wall_s"] / goal, 3),
-              "modes": modes, "note": "shared machine: see the load averages around each mode"}
+    try:
+        result = bench(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(table(result))
 
 
+MODES = {  # name -> (folder, run(jobs, folder, args))
+    "runner": ("runner", lambda jobs, out, args: run_many(jobs, out, None)),
+    "sequential": ("sequential", lambda jobs, out, args: run_sequential(jobs, out, None)),
+    "sequential, all cores": ("all-cores", lambda jobs, out, args: run_sequential(jobs, out, 0)),
+    "runner, Ray": ("ray", lambda jobs, out, args: run_on_ray(jobs, out, args.ray)),
+}
+
+
+def bench(work: Path, args) -> dict:
+    """``args.rounds`` rounds, each running every mode once in turn (runner, sequential, ...), so that
+    a change in the machine's load falls on every mode alike."""
+    jobs = make_jobs(work, args.steps)
+    names = [n for n in MODES if (n != "sequential, all cores" or not args.no_all_cores)
+             and (n != "runner, Ray" or args.ray)]
+    rounds = []
+    for r in range(args.rounds):
+        modes = {}
+        for name in names:
+            folder, run = MODES[name]
+            modes[name] = m = timed(lambda: run(jobs, work / f"{folder}-{r}", args))
+            m["jobs_wall_s"] = round(m["wall_s"] - m.get("ray_start_s", 0), 2)  # not counting starting Ray here
+        for name, m in modes.items():
+            if name.startswith("runner"):
+                m["tokens_equal_sequential"] = same_tokens(work / f"{MODES[name][0]}-{r}", work / f"sequential-{r}", jobs)
+        single = sum(modes["sequential"]["single_job_s"]) / len(jobs)
+        fit = modes["runner"]["jobs_at_once"]
+        rounds.append({"single_job_s": round(single, 2), "jobs_that_fit": fit,
+                       "goal_wall_s": round(math.ceil(len(jobs) / fit) * single, 2),
+                       "runner_vs_goal": round(modes["runner"]["jobs_wall_s"] / (math.ceil(len(jobs) / fit) * single), 3),
+                       "modes": modes})
+        for name in names:
+            shutil.rmtree(work / f"{MODES[name][0]}-{r}", ignore_errors=True)
+    cores = os.cpu_count()
+    summary = {}
+    for name in names:
+        wall = statistics.median(rd["modes"][name]["jobs_wall_s"] for rd in rounds)
+        summary[name] = {"jobs_wall_s": round(wall, 2), "jobs_per_hour_per_core": round(len(jobs) / wall * 3600 / cores, 1),
+                         "cpu_s_per_job": round(statistics.median(rd["modes"][name]["cpu_s"] for rd in rounds) / len(jobs), 2),
+                         "tokens_equal_sequential": rounds[0]["modes"][name].get("tokens_equal_sequential")}
+    return {"benchmark": "bench_runner", "machine": machine(), "commit": commit(), "threads_per_job": 1,
+            "jobs": len(jobs), "steps": args.steps, "rounds": rounds, "summary": summary,
+            "runner_vs_goal": [rd["runner_vs_goal"] for rd in rounds],
+            "note": "shared machine: other sessions' work ran beside it; see the load averages around each mode"}
+
+
 def table(r: dict) -> str:
-    lines = [f"{r['jobs']} shapes jobs × {r['steps']} steps, {r['machine']['cores']} cores ({r['machine']['cpu']}), "
-             f"commit {r['commit']}; one job alone (1 thread): {r['single_job_s']:.1f} s; jobs that fit: "
-             f"{r['jobs_that_fit']}; goal ⌈{r['jobs']}/{r['jobs_that_fit']}⌉ × {r['single_job_s']:.1f} s = "
-             f"{r['goal_wall_s']:.1f} s; runner / goal = {r['runner_vs_goal']:.2f}", "",
-             "| mode | wall s | jobs / hour / core | load avg before → after | tokens = sequential |",
-             "|---|---|---|---|---|"]
-    for name, m in r["modes"].items():
-        same = {True: "bit for bit", False: "**differ**"}.get(m.get("tokens_equal_sequential"), "–")
-        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['jobs_per_hour_per_core']:.0f} | "
-                     f"{m['loadavg_1min_before']:.1f} → {m['loadavg_1min_after']:.1f} | {same} |")
+    m = r["machine"]
+    lines = [f"{r['jobs']} shapes jobs × {r['steps']} steps, 1 thread each; {m['cores']} cores ({m['cpu']}), "
+             f"commit {r['commit']}; {len(r['rounds'])} round(s), modes in turn, medians.", "",
+             "| mode | wall s (8 jobs) | jobs / hour / core | CPU s / job | tokens = sequential |", "|---|---|---|---|---|"]
+    for name, s in r["summary"].items():
+        same = {True: "bit for bit", False: "**differ**"}.get(s["tokens_equal_sequential"], "–")
+        cpu = f"{s['cpu_s_per_job']:.1f}" if not name.endswith("Ray") else "–"
+        lines.append(f"| {name} | {s['jobs_wall_s']:.1f} | {s['jobs_per_hour_per_core']:.0f} | {cpu} | {same} |")
+    lines += ["", "| round | one job alone (s) | jobs that fit | goal ⌈8 / fit⌉ × one job (s) | runner (s) | runner / goal "
+              "| 1-min load avg after the runner / after sequential |", "|---|---|---|---|---|---|---|"]
+    for k, rd in enumerate(r["rounds"]):
+        run, seq = rd["modes"]["runner"], rd["modes"]["sequential"]
+        lines.append(f"| {k + 1} | {rd['single_job_s']:.1f} | {rd['jobs_that_fit']} | {rd['goal_wall_s']:.1f} | "
+                     f"{run['jobs_wall_s']:.1f} | {rd['runner_vs_goal']:.2f} | "
+                     f"{run['loadavg_1min_after']:.1f} / {seq['loadavg_1min_after']:.1f} |")
     return "\n".join(lines)
 
 
