@@ -16,9 +16,11 @@ import click
               help="ORT threads per job, for jobs that set none (a Ray task asks for as many CPUs).")
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
               help="Attempts more for a job whose process crashed (it resumes from its checkpoint).")
+@click.option("--status-every", type=click.FloatRange(min=1), default=60, show_default=True,
+              help="Seconds between lines with the running jobs' steps, while none ends.")
 @click.option("--ray", "ray_address", metavar="ADDRESS",
               help="Run the jobs as Ray tasks on an existing cluster: auto, HOST:PORT or ray://HOST:PORT.")
-def personalize_many(jobs_file, model, manifest, workers, threads, retries, ray_address):
+def personalize_many(jobs_file, model, manifest, workers, threads, retries, status_every, ray_address):
     """Run many personalize jobs: one JSONL object or CSV row per job, with images, token, init, out and
     any personalize option (steps, lr, seed, sg, ...; optional name, run_dir). Paths are relative to
     the jobs file. Finished jobs are skipped, interrupted ones resume from their checkpoints, a failing
@@ -28,7 +30,8 @@ def personalize_many(jobs_file, model, manifest, workers, threads, retries, ray_
     jobs = runner.load_jobs(jobs_file, model=model, threads=threads)
     backend = runner.RayBackend(ray_address) if ray_address else runner.LocalBackend(workers=workers)
     path = manifest or runner.default_manifest(jobs_file)
-    state = runner.run_batch(jobs, path, backend, retries=retries, log=lambda m: click.echo(m, err=True))
+    state = runner.run_batch(jobs, path, backend, retries=retries, log=lambda m: click.echo(m, err=True),
+                             status_every=status_every)
     failed = [r for r in state["jobs"] if r["status"] != "done"]
     click.echo(f"{len(state['jobs']) - len(failed)} of {len(state['jobs'])} jobs done; manifest: {path}")
     if failed:

@@ -267,3 +267,15 @@ def test_ray_gives_the_local_runners_tokens(ray_instance, refs, tmp_path):
     assert state["backend"] == "ray"
     assert [r["status"] for r in state["jobs"]] == ["done", "failed", "done"]
     assert state["jobs"][0]["sha256"] == b["s0.safetensors"]["sha256"]
+
+
+def test_batch_progress_names_the_running_jobs_steps(refs, tmp_path):
+    jobs = runner.load_jobs(write_jobs(tmp_path / "jobs.jsonl", refs, [{"steps": 150}]))
+    lines = []
+    runner.run_batch(jobs, tmp_path / "m.json", runner.LocalBackend(workers=1), log=lines.append, status_every=0.3)
+    status = [l for l in lines if "running: <s0> " in l]
+    assert status and status[-1].endswith("/150; 0 queued")
+    steps = [int(l.split("running: <s0> ")[1].split("/")[0]) for l in status]
+    assert steps == sorted(steps) and 0 < steps[-1] <= 150
+    assert lines[-1].startswith("[1/1] <s0> (jobs.jsonl:1) done: ")
+    assert runner.last_step(jobs[0].config.run_dir) == 150

@@ -381,11 +381,12 @@ class LocalBackend:
         send.close()
         self.running[recv] = (proc, job, spec)
 
-    def wait(self) -> list[tuple[Job, dict]]:
+    def wait(self, timeout: float | None = None) -> list[tuple[Job, dict]]:
+        """The jobs that ended (an empty list when ``timeout`` seconds passed first)."""
         from multiprocessing.connection import wait
 
         done = []
-        for conn in wait(list(self.running)):
+        for conn in wait(list(self.running), timeout):
             proc, job, _ = self.running.pop(conn)
             try:
                 record = conn.recv()
@@ -398,6 +399,9 @@ class LocalBackend:
             done.append((job, record))
         self.exiting = [p for p in self.exiting if p.is_alive()]  # reaps those that have exited
         return done
+
+    def running_jobs(self) -> list[Job]:
+        return [job for _, job, _ in self.running.values()]
 
     def close(self) -> None:
         for proc, _, _ in self.running.values():
@@ -461,8 +465,8 @@ class RayBackend:
         ref = self.remote.options(**self.options(job, spec["memory_mb"])).remote(spec)
         self.running[ref] = job
 
-    def wait(self) -> list[tuple[Job, dict]]:
-        ready, _ = self.ray.wait(list(self.running), num_returns=1)
+    def wait(self, timeout: float | None = None) -> list[tuple[Job, dict]]:
+        ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
         done = []
         for ref in ready:
             job = self.running.pop(ref)
@@ -473,6 +477,9 @@ class RayBackend:
                 record = {"status": "failed", "retry": True, "error": f"{type(e).__name__}: {first}"}
             done.append((job, record))
         return done
+
+    def running_jobs(self) -> list[Job]:
+        return list(self.running.values())
 
     def close(self) -> None:
         for ref in self.running:
@@ -525,8 +532,10 @@ def job_memory_mb(job: Job, records: dict) -> float:
     return 1.1 * max(measured) if measured else bundle_memory_mb(job.config.model)
 
 
-def run_batch(jobs: list[Job], manifest: str | Path, backend, retries: int = 1, log=print) -> dict:
-    """Run every job not finished yet; rewrite the manifest as each one ends. Returns the manifest."""
+def run_batch(jobs: list[Job], manifest: str | Path, backend, retries: int = 1, log=print,
+              status_every: float = 60.0) -> dict:
+    """Run every job not finished yet; rewrite the manifest as each one ends; every ``status_every``
+    seconds without one ending, log the running jobs' steps. Returns the manifest."""
     path = Path(manifest)
     old = {r.get("out"): r for r in read_manifest(path)["jobs"]}
     records = {}
@@ -557,7 +566,10 @@ def run_batch(jobs: list[Job], manifest: str | Path, backend, retries: int = 1, 
                 attempts[job.config.out] += 1
                 backend.submit(job, job.spec(job_memory_mb(job, records)))
             save()
-            for job, result in backend.wait():
+            finished = backend.wait(status_every)
+            if not finished:
+                log(_status_line(backend.running_jobs(), len(queue), ended, skipped, len(jobs)))
+            for job, result in finished:
                 rec = records[job.config.out]
                 retry = result.pop("retry", False) and attempts[job.config.out] <= retries
                 for k in RESULT_KEYS:
@@ -578,6 +590,23 @@ def run_batch(jobs: list[Job], manifest: str | Path, backend, retries: int = 1, 
                 rec["status"] = "interrupted"
         save()
     return state
+
+
+def last_step(run_dir: str | Path) -> int:
+    """The step of a run's last log line (0 before the first), read from the end of log.jsonl."""
+    path = Path(run_dir) / "log.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
+def _status_line(running: list[Job], queued: int, ended: int, skipped: int, total: int) -> str:
+    steps = ", ".join(f"{job.name} {last_step(job.config.run_dir)}/{job.config.steps}" for job in running)
+    return f"[{skipped + ended}/{total}] running: {steps or '-'}; {queued} queued"
 
 
 def _progress_line(job: Job, rec: dict, ended: int, left: int, skipped: int, total: int, elapsed: float) -> str:
