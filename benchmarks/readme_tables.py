@@ -54,11 +54,21 @@ def _paired(report: dict, reference: str) -> str:
     return format_paired(paired(report, reference))
 
 
+def _runner(results: dict, _arg=None) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_runner", ROOT / "benchmarks" / "bench_runner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.table(results)
+
+
 RENDERERS = {
     "screen": _screen,
     "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
     "prompts": _prompts,
+    "runner": _runner,
 }
 
 

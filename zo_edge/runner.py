@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import socket
 import sys
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 from zo_edge.models import resolve_model
 from zo_runtime.errors import UserError
 from zo_runtime.personalize import CHECKPOINT, PersonalizeConfig, Trainer
+from zo_runtime.sysinfo import peak_rss_mb
 
 REQUIRED = ("images", "token", "init", "out")
 # Fields a job may set: every personalize option, plus a display name.
@@ -229,7 +229,7 @@ def run_state(cfg: PersonalizeConfig) -> tuple[str, int]:
     stored = run_dir / "config.json"
     if not (run_dir / CHECKPOINT).is_file() or not stored.is_file():
         return "fresh", 0
-    mine = _identity(dataclasses.asdict(cfg))
+    mine = _identity(dataclasses.asdict(cfg.resolved()))  # config.json holds the resolved recipe
     theirs = _identity(json.loads(stored.read_text()))
     diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if diff:
@@ -292,8 +292,7 @@ def run_job(spec: dict) -> dict:
     except Exception as e:  # noqa: BLE001 -- any failure of one job is recorded, the batch goes on
         record.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                       retry=True)
-    record.update(seconds=round(time.time() - t0, 3),
-                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    record.update(seconds=round(time.time() - t0, 3), peak_rss_mb=round(peak_rss_mb(), 1))
     return record
 
 
@@ -516,7 +515,8 @@ def default_manifest(jobs_file: str | Path) -> str:
 
 def config_sha(cfg: PersonalizeConfig) -> str:
     """A fingerprint of what determines a job's result (not where it runs or how often it checkpoints)."""
-    return hashlib.sha256(json.dumps(_identity(dataclasses.asdict(cfg)), sort_keys=True).encode()).hexdigest()[:16]
+    identity = _identity(dataclasses.asdict(cfg.resolved()))
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _already_done(record: dict | None, job: Job) -> bool:
