@@ -133,10 +133,23 @@ def test_measured_peak_replaces_the_bundle_estimate(tmp_path):
     done = {"x": {"model": job.config.model, "status": "done", "peak_rss_mb": 200.0}}
     assert runner.job_memory_mb(job, done) == pytest.approx(220.0)
     backend = runner.LocalBackend(cores=2, memory_mb=1000)
-    assert backend.can_start(job, 600)  # nothing running: always one
-    backend.running = {"c": (None, job, job.spec(600))}
-    assert not backend.can_start(job, 600) and backend.can_start(job, 250)
-    assert runner.RayBackend.options(job, 250) == {"num_cpus": 1, "memory": 250 * 2**20, "name": "zo-edge:<s0>"}
+    assert backend.can_start(1, 600)  # nothing running: always one
+    backend.running = {"conn": (None, "key", 1, 600)}
+    assert not backend.can_start(1, 600) and backend.can_start(1, 250) and not backend.can_start(2, 250)
+    assert runner.RayBackend.options(1, 250, "<s0>") == {"num_cpus": 1, "memory": 250 * 2**20, "name": "zo-edge:<s0>"}
+
+
+def test_local_backend_runs_any_function_and_reports_its_failures():
+    """The scheduler under personalize-many runs any module-level function; here builtins."""
+    results = {}
+    runner.run_tasks(runner.LocalBackend(workers=2, fn=int), ["12", "x", "7"], lambda k: (k, 1, 0.0, k),
+                     lambda k, r, queued: results.__setitem__(k, r))
+    assert results["12"] == 12 and results["7"] == 7
+    assert results["x"]["status"] == "failed" and results["x"]["error"].startswith("ValueError: invalid literal")
+    died = {}
+    runner.run_tasks(runner.LocalBackend(fn=os._exit), [3], lambda k: (k, 1, 0.0, "exit"),
+                     lambda k, r, queued: died.update(r))
+    assert died == {"status": "failed", "retry": True, "error": "the task's process died (exit status 3)"}
 
 
 def test_runtime_and_runner_do_not_import_ray():

@@ -336,22 +336,34 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.5)
 
 
-def _child(spec: dict, conn, parent: int) -> None:
+def _failure(e: BaseException) -> dict:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return {"status": "failed", "retry": True, "error": f"{type(e).__name__}: {first}".rstrip(": ")}
+
+
+def _child(fn, spec: dict, conn, parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    conn.send(run_job(spec))
+    try:
+        result = fn(spec)
+    except Exception as e:  # noqa: BLE001 -- reported as the task's failure
+        result = _failure(e)
+    conn.send(result)
     conn.close()
 
 
 class LocalBackend:
-    """Jobs as spawned processes on this machine, as many at once as cores and memory allow."""
+    """Tasks as spawned processes on this machine, as many at once as cores and memory allow (or
+    ``workers``). A task is ``fn(spec)`` (a module-level function; personalize-many's: ``run_job``),
+    in a fresh process that stops if the process that started it dies."""
 
     name = "local"
 
-    def __init__(self, workers: int = 0, cores: int | None = None, memory_mb: float | None = None):
+    def __init__(self, workers: int = 0, cores: int | None = None, memory_mb: float | None = None, fn=None):
         self.workers = workers                       # 0: as many as fit
         self.cores = cores or os.cpu_count() or 1
         self.memory_mb = memory_mb if memory_mb is not None else available_memory_mb()
-        self.running: dict = {}                      # connection -> (process, job, spec)
+        self.fn = fn or run_job
+        self.running: dict = {}                      # connection -> (process, key, threads, memory MB)
         self.exiting: list = []                      # processes that answered and are shutting down
 
     def describe(self, threads: int, job_mb: float) -> str:
@@ -360,50 +372,49 @@ class LocalBackend:
         how = "--workers" if self.workers else f"{self.cores} cores, {mem}"
         return f"local processes, up to {n} at once ({how}; {threads} thread(s), ~{job_mb:.0f} MB each)"
 
-    def can_start(self, job: Job, job_mb: float) -> bool:
+    def can_start(self, threads: int, memory_mb: float) -> bool:
         if not self.running:
             return True
-        specs = [s for _, _, s in self.running.values()]
         if self.workers:
-            return len(specs) < self.workers
-        threads = sum(max(1, s["config"]["threads"]) for s in specs) + max(1, job.config.threads)
-        memory = sum(s["memory_mb"] for s in specs) + job_mb
-        return threads <= self.cores and (self.memory_mb is None or memory <= 0.9 * self.memory_mb)
+            return len(self.running) < self.workers
+        busy = sum(max(1, t) for _, _, t, _ in self.running.values()) + max(1, threads)
+        memory = sum(m for _, _, _, m in self.running.values()) + memory_mb
+        return busy <= self.cores and (self.memory_mb is None or memory <= 0.9 * self.memory_mb)
 
-    def submit(self, job: Job, spec: dict) -> None:
+    def submit(self, key, spec: dict, threads: int = 1, memory_mb: float = 0.0, name: str = "task") -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(spec, send, os.getpid()), name=f"zo-job-{job.name}")
+        proc = ctx.Process(target=_child, args=(self.fn, spec, send, os.getpid()), name=f"zo-edge-{name}")
         proc.start()
         send.close()
-        self.running[recv] = (proc, job, spec)
+        self.running[recv] = (proc, key, threads, memory_mb)
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Job, dict]]:
-        """The jobs that ended (an empty list when ``timeout`` seconds passed first)."""
+    def wait(self, timeout: float | None = None) -> list[tuple]:
+        """(key, result) of the tasks that ended; an empty list when ``timeout`` seconds passed first."""
         from multiprocessing.connection import wait
 
         done = []
         for conn in wait(list(self.running), timeout):
-            proc, job, _ = self.running.pop(conn)
+            proc, key, _, _ = self.running.pop(conn)
             try:
-                record = conn.recv()
-                self.exiting.append(proc)  # it has answered; the next job need not wait for its exit
+                result = conn.recv()
+                self.exiting.append(proc)  # it has answered; the next task need not wait for its exit
             except EOFError:
                 proc.join()
-                record = {"status": "failed", "retry": True,
-                          "error": f"the job's process died (exit status {proc.exitcode})"}
+                result = {"status": "failed", "retry": True,
+                          "error": f"the task's process died (exit status {proc.exitcode})"}
             conn.close()
-            done.append((job, record))
+            done.append((key, result))
         self.exiting = [p for p in self.exiting if p.is_alive()]  # reaps those that have exited
         return done
 
-    def running_jobs(self) -> list[Job]:
-        return [job for _, job, _ in self.running.values()]
+    def running_keys(self) -> list:
+        return [key for _, key, _, _ in self.running.values()]
 
     def close(self) -> None:
-        for proc, _, _ in self.running.values():
+        for proc, _, _, _ in self.running.values():
             proc.kill()
         for proc in self.exiting:
             proc.join(30)
@@ -425,13 +436,14 @@ def check_ray_address(address: str) -> None:
 
 
 class RayBackend:
-    """Jobs as Ray tasks on an existing cluster (or the one this process already joined). Each task
-    asks for the job's threads as CPUs and its memory estimate as memory, and runs in a worker of
-    its own (``max_calls=1``), so peak RSS is the job's. Paths must be valid on every node."""
+    """Tasks as Ray tasks on an existing cluster (or the one this process already joined). Each asks
+    for its threads as CPUs and its memory estimate as memory, and runs in a worker of its own
+    (``max_calls=1``), so its peak RSS is its own. Paths must be valid on every node; ``fn`` must be
+    importable there (a module-level function of zo-edge)."""
 
     name = "ray"
 
-    def __init__(self, address: str | None = "auto"):
+    def __init__(self, address: str | None = "auto", fn=None):
         if address is not None:
             check_ray_address(address)
         try:
@@ -445,44 +457,64 @@ class RayBackend:
             except Exception as e:  # noqa: BLE001 -- ConnectionError, RuntimeError, ... : one line
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"cannot connect to Ray at {address}: {first}") from None
-        self.remote = ray.remote(max_calls=1, max_retries=0)(run_job)
-        self.running: dict = {}                      # ObjectRef -> job
+        self.remote = ray.remote(max_calls=1, max_retries=0)(fn or run_job)
+        self.running: dict = {}                      # ObjectRef -> key
 
     def describe(self, threads: int, job_mb: float) -> str:
         cpus = self.ray.cluster_resources().get("CPU", 0)
         return f"Ray cluster with {cpus:.0f} CPUs ({threads} per task, {job_mb:.0f} MB requested each)"
 
     @staticmethod
-    def options(job: Job, job_mb: float) -> dict:
-        return {"num_cpus": max(1, job.config.threads), "memory": int(job_mb * 2**20),
-                "name": f"zo-edge:{job.name}"}
+    def options(threads: int, memory_mb: float, name: str) -> dict:
+        return {"num_cpus": max(1, threads), "memory": int(memory_mb * 2**20), "name": f"zo-edge:{name}"}
 
-    def can_start(self, job: Job, job_mb: float) -> bool:
+    def can_start(self, threads: int, memory_mb: float) -> bool:
         return True  # Ray queues tasks until their CPUs and memory are free
 
-    def submit(self, job: Job, spec: dict) -> None:
-        ref = self.remote.options(**self.options(job, spec["memory_mb"])).remote(spec)
-        self.running[ref] = job
+    def submit(self, key, spec: dict, threads: int = 1, memory_mb: float = 0.0, name: str = "task") -> None:
+        self.running[self.remote.options(**self.options(threads, memory_mb, name)).remote(spec)] = key
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Job, dict]]:
+    def wait(self, timeout: float | None = None) -> list[tuple]:
         ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
         done = []
         for ref in ready:
-            job = self.running.pop(ref)
+            key = self.running.pop(ref)
             try:
-                record = self.ray.get(ref)
-            except Exception as e:  # noqa: BLE001 -- the worker died or the task was lost
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                record = {"status": "failed", "retry": True, "error": f"{type(e).__name__}: {first}"}
-            done.append((job, record))
+                result = self.ray.get(ref)
+            except Exception as e:  # noqa: BLE001 -- the task raised, its worker died, or it was lost
+                result = _failure(e)
+            done.append((key, result))
         return done
 
-    def running_jobs(self) -> list[Job]:
+    def running_keys(self) -> list:
         return list(self.running.values())
 
     def close(self) -> None:
         for ref in self.running:
             self.ray.cancel(ref, force=True)
+
+
+def run_tasks(backend, keys, plan, on_done, on_idle=None, idle_every: float = 60.0) -> None:
+    """Run a task per key on ``backend`` as its capacity allows. ``plan(key)`` -> (spec, threads,
+    memory MB, name), asked when the task starts; ``on_done(key, result, queued)`` as each ends,
+    returning True to queue the key again (a retry); ``on_idle(queued)`` after ``idle_every`` s
+    without one ending. Tasks still running when this stops (an exception, Ctrl-C) are stopped."""
+    queue = list(keys)
+    try:
+        while queue or backend.running:
+            while queue:
+                spec, threads, memory_mb, name = plan(queue[0])
+                if not backend.can_start(threads, memory_mb):
+                    break
+                backend.submit(queue.pop(0), spec, threads, memory_mb, name)
+            finished = backend.wait(idle_every)
+            if not finished and on_idle is not None:
+                on_idle(len(queue))
+            for key, result in finished:
+                if on_done(key, result, len(queue)):
+                    queue.insert(0, key)
+    finally:
+        backend.close()
 
 
 # -- the manifest and the batch -------------------------------------------------------------------
@@ -547,7 +579,10 @@ def run_batch(jobs: list[Job], manifest: str | Path, backend, retries: int = 1, 
     attempts = {job.config.out: 0 for job in jobs}
     state = {"backend": backend.name, "jobs": list(records.values())}
 
-    def save():
+    def save(running: str = "running"):
+        for key in backend.running_keys():
+            if records[key]["status"] in ("pending", "running"):
+                records[key]["status"] = running
         state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _atomic_write_json(path, state)
 
@@ -557,38 +592,38 @@ def run_batch(jobs: list[Job], manifest: str | Path, backend, retries: int = 1, 
     log(f"{len(jobs)} jobs: {skipped} finished already, {len(queue)} to run on "
         f"{backend.describe(threads, max(job_memory_mb(j, records) for j in jobs))}")
     save()
-    t0, ended = time.time(), 0
-    try:
-        while queue or backend.running:
-            while queue and backend.can_start(queue[0], job_memory_mb(queue[0], records)):
-                job = queue.pop(0)
-                records[job.config.out]["status"] = "running"
-                attempts[job.config.out] += 1
-                backend.submit(job, job.spec(job_memory_mb(job, records)))
-            save()
-            finished = backend.wait(status_every)
-            if not finished:
-                log(_status_line(backend.running_jobs(), len(queue), ended, skipped, len(jobs)))
-            for job, result in finished:
-                rec = records[job.config.out]
-                retry = result.pop("retry", False) and attempts[job.config.out] <= retries
-                for k in RESULT_KEYS:
-                    rec.pop(k, None)
-                rec.update(result, status="pending" if retry else result["status"], attempts=attempts[job.config.out])
-                if retry:
-                    queue.insert(0, job)
-                    log(f"retrying {job.name} ({job.where}): {result.get('error')}")
-                    continue
-                ended += 1
-                log(_progress_line(job, rec, ended, len(queue) + len(backend.running), skipped, len(jobs),
-                                   time.time() - t0))
-            save()
-    finally:
-        backend.close()
-        for rec in records.values():
-            if rec["status"] == "running":
-                rec["status"] = "interrupted"
+    t0, ended = time.time(), [0]
+    by_key = {job.config.out: job for job in jobs}
+
+    def plan(key):
+        job = by_key[key]
+        memory = job_memory_mb(job, records)
+        return job.spec(memory), job.config.threads, memory, job.name
+
+    def on_done(key, result, queued) -> bool:
+        job, rec = by_key[key], records[key]
+        attempts[key] += 1
+        retry = result.pop("retry", False) and attempts[key] <= retries
+        for k in RESULT_KEYS:
+            rec.pop(k, None)
+        rec.update(result, status="pending" if retry else result["status"], attempts=attempts[key])
         save()
+        if retry:
+            log(f"retrying {job.name} ({job.where}): {result.get('error')}")
+            return True
+        ended[0] += 1
+        left = queued + len(backend.running)
+        log(_progress_line(job, rec, ended[0], left, skipped, len(jobs), time.time() - t0))
+        return False
+
+    def on_idle(queued):
+        save()  # the running jobs' status
+        log(_status_line([by_key[k] for k in backend.running_keys()], queued, ended[0], skipped, len(jobs)))
+
+    try:
+        run_tasks(backend, [job.config.out for job in queue], plan, on_done, on_idle, status_every)
+    finally:
+        save(running="interrupted")  # jobs still running here were stopped
     return state
 
 
