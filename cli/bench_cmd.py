@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -46,10 +47,12 @@ def _int_list(text: str, flag: str) -> list[int]:
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="Threads per process.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs at once, each in its own process; pair with --threads = cores / workers.")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Run on a Ray cluster (auto, HOST:PORT) instead: one node, or TMPDIR on a shared filesystem.")
 @click.option("--out", type=click.Path(), default="quality.json", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG: subject fidelity vs UNet passes.")
-def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k, points, threads, workers, out,
-            plot_path):
+def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k, points, threads, workers, ray_address,
+            out, plot_path):
     """Personalization quality on held-out shapes subjects at equal UNet-pass budgets, over seeds."""
     from zo_edge.models import quality as q
 
@@ -66,11 +69,16 @@ def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k,
     budgets = _int_list(passes, "--passes")
     report = q.quality_benchmark(resolve_model(model), source, subs, meths, budgets, out, seeds=seeds,
                                  inits=q.INIT_PROTOCOLS if inits == "both" else (inits,), ti_steps=ti_steps, k=k,
-                                 points=points, threads=threads, workers=workers, log=lambda m: click.echo(m, err=True))
+                                 points=points, threads=threads, workers=workers, ray=ray_address,
+                                 log=lambda m: click.echo(m, err=True))
     click.echo(q.format_table(report["summary"]))
     if plot_path:
         q.plot(report, plot_path)
         click.echo(f"plot: {plot_path}")
+    if report["failed"]:
+        click.echo(f"zo-edge: {len(report['failed'])} of {len(report['failed']) + len(report['runs'])} runs failed; "
+                   f"errors in {out}", err=True)
+        sys.exit(1)
 
 
 @bench.command("merge")

@@ -17,7 +17,6 @@ backprop textual inversion in PyTorch on the FP32 source model.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -224,10 +223,12 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
                       budgets: list[int], out: str, seeds: int = 3, inits: tuple[str, ...] = INIT_PROTOCOLS,
                       ti_steps: int = 1000, ti_lr: float = 5e-3, k: int = 4, n_refs: int = 5, points: int = 4,
                       gen_steps: int = 25, guidance: float = 7.5, threads: int = 1, workers: int = 1,
-                      log=print) -> dict:
-    """Every method × subject × seed × init word, each run in its own process (``workers`` at once;
-    give each ``threads`` = cores / workers). Writes the report to ``out`` atomically."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+                      ray: str | None = None, log=print) -> dict:
+    """Every method × subject × seed × init word, each run in its own process on personalize-many's
+    runner (``workers`` at once, give each ``threads`` = cores / workers; or Ray tasks on the cluster
+    at ``ray``). A run that fails is listed under ``failed`` and the others go on. Writes the report
+    to ``out`` atomically after every run."""
+    from zo_edge.runner import LocalBackend, RayBackend, run_tasks
 
     jobs = plan_jobs(methods, subjects, list(range(seeds)), list(inits), budgets, ti_steps, points)
     work = Path(tempfile.mkdtemp(prefix="zo-quality-"))
@@ -243,27 +244,34 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
                 "machine": machine_info()}
     t0 = time.time()
 
+    failed: list[dict] = []
+
     def write(final: bool) -> dict:
         done = [r for r in runs if r is not None]
-        report = dict(settings, runs=done, complete=final, wall_seconds=time.time() - t0)
+        report = dict(settings, runs=done, failed=failed, complete=final, wall_seconds=time.time() - t0)
         report["summary"] = summarize(report)
         tmp = Path(out).with_name(Path(out).name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, out)
         return report
 
+    def on_done(i: int, r: dict, queued: int) -> bool:
+        ended = sum(x is not None for x in runs) + len(failed) + 1
+        eta = (time.time() - t0) / ended * (len(jobs) - ended)
+        head = f"[{ended}/{len(jobs)}] {jobs[i]['method']} {jobs[i]['subject']} seed {jobs[i]['seed']} init {jobs[i]['init']}"
+        if r.get("status") == "failed":  # it raised, or its process died
+            failed.append({key: jobs[i][key] for key in ("method", "subject", "seed", "init")} | {"error": r["error"]})
+            log(f"{head}: FAILED: {r['error']} (ETA {eta / 60:.0f} min)")
+        else:
+            runs[i] = r
+            log(f"{head}: subject fidelity {r['curve'][-1]['subject_fidelity']:.2f} at {r['curve'][-1]['unet_passes']} "
+                f"passes, {r['seconds']:.0f} s, peak {r['peak_rss_mb']:.0f} MB (ETA {eta / 60:.0f} min)")
+        write(final=False)  # an interrupted benchmark keeps what it measured
+        return False
+
+    backend = RayBackend(ray, fn=run_job) if ray else LocalBackend(workers=workers, fn=run_job)
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 max_tasks_per_child=1) as pool:
-            futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-            for done, fut in enumerate(as_completed(futures), 1):
-                i = futures[fut]
-                runs[i] = r = fut.result()
-                write(final=False)  # an interrupted benchmark keeps what it measured
-                eta = (time.time() - t0) / done * (len(jobs) - done)
-                log(f"[{done}/{len(jobs)}] {r['method']} {r['subject']} seed {r['seed']} init {r['init_word']}: "
-                    f"subject fidelity {r['curve'][-1]['subject_fidelity']:.2f} at {r['curve'][-1]['unet_passes']} "
-                    f"passes, {r['seconds']:.0f} s, peak {r['peak_rss_mb']:.0f} MB (ETA {eta / 60:.0f} min)")
+        run_tasks(backend, range(len(jobs)), lambda i: (jobs[i], max(threads, 1), 0.0, f"quality-{i}"), on_done)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # references and runs, also when a run fails
     return write(final=True)
