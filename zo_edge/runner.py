@@ -9,6 +9,9 @@ so its peak RSS is its own. The results manifest is rewritten atomically wheneve
 job whose output exists and whose run directory's checkpoint is at the last step is finished; one
 whose run directory holds a checkpoint of the same run resumes from it; any other starts fresh.
 ``zo_runtime`` knows nothing of this module, and Ray is imported only by ``RayBackend``.
+
+Underneath, ``run_tasks`` schedules any module-level function on a backend (``LocalBackend`` or
+``RayBackend``, ``fn=``); ``zo-edge bench quality`` runs its runs through it too.
 """
 from __future__ import annotations
 
@@ -46,11 +49,11 @@ class Job:
     config: PersonalizeConfig
     where: str                 # "jobs.jsonl:3", for messages
 
-    def spec(self, memory_mb: float) -> dict:
-        """What a worker process needs: plain data, picklable and JSON-able."""
+    def spec(self) -> dict:
+        """What a worker process needs (``run_job``'s argument): plain data, picklable and JSON-able."""
         cfg = dataclasses.asdict(self.config)
         cfg["templates"] = list(self.config.templates)
-        return {"name": self.name, "config": cfg, "memory_mb": memory_mb}
+        return {"name": self.name, "config": cfg}
 
 
 # -- the jobs file ------------------------------------------------------------------------------
@@ -598,7 +601,7 @@ def run_batch(jobs: list[Job], manifest: str | Path, backend, retries: int = 1, 
     def plan(key):
         job = by_key[key]
         memory = job_memory_mb(job, records)
-        return job.spec(memory), job.config.threads, memory, job.name
+        return job.spec(), job.config.threads, memory, job.name
 
     def on_done(key, result, queued) -> bool:
         job, rec = by_key[key], records[key]
