@@ -36,9 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     import onnxruntime
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name")), cpu)
 
     mem = next((int(l.split()[1]) / 2**20 for l in Path("/proc/meminfo").read_text().splitlines()
                 if l.startswith("MemTotal:")), None) if Path("/proc/meminfo").exists() else None
@@ -181,21 +184,23 @@ def bench(work: Path, args) -> dict:
             m["jobs_wall_s"] = round(m["wall_s"] - m.get("ray_start_s", 0), 2)  # not counting starting Ray here
         for name, m in modes.items():
             if name.startswith("runner"):
-                m["tokens_equal_sequential"] = same_tokens(work / f"{MODES[name][0]}-{r}", work / f"sequential-{r}", jobs)
+                m["tokens_equal_sequential"] = same_tokens(work / f"{MODES[name][0]}-{r}", work / f"sequential-{r}",
+                                                           jobs)
         single = sum(modes["sequential"]["single_job_s"]) / len(jobs)
         fit = modes["runner"]["jobs_at_once"]
-        rounds.append({"single_job_s": round(single, 2), "jobs_that_fit": fit,
-                       "goal_wall_s": round(math.ceil(len(jobs) / fit) * single, 2),
-                       "runner_vs_goal": round(modes["runner"]["jobs_wall_s"] / (math.ceil(len(jobs) / fit) * single), 3),
-                       "modes": modes})
+        goal = math.ceil(len(jobs) / fit) * single
+        rounds.append({"single_job_s": round(single, 2), "jobs_that_fit": fit, "goal_wall_s": round(goal, 2),
+                       "runner_vs_goal": round(modes["runner"]["jobs_wall_s"] / goal, 3), "modes": modes})
         for name in names:
             shutil.rmtree(work / f"{MODES[name][0]}-{r}", ignore_errors=True)
     cores = os.cpu_count()
     summary = {}
     for name in names:
         wall = statistics.median(rd["modes"][name]["jobs_wall_s"] for rd in rounds)
-        summary[name] = {"jobs_wall_s": round(wall, 2), "jobs_per_hour_per_core": round(len(jobs) / wall * 3600 / cores, 1),
-                         "cpu_s_per_job": round(statistics.median(rd["modes"][name]["cpu_s"] for rd in rounds) / len(jobs), 2),
+        cpu = statistics.median(rd["modes"][name]["cpu_s"] for rd in rounds)
+        summary[name] = {"jobs_wall_s": round(wall, 2),
+                         "jobs_per_hour_per_core": round(len(jobs) / wall * 3600 / cores, 1),
+                         "cpu_s_per_job": round(cpu / len(jobs), 2),
                          "tokens_equal_sequential": rounds[0]["modes"][name].get("tokens_equal_sequential")}
     return {"benchmark": "bench_runner", "machine": machine(), "commit": commit(), "threads_per_job": 1,
             "jobs": len(jobs), "steps": args.steps, "rounds": rounds, "summary": summary,
@@ -207,13 +212,14 @@ def table(r: dict) -> str:
     m = r["machine"]
     lines = [f"{r['jobs']} shapes jobs × {r['steps']} steps, 1 thread each; {m['cores']} cores ({m['cpu']}), "
              f"commit {r['commit']}; {len(r['rounds'])} round(s), modes in turn, medians.", "",
-             "| mode | wall s (8 jobs) | jobs / hour / core | CPU s / job | tokens = sequential |", "|---|---|---|---|---|"]
+             "| mode | wall s (8 jobs) | jobs / hour / core | CPU s / job | tokens = sequential |",
+             "|---|---|---|---|---|"]
     for name, s in r["summary"].items():
         same = {True: "bit for bit", False: "**differ**"}.get(s["tokens_equal_sequential"], "–")
         cpu = f"{s['cpu_s_per_job']:.1f}" if not name.endswith("Ray") else "–"
         lines.append(f"| {name} | {s['jobs_wall_s']:.1f} | {s['jobs_per_hour_per_core']:.0f} | {cpu} | {same} |")
-    lines += ["", "| round | one job alone (s) | jobs that fit | goal ⌈8 / fit⌉ × one job (s) | runner (s) | runner / goal "
-              "| 1-min load avg after the runner / after sequential |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| round | one job alone (s) | jobs that fit | goal ⌈8 / fit⌉ × one job (s) | runner (s) "
+              "| runner / goal | 1-min load avg after the runner / after sequential |", "|---|---|---|---|---|---|---|"]
     for k, rd in enumerate(r["rounds"]):
         run, seq = rd["modes"]["runner"], rd["modes"]["sequential"]
         lines.append(f"| {k + 1} | {rd['single_job_s']:.1f} | {rd['jobs_that_fit']} | {rd['goal_wall_s']:.1f} | "

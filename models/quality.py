@@ -258,7 +258,8 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
     def on_done(i: int, r: dict, queued: int) -> bool:
         ended = sum(x is not None for x in runs) + len(failed) + 1
         eta = (time.time() - t0) / ended * (len(jobs) - ended)
-        head = f"[{ended}/{len(jobs)}] {jobs[i]['method']} {jobs[i]['subject']} seed {jobs[i]['seed']} init {jobs[i]['init']}"
+        job = jobs[i]
+        head = f"[{ended}/{len(jobs)}] {job['method']} {job['subject']} seed {job['seed']} init {job['init']}"
         if r.get("status") == "failed":  # it raised, or its process died
             failed.append({key: jobs[i][key] for key in ("method", "subject", "seed", "init")} | {"error": r["error"]})
             log(f"{head}: FAILED: {r['error']} (ETA {eta / 60:.0f} min)")

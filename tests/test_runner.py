@@ -78,7 +78,8 @@ GOOD = '{"images": "i", "token": "<a>", "init": "shape", "out": "a.safetensors"}
      "jobs.jsonl:2: run_dir "),
     ("jobs.csv", "images,token,init,out,steps\ni,<a>,shape,a.safetensors,10\ni,<b>,shape,b.safetensors,ten\n",
      "jobs.csv:3: field 'steps': expected an integer, got 'ten'"),
-    ("jobs.csv", "images,token,init,out,sg\ni,<a>,shape,a.safetensors,maybe\n", "jobs.csv:2: field 'sg': expected true or false"),
+    ("jobs.csv", "images,token,init,out,sg\ni,<a>,shape,a.safetensors,maybe\n",
+     "jobs.csv:2: field 'sg': expected true or false"),
     ("jobs.csv", "images,token,init,out\ni,<a>,shape,a.safetensors,extra\n", "jobs.csv:2: more values than the header"),
     ("jobs.txt", GOOD + "\n", "expected a .jsonl or .csv file"),
     ("jobs.jsonl", "\n", "holds no jobs"),
@@ -293,3 +294,10 @@ def test_batch_progress_names_the_running_jobs_steps(refs, tmp_path):
     assert steps == sorted(steps) and 0 < steps[-1] <= 150
     assert lines[-1].startswith("[1/1] <s0> (jobs.jsonl:1) done: ")
     assert runner.last_step(jobs[0].config.run_dir) == 150
+
+
+def test_ray_missing_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it raises ImportError
+    (tmp_path / "jobs.jsonl").write_text(GOOD + "\n")
+    r = invoke(tmp_path / "jobs.jsonl", "--ray", "auto")
+    assert r.exit_code == 2 and r.output == "zo-edge: error: --ray needs Ray: pip install 'zo-edge[ray]'\n"

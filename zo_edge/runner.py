@@ -522,8 +522,8 @@ def run_tasks(backend, keys, plan, on_done, on_idle=None, idle_every: float = 60
 
 # -- the manifest and the batch -------------------------------------------------------------------
 
-RESULT_KEYS = ("status", "sha256", "token_sha256", "steps", "forward_passes", "seconds", "peak_rss_mb", "error", "started_from",
-               "host", "pid")
+RESULT_KEYS = ("status", "sha256", "token_sha256", "steps", "forward_passes", "seconds", "peak_rss_mb", "error",
+               "started_from", "host", "pid")
 
 
 def _atomic_write_json(path: Path, data) -> None:
