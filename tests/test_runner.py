@@ -2,6 +2,7 @@
 shapes bundle (~30 steps/s on one thread). Finished jobs are skipped, a kill -9 of the batch resumes
 bit for bit, a failing job is recorded and isolated, bad input is one line before any work, and the
 same jobs give the same tokens locally and on a local Ray instance."""
+import contextlib
 import json
 import os
 import signal
@@ -247,10 +248,30 @@ def test_kill9_of_the_batch_then_rerun_resumes_bit_for_bit(refs, tmp_path):
 
 # -- Ray: a local instance with 2 CPUs --------------------------------------------------------------------
 
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail instead of hanging: SIGALRM raises in the test after ``seconds`` (POSIX; elsewhere no limit)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"over {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'zo-edge[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    with time_limit(120):
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -277,8 +298,9 @@ def test_ray_gives_the_local_runners_tokens(ray_instance, refs, tmp_path):
         assert b[f"s{k}.safetensors"]["peak_rss_mb"] > 50
 
     # in-process, on the instance this process joined: the finished jobs are skipped here too
-    state = runner.run_batch(runner.load_jobs(on_ray), tmp_path / "ray" / "jobs.results.json",
-                             runner.RayBackend(None), log=lambda m: None)
+    with time_limit(300):
+        state = runner.run_batch(runner.load_jobs(on_ray), tmp_path / "ray" / "jobs.results.json",
+                                 runner.RayBackend(None), log=lambda m: None)
     assert state["backend"] == "ray"
     assert [r["status"] for r in state["jobs"]] == ["done", "failed", "done"]
     assert state["jobs"][0]["sha256"] == b["s0.safetensors"]["sha256"]
