@@ -190,10 +190,10 @@ def test_batch_records_skips_and_isolates_a_failing_job(refs, tmp_path):
     assert [rec["status"] for rec in manifest(tmp_path / "jobs.results.json").values()] == ["done"] * 3
     assert stamps == {k: os.stat(tmp_path / "out" / f"s{k}.safetensors").st_mtime_ns for k in (0, 2)}
 
-    write_jobs(jobs, refs, [{"lr": 0.01}, {}, {"seed": 5}])  # a finished job changed: refused, not redone
+    write_jobs(jobs, refs, [{"seed": 9}, {}, {"seed": 5}])  # a finished job changed: refused, not redone
     r = invoke(jobs)
     assert r.exit_code == 1
-    assert "holds a different run (lr: 0.005 there, 0.01 in the job)" in manifest(tmp_path / "jobs.results.json")[
+    assert "holds a different run (seed: 0 there, 9 in the job)" in manifest(tmp_path / "jobs.results.json")[
         "s0.safetensors"]["error"]
 
 

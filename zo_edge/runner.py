@@ -32,6 +32,7 @@ from pathlib import Path
 
 from zo_edge.models import resolve_model
 from zo_runtime.errors import UserError
+from zo_runtime.manifest import sha256_file
 from zo_runtime.personalize import CHECKPOINT, PersonalizeConfig, Trainer
 from zo_runtime.sysinfo import peak_rss_mb
 
@@ -189,14 +190,6 @@ def _check_unique(jobs: list[Job]) -> None:
 
 
 # -- one job, in a worker process ----------------------------------------------------------------
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def token_sha256(path: str | Path) -> str:
     """sha256 of the learned vectors (placeholder, shape, float32 bytes). Equal tokens give equal
