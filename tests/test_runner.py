@@ -323,3 +323,20 @@ def test_ray_missing_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "jobs.jsonl").write_text(GOOD + "\n")
     r = invoke(tmp_path / "jobs.jsonl", "--ray", "auto")
     assert r.exit_code == 2 and r.output == "zo-edge: error: --ray needs Ray: pip install 'zo-edge[ray]'\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_one_batch_per_manifest(refs, tmp_path):
+    import fcntl
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", refs, [{}])
+    with open(tmp_path / "jobs.results.json.lock", "w") as held:  # another batch holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = invoke(jobs)
+    assert r.exit_code == 2
+    assert r.output == f"zo-edge: error: manifest {tmp_path / 'jobs.results.json'} is in use by another " \
+                       "personalize-many; wait for it or pass --manifest\n"
+    assert not (tmp_path / "out").exists()
+    assert invoke(jobs).exit_code == 0  # released
+    r = invoke(jobs, "--manifest", tmp_path / "no" / "such" / "folder.json")
+    assert r.exit_code == 2 and "cannot write the manifest" in r.output

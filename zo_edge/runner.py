@@ -560,11 +560,39 @@ def job_memory_mb(job: Job, records: dict) -> float:
     return 1.1 * max(measured) if measured else bundle_memory_mb(job.config.model)
 
 
+@contextlib.contextmanager
+def manifest_lock(path: Path):
+    """One batch per manifest at a time: an exclusive flock on ``<manifest>.lock`` while it runs (the
+    kernel drops it when the process dies, so a kill -9 leaves nothing stale). No-op without flock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write the manifest {path}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"manifest {path} is in use by another personalize-many; wait for it or pass "
+                            "--manifest") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_batch(jobs: list[Job], manifest: str | Path, backend, retries: int = 1, log=print,
               status_every: float = 60.0) -> dict:
     """Run every job not finished yet; rewrite the manifest as each one ends; every ``status_every``
     seconds without one ending, log the running jobs' steps. Returns the manifest."""
-    path = Path(manifest)
+    with manifest_lock(Path(manifest)):
+        return _run_batch(jobs, Path(manifest), backend, retries, log, status_every)
+
+
+def _run_batch(jobs: list[Job], path: Path, backend, retries: int, log, status_every: float) -> dict:
     old = {r.get("out"): r for r in read_manifest(path)["jobs"]}
     records = {}
     for job in jobs:
