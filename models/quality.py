@@ -343,8 +343,7 @@ def summarize(report: dict) -> list[dict]:
             for set_name, member in sets.items():
                 for budget in budgets:
                     picked = [r for r in runs if r["method"] == method and r["init"] == init and member(r["subject"])
-                              and (is_ti or r["steps"] * r["per_step"] == budget
-                                   or r["steps"] * r["per_step"] >= max(report["budgets"]))]
+                              and (is_ti or r["steps"] * r["per_step"] >= budget)]  # a run that reached the budget
                     # one score per (subject, seed): a budget's own run if it has one, else the snapshot
                     scores = {}
                     for r in picked:
@@ -377,6 +376,8 @@ def paired(report: dict, reference: str, budget: int | None = None, init: str = 
         out = {}
         for r in report["runs"]:
             if r["method"] == method and r["init"] == init:
+                if parse_method(method) is not None and r["steps"] * r["per_step"] < budget:
+                    continue  # this run stopped short of the budget
                 sc = r["curve"][-1] if parse_method(method) is None else _at(r, budget)
                 if sc is not None:
                     out[(r["subject"], r["seed"])] = sc["subject_fidelity"]

@@ -233,3 +233,17 @@ def test_paired_differences_separate_methods_that_subjects_hide():
     other = dict(b, k=8)
     with pytest.raises(Exception, match="differ in k"):
         q.merge_reports([a, other])
+
+
+def test_a_budget_counts_only_runs_that_reached_it():
+    from zo_edge.models import quality as q
+
+    short = _fake_report("zo-edge", {("red:striped:star", 0): 0.2}, budgets=(30,))
+    long = _fake_report("zo-edge", {("red:striped:star", 1): 0.6}, budgets=(30, 90))
+    ref = _fake_report("zoodip", {("red:striped:star", 0): 0.1, ("red:striped:star", 1): 0.1}, budgets=(30, 90))
+    merged = q.merge_reports([short, long, ref])
+    rows = {(r["method"], r["unet_passes"]): r for r in merged["summary"] if r["subjects"] == "all"}
+    assert rows[("zo-edge", 30)]["runs"] == 2 and rows[("zo-edge", 90)]["runs"] == 1
+    assert rows[("zo-edge", 90)]["subject_fidelity"] == pytest.approx(0.6)
+    (p,) = q.paired(merged, "zoodip", budget=90)
+    assert p["pairs"] == 1 and p["difference"] == pytest.approx(0.5)
