@@ -63,7 +63,15 @@ def _runner(results: dict, _arg=None) -> str:
     return module.table(results)
 
 
+def _demo(r: dict, _arg=None) -> str:
+    return ("| subject | init | recipe | UNet passes | samples the probe reads as the subject | train s | peak RSS MB |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {r['subject']} | {r['init']} | {r['recipe']} | {r['unet_passes']:,} | {r['exact']} of {r['samples']} | "
+            f"{r['train_seconds']:.0f} | {r['peak_rss_mb']} |")
+
+
 RENDERERS = {
+    "demo": _demo,
     "screen": _screen,
     "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),

@@ -154,6 +154,12 @@ def demo(subject, passes, recipe, out_dir, seed, overwrite):
     p = Probe.load().predict(np.concatenate(rows))
     exact = sum(s == subj.shape and c == subj.colour and q == subj.pattern
                 for s, c, q in zip(p["shape"], p["colour"], p["pattern"]))
+    import json
+
+    (out / "result.json").write_text(json.dumps({
+        "subject": str(subj), "init": subj.shape, "recipe": recipe, "steps": cfg.steps,
+        "unet_passes": result.forward_passes, "seed": seed, "train_seconds": round(result.seconds, 1),
+        "peak_rss_mb": round(result.peak_rss_mb), "samples": len(p["shape"]), "exact": int(exact)}, indent=2))
     click.echo(f"token: {cfg.out}\nsamples: {samples}\ngrid: {out / 'grid.png'} (one row per background)\n"
                f"probe: {exact} of {len(p['shape'])} samples show a {subj.words}")
 
