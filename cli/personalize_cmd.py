@@ -110,7 +110,7 @@ def demo(subject, passes, recipe, out_dir, seed, overwrite):
 
     from zo_edge.models import SHAPES_BUNDLE, world
     from zo_runtime.bundle import Bundle
-    from zo_runtime.personalize import PersonalizeConfig, Trainer
+    from zo_runtime.personalize import PersonalizeConfig, Trainer, make_estimator
     from zo_runtime.pipeline import Pipeline, grid, save_png
 
     try:
@@ -124,7 +124,7 @@ def demo(subject, passes, recipe, out_dir, seed, overwrite):
     cfg = PersonalizeConfig(model=str(SHAPES_BUNDLE), images=str(out / "references"), token=token, init=subj.shape,
                             out=str(out / "my-shape.safetensors"), run_dir=str(out / "run"), steps=1, seed=seed,
                             overwrite=True, recipe=recipe)
-    per_step = cfg.resolved().n * 2 if cfg.resolved().antithetic else cfg.resolved().n + 1
+    per_step = make_estimator(cfg.resolved()).passes
     if passes < per_step:
         raise UserError(f"--passes {passes} is less than one step of the {recipe} recipe ({per_step} passes)")
     cfg.steps = passes // per_step

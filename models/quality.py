@@ -196,8 +196,10 @@ def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int
         if fields is None:
             per_step, runs = 1, [(ti_steps, [max(1, round(ti_steps * j / points)) for j in range(1, points + 1)])]
         else:
+            from zo_runtime.personalize import make_estimator
+
             cfg = _resolved(fields)
-            per_step = cfg.n * 2 if cfg.antithetic else cfg.n + 1
+            per_step = make_estimator(cfg).passes
             if min(budgets) < per_step:
                 from zo_runtime.errors import UserError
                 raise UserError(f"a budget of {min(budgets)} UNet passes is less than one step of {spec} ({per_step})")
