@@ -6,7 +6,7 @@ import click
 from zo_edge.models import resolve_model
 from zo_runtime.data import DEFAULT_MAX_PIXELS
 from zo_runtime.errors import UserError
-from zo_runtime.recipe import DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPES, SCHEDULES
+from zo_runtime.recipe import DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPES, SCHEDULES
 
 
 def _recipe_help(what: str, key: str) -> str:
@@ -34,7 +34,7 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
 @click.option("--mu", type=float, default=None, help=_recipe_help("RGE smoothing radius", "mu"))
 @click.option("--antithetic/--one-sided", default=None, help=_recipe_help("two-sided differences (2n passes a step)", "antithetic"))
 @click.option("--directions", type=click.Choice(list(DIRECTIONS)), default=None, help=_recipe_help("RGE directions", "directions"))
-@click.option("--rank", type=int, default=None, help=_recipe_help("token-pca subspace rank / guided history (0: 16 / 4)", "rank"))
+@click.option("--rank", type=int, default=None, help=_recipe_help(f"token-pca subspace rank / guided history (0: {DEFAULT_RANK['token-pca']} / {DEFAULT_RANK['guided']})", "rank"))
 @click.option("--guided-alpha", type=float, default=None, help=_recipe_help("guided: isotropic share", "guided_alpha"))
 @click.option("--sg/--no-sg", default=None, help=_recipe_help("Subspace Gradient", "sg"))
 @click.option("--tau", type=int, default=None, help=_recipe_help("SG history length / refresh period", "tau"))

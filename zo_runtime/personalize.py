@@ -31,7 +31,7 @@ from .outputs import check_output, write_atomic
 from .oracle import LossOracle
 from .progress import Progress
 from .sysinfo import peak_rss_mb
-from .recipe import DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
+from .recipe import DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
 from .timesteps import puts, uniform
 from .tokenizer import CLIPTokenizer
 
@@ -127,7 +127,7 @@ class PersonalizeConfig:
         try:
             make_optimizer(dataclasses.replace(cfg, sg=True), dim=1)  # every given value, in use or not
             make_estimator(cfg)
-            optim.guided(k=cfg.rank or 4, alpha=cfg.guided_alpha)
+            optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
         except ValueError as e:
             raise UserError(str(e)) from None
         if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
@@ -181,17 +181,18 @@ def make_optimizer(cfg: PersonalizeConfig, dim: int) -> optim.GradientTransforma
 
 def make_estimator(cfg: PersonalizeConfig, table=None) -> optim.RGE:
     """RGE with the recipe's directions. ``table``: the token table (token-pca only); ``cfg`` resolved."""
+    rank = cfg.rank or DEFAULT_RANK.get(cfg.directions, 0)
     if cfg.directions == "orthogonal":
         sampler = optim.orthogonal()
     elif cfg.directions == "guided":
-        sampler = optim.guided(k=cfg.rank or 4, alpha=cfg.guided_alpha)
+        sampler = optim.guided(k=rank, alpha=cfg.guided_alpha)
     elif cfg.directions == "token-pca":
         if table is None:  # validation only: check the rank against the width later, with the bundle
             sampler = optim.gaussian()
         else:
-            if not 1 <= (cfg.rank or 16) <= table.shape[1]:
+            if not 1 <= rank <= table.shape[1]:
                 raise ValueError(f"--rank must be in [1, d={table.shape[1]}] for token-pca, got {cfg.rank}")
-            sampler = optim.subspace(optim.token_pca_basis(table, cfg.rank or 16))
+            sampler = optim.subspace(optim.token_pca_basis(table, rank))
     else:
         sampler = optim.gaussian()
     return optim.RGE(n=cfg.n, mu=cfg.mu, antithetic=cfg.antithetic, sampler=sampler)

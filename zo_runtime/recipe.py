@@ -26,6 +26,8 @@ TEMPLATES = (
 )
 
 DIRECTIONS = ("gaussian", "orthogonal", "guided", "token-pca")
+# what --rank 0 means: guided keeps the last 4 estimates; token-pca searches the top 16 components
+DEFAULT_RANK = {"guided": 4, "token-pca": 16}
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 
