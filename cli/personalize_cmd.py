@@ -49,6 +49,10 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
 @click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=None, help=_recipe_help("learning-rate schedule", "schedule"))
 @click.option("--reference-scaling/--no-reference-scaling", default=None,
               help=_recipe_help("the reference code's 1/sqrt((d+n-1)/n) on the estimate", "reference_scaling"))
+@click.option("--weight-decay", type=float, default=None,
+              help=_recipe_help("pull toward the init token: lambda * (theta - theta_0) per step (0: off)", "weight_decay"))
+@click.option("--average", type=float, default=None,
+              help=_recipe_help("write the moving average of the iterates with this decay (0: the last iterate)", "average"))
 @click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option("--captions", type=click.Path(), help="Per-image captions: '<file>\\t<caption with {}>' lines.")
 @click.option("--no-upscale", is_flag=True, help="Refuse images smaller than the resolution.")

@@ -10,7 +10,8 @@ Three kinds of piece, each with typed, explicit state (NamedTuples of NumPy arra
 * **Gradient transformations** (:class:`GradientTransformation`, ``init`` / ``update``):
   :func:`subspace_gradient` (SG), :func:`scale_by_adam`, :func:`scale`,
   :func:`scale_by_learning_rate` (a constant or a schedule: :func:`constant_schedule`,
-  :func:`cosine_decay_schedule`), and the usual compositions :func:`adam`, :func:`sgd`;
+  :func:`cosine_decay_schedule`), :func:`decay_to_init`, :func:`average_iterates`
+  (read back with :func:`averaged_params`), and the usual compositions :func:`adam`, :func:`sgd`;
   :func:`chain` composes them (its state is a tuple), :func:`apply_updates` adds the step.
 
 Every hyper-parameter is checked once, where the piece is built (``ValueError``).
@@ -75,6 +76,15 @@ class SubspaceGradientState(NamedTuple):
 class GuidedState(NamedTuple):
     estimates: np.ndarray  # [k, d] the last k gradient estimates (ring buffer)
     count: np.ndarray      # int64 scalar: estimates seen
+
+
+class AnchorState(NamedTuple):
+    anchor: np.ndarray   # θ₀, the token the run started from
+
+
+class AverageState(NamedTuple):
+    count: np.ndarray    # int64 scalar: iterates averaged
+    average: np.ndarray  # bias-corrected exponential average of the iterates θ₁…θ_k
 
 
 class GradientTransformation(NamedTuple):
@@ -375,6 +385,56 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
         return (-schedule(count) * grads.astype(np.float64)).astype(np.float32), ScheduleState(np.int64(count + 1))
 
     return GradientTransformation(lambda params: ScheduleState(np.int64(0)), update)
+
+
+def decay_to_init(weight_decay: float) -> GradientTransformation:
+    """updates += λ (θ − θ₀): weight decay toward the starting token instead of toward zero (L2-SP,
+    Li et al. 2018, arXiv 1802.01483), decoupled from the gradient as in AdamW (Loshchilov & Hutter
+    2019): chain it after :func:`scale_by_adam` and before the learning rate. With a noisy estimate
+    the token random-walks in directions the loss hardly sees; the pull toward θ₀ bounds that walk
+    (an Ornstein-Uhlenbeck process) while the gradient's drift holds against it."""
+    _check(isinstance(weight_decay, (int, float, np.floating)) and math.isfinite(weight_decay) and weight_decay >= 0,
+           f"weight decay must be a finite number >= 0, got {weight_decay}")
+
+    def init(params):
+        return AnchorState(np.array(params, np.float32))
+
+    def update(grads, state, params):
+        return (grads.astype(np.float64) + weight_decay * (params.astype(np.float64) - state.anchor)).astype(np.float32), state
+
+    return GradientTransformation(init, update)
+
+
+def average_iterates(decay: float) -> GradientTransformation:
+    """Keeps an exponential moving average of the iterates, bias-corrected (Polyak & Juditsky 1992;
+    the EMA form as in Adam's moments); the run's answer is the average, read with
+    :func:`averaged_params`. Passes the updates through unchanged, so it goes last in a chain (it sees
+    the final step: θ_k = params + updates). With a noisy estimate the iterate jitters around where
+    the drift has taken it; the average keeps the drift and cancels much of the jitter."""
+    _unit_interval("averaging decay", decay)
+
+    def init(params):
+        return AverageState(np.int64(0), np.zeros_like(params, np.float32))
+
+    def update(grads, state, params):
+        count = int(state.count) + 1
+        new = params.astype(np.float64) + grads
+        weight = (1 - decay) / (1 - decay ** count)   # = 1 at the first iterate: no bias toward zero
+        avg = state.average + weight * (new - state.average)
+        return grads, AverageState(np.int64(count), avg.astype(np.float32))
+
+    return GradientTransformation(init, update)
+
+
+def averaged_params(state) -> np.ndarray | None:
+    """The iterate average held anywhere in a (chain) state, or None without :func:`average_iterates`
+    (or before its first update)."""
+    if isinstance(state, AverageState):
+        return np.array(state.average) if int(state.count) > 0 else None
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        found = [a for a in (averaged_params(s) for s in state) if a is not None]
+        return found[-1] if found else None
+    return None
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

@@ -31,7 +31,7 @@ from .outputs import check_output, write_atomic
 from .oracle import LossOracle
 from .progress import Progress
 from .sysinfo import peak_rss_mb
-from .recipe import DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
+from .recipe import ADDED_FIELDS, DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
 from .timesteps import puts, uniform
 from .tokenizer import CLIPTokenizer
 
@@ -74,6 +74,8 @@ class PersonalizeConfig:
     adam_eps: float | None = None
     schedule: str | None = None         # constant or cosine (to lr/10 at the last step)
     reference_scaling: bool | None = None  # the reference code's 1/sqrt((d+n-1)/n) on the estimate
+    weight_decay: float | None = None   # pull toward the init token, λ(θ − θ₀) per step (0: off)
+    average: float | None = None        # output the EMA of the iterates with this decay (0: the last iterate)
     batch_candidates: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
@@ -126,6 +128,8 @@ class PersonalizeConfig:
             raise UserError("no training prompt templates")
         try:
             make_optimizer(dataclasses.replace(cfg, sg=True), dim=1)  # every given value, in use or not
+            optim.decay_to_init(cfg.weight_decay)
+            optim.average_iterates(cfg.average)
             make_estimator(cfg)
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
         except ValueError as e:
@@ -164,18 +168,22 @@ def default_run_dir(token: str) -> str:
 
 
 def make_optimizer(cfg: PersonalizeConfig, dim: int) -> optim.GradientTransformation:
-    """(SG) → (the reference's scaling) → ZO-Adam or ZO-SGD with a constant or cosine learning rate.
-    ``cfg`` resolved; ``dim``: the token's size (for the reference scaling)."""
+    """(SG) → (the reference's scaling) → (Adam's scaling) → (decay toward θ₀) → a constant or cosine
+    learning rate → (iterate averaging). ``cfg`` resolved; ``dim``: the token's size (for the reference
+    scaling)."""
     parts = []
     if cfg.sg:
         parts.append(optim.subspace_gradient(tau=cfg.tau, nu=cfg.nu))
     if cfg.reference_scaling:
         parts.append(optim.scale(optim.reference_scale(dim, cfg.n)))
-    lr = cfg.lr if cfg.schedule == "constant" else optim.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.1)
     if cfg.optimizer == "adam":
-        parts += [optim.scale_by_adam(b1=cfg.b1, eps=cfg.adam_eps), optim.scale_by_learning_rate(lr)]
-    else:
-        parts.append(optim.sgd(lr))
+        parts.append(optim.scale_by_adam(b1=cfg.b1, eps=cfg.adam_eps))
+    if cfg.weight_decay:
+        parts.append(optim.decay_to_init(cfg.weight_decay))
+    lr = cfg.lr if cfg.schedule == "constant" else optim.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.1)
+    parts.append(optim.scale_by_learning_rate(lr))
+    if cfg.average:
+        parts.append(optim.average_iterates(cfg.average))
     return optim.chain(*parts)
 
 
@@ -443,6 +451,12 @@ class Trainer:
         theta = optim.apply_updates(theta, updates)
         return theta, (sampler_state, chain_state), self.rge.loss_at_theta(losses), t, optim.projected_dims(chain_state)
 
+    @staticmethod
+    def answer(theta, opt_state) -> np.ndarray:
+        """The run's token: the iterate average when the recipe averages, else the last iterate."""
+        average = optim.averaged_params(opt_state[1])
+        return theta if average is None else average
+
     def preview(self, step: int, theta: np.ndarray) -> None:
         """One image of the token so far, through the generate path, to run_dir/previews/."""
         from .pipeline import Pipeline, save_png
@@ -519,11 +533,11 @@ class Trainer:
                                           "wall_time": round(time.time() - t0, 3)}) + "\n")
                     progress.update(step, loss=loss)
                     if callback is not None:
-                        callback(step, theta)
+                        callback(step, self.answer(theta, opt_state))
                     if cfg.preview_every and step % cfg.preview_every == 0:
-                        self.preview(step, theta)
+                        self.preview(step, self.answer(theta, opt_state))
                     if step == cfg.steps:
-                        if not np.isfinite(theta).all():
+                        if not np.isfinite(self.answer(theta, opt_state)).all():
                             raise UserError(f"θ is not finite after the last step; the last good checkpoint "
                                             f"(step {self.last_checkpoint}) in {self.run_dir} is intact")
                         log.flush()
@@ -534,6 +548,7 @@ class Trainer:
                             ) from None
         finally:
             progress.close()
+        theta = self.answer(theta, opt_state)
         try:
             save_embedding(cfg.out, cfg.token, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_recipe": cfg.recipe},
                            overwrite=cfg.overwrite)
@@ -569,6 +584,8 @@ def load_run_config(run_dir: str | Path) -> PersonalizeConfig:
             raise ValueError("not a JSON object")
         d["templates"] = tuple(d.get("templates", TEMPLATES))
         d.setdefault("recipe", "zoodip")  # runs from before recipes were the paper's algorithm
+        for name, value in ADDED_FIELDS.items():
+            d.setdefault(name, value)
         known = {f.name for f in dataclasses.fields(PersonalizeConfig)}
         cfg = PersonalizeConfig(**{k: v for k, v in d.items() if k in known})
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
