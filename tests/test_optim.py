@@ -398,3 +398,95 @@ def test_projected_dims_finds_sg_anywhere_in_a_chain():
     state = (state[0], state[1]._replace(basis=np.ones((3, 5), np.float32)), state[2])
     assert optim.projected_dims(state) == 3
     assert optim.projected_dims(optim.adam().init(theta)) == 0
+
+
+def _flat_valley_run(weight_decay: float, steps: int = 3000, seed: int = 8):
+    """ZO-Adam on L(θ) = ½ Σ_{i<4} (θ_i − 1)² in R^64: four curved coordinates, sixty flat ones, with
+    sample noise shared by a step's candidates and a per-sample slope in every coordinate (as a
+    diffusion loss has: each draw tilts the landscape, the expectation does not)."""
+    rng = np.random.default_rng(seed)
+    d, k = 64, 4
+    theta = np.zeros(d, np.float32)
+    rge = optim.RGE(n=2, mu=1e-3)
+    parts = [optim.scale_by_adam()] + ([optim.decay_to_init(weight_decay)] if weight_decay else [])
+    opt = optim.chain(*parts, optim.scale_by_learning_rate(2e-2))
+    state = opt.init(theta)
+    for _ in range(steps):
+        tilt = 0.3 * rng.standard_normal(d)
+        f = lambda th: 0.5 * np.sum((th[:k] - 1.0) ** 2) + tilt @ th
+        z = rge.directions(rng, theta.shape)
+        losses = np.array([f(c.astype(np.float64)) for c in rge.candidates(theta, z)])
+        updates, state = opt.update(rge.estimate(losses, z), state, theta)
+        theta = optim.apply_updates(theta, updates)
+    return theta, k
+
+
+def test_decay_to_init_bounds_the_random_walk_in_flat_directions():
+    """Without the pull the token wanders off in the directions the loss does not see; with it the
+    wander stays bounded while the curved coordinates still reach their optimum."""
+    free, k = _flat_valley_run(0.0)
+    pulled, _ = _flat_valley_run(0.1)
+    assert np.linalg.norm(pulled[k:]) < 0.5 * np.linalg.norm(free[k:])
+    assert np.abs(pulled[:k] - 1.0).max() < 0.5          # the drift holds against the pull (λ biases it a little)
+    assert np.abs(free[:k] - 1.0).max() < 0.5
+
+
+def test_decay_to_init_is_decoupled_and_anchored_at_the_first_params():
+    theta0 = np.array([1.0, -2.0], np.float32)
+    t = optim.decay_to_init(0.1)
+    state = t.init(theta0)
+    g, state = t.update(np.zeros(2, np.float32), state, theta0 + np.array([3.0, 0.0], np.float32))
+    np.testing.assert_allclose(g, [0.3, 0.0], rtol=1e-6)    # λ (θ − θ₀), whatever θ is now
+    np.testing.assert_array_equal(state.anchor, theta0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            optim.decay_to_init(bad)
+
+
+def test_average_iterates_is_the_bias_corrected_ema_of_the_iterates():
+    rng = np.random.default_rng(9)
+    decay = 0.9
+    t = optim.average_iterates(decay)
+    theta = np.zeros(3, np.float32)
+    state = t.init(theta)
+    assert optim.averaged_params(state) is None
+    iterates = []
+    for _ in range(25):
+        step = rng.standard_normal(3).astype(np.float32)
+        out, state = t.update(step, state, theta)
+        np.testing.assert_array_equal(out, step)            # passes the updates through
+        theta = optim.apply_updates(theta, step)
+        iterates.append(theta.astype(np.float64))
+    w = decay ** np.arange(len(iterates))[::-1]
+    np.testing.assert_allclose(optim.averaged_params(state), (w[:, None] * iterates).sum(0) / w.sum(), rtol=1e-5)
+    first = t.update(np.ones(3, np.float32), t.init(np.zeros(3, np.float32)), np.zeros(3, np.float32))[1]
+    np.testing.assert_allclose(first.average, np.ones(3))   # no pull toward zero at the start
+    chained = optim.chain(optim.adam(), optim.average_iterates(0.5)).init(theta)
+    assert optim.averaged_params(chained) is None and optim.averaged_params(optim.adam().init(theta)) is None
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError):
+            optim.average_iterates(bad)
+
+
+def test_average_of_iterates_is_closer_to_the_optimum_than_the_last_iterate():
+    """ZO-Adam at a constant rate ends jittering around the optimum of a noisy quadratic; the
+    average of its iterates sits nearer the optimum (median over seeds)."""
+    last, avg = [], []
+    for seed in range(5):
+        rng = np.random.default_rng(100 + seed)
+        d = 16
+        A = np.diag(np.linspace(1, 4, d))
+        b = rng.standard_normal(d)
+        opt_theta = np.linalg.solve(A, b)
+        f, _ = quadratic(A, b)
+        theta = np.zeros(d, np.float32)
+        rge, opt = optim.RGE(n=2, mu=1e-3), optim.chain(optim.adam(lr=5e-2), optim.average_iterates(0.98))
+        state = opt.init(theta)
+        for _ in range(2000):
+            z = rge.directions(rng, theta.shape)
+            losses = np.array([f(c.astype(np.float64)) for c in rge.candidates(theta, z)])
+            updates, state = opt.update(rge.estimate(losses, z), state, theta)
+            theta = optim.apply_updates(theta, updates)
+        last.append(np.linalg.norm(theta - opt_theta))
+        avg.append(np.linalg.norm(optim.averaged_params(state) - opt_theta))
+    assert np.median(avg) < 0.5 * np.median(last)

@@ -80,6 +80,7 @@ RECIPE_VARIANTS = [
     dict(recipe="zo-edge", directions="token-pca", rank=4, schedule="cosine", lr=2e-2),
     dict(recipe="zo-edge", directions="orthogonal", optimizer="sgd", lr=1.0),
     dict(recipe="zoodip", reference_scaling=True, adam_eps=1e-3, b1=0.8),
+    dict(recipe="zo-edge", weight_decay=0.5, average=0.9),
 ]
 
 
@@ -192,6 +193,7 @@ def replace(args, flag, value):
     ("--adam-eps", "-1", "eps"), ("--lr", "inf", "learning rate"), ("--b1", "1.0", "b1"),
     ("--rank", "-2", "--rank"),
     ("--guided-alpha", "0", "alpha"),
+    ("--weight-decay", "-1", "weight decay"), ("--average", "1.0", "averaging decay"),
     ("--token", "dog", "already a token"), ("--init", "zzzqqqxyzzy", "single token"),
 ])
 def test_bad_flags_one_line(base_args, flag, value, needle):
@@ -284,3 +286,17 @@ def test_unknown_choices_refused_with_exit_2(base_args, flag, value):
 def test_rank_larger_than_the_token_is_refused(base_args):
     line = cli_err(base_args + ["--directions", "token-pca", "--rank", "100000"])
     assert line.startswith("zo-edge: error:") and "--rank" in line
+
+
+def test_averaging_recipe_writes_the_average_of_its_iterates(tiny_bundle_int8, ref_images, tmp_path):
+    """With --average the written token is the iterates' moving average (what the callback saw last),
+    not the last iterate, which the checkpoint keeps to go on from."""
+    seen = {}
+    cfg = make_cfg(tiny_bundle_int8, ref_images, tmp_path, recipe="zo-edge", average=0.5, lr=0.1)
+    res = Trainer(cfg).train(callback=lambda step, theta: seen.update(last=np.array(theta)))
+    written = load_embeddings(res.out)["<zz-tok>"]
+    with np.load(Path(cfg.run_dir) / "checkpoint.npz") as z:
+        last_iterate = z["theta"]
+    np.testing.assert_array_equal(written, seen["last"])
+    np.testing.assert_array_equal(res.theta, written)
+    assert not np.allclose(written, last_iterate)
