@@ -210,8 +210,10 @@ class Bundle:
         """Drop a session so its weights and arena leave memory (e.g. the VAE encoder before training)."""
         self._sessions.pop(name, None)
 
-    def timestep_feed(self, t: int, batch: int) -> np.ndarray:
-        """The UNet ``timestep`` input as the graph wants it: a float scalar or an int64/float vector [batch]."""
+    def timestep_feed(self, t: float, batch: int) -> np.ndarray:
+        """The UNet ``timestep`` input as the graph wants it: a float scalar or an int64/float vector [batch].
+        ``t`` goes in as given: Euler-type schedulers step through fractional timesteps, which a float graph
+        takes exactly (an int64 graph truncates them, as diffusers' own int64 timestep casts do)."""
         spec = self.input_spec("unet", "timestep") or {"dtype": "float32", "rank": 0}
         dtype = np.dtype(spec["dtype"])
         if spec["rank"] == 0:
