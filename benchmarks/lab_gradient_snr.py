@@ -112,6 +112,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from zo_runtime.outputs import write_json
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     results = []
     for subject in args.subjects.split(","):
         t0 = time.time()
@@ -131,12 +135,10 @@ def main() -> None:
                         "ti_displacement_norm": None if toward is None else float(np.linalg.norm(toward)),
                         "init_norm": float(np.linalg.norm(theta0))})
         print(subject, json.dumps(rows), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out = {"samples": args.samples, "threads": args.threads, "ti_steps": args.ti_steps, "bands": BANDS,
-           "machine": {"cpu": platform.machine(), "python": sys.version.split()[0], "commit": commit},
-           "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+        out = {"samples": args.samples, "threads": args.threads, "ti_steps": args.ti_steps, "bands": BANDS,
+               "machine": {"cpu": platform.machine(), "python": sys.version.split()[0], "commit": commit},
+               "results": results}
+        write_json(args.out, out, what="results")      # after every subject: a stopped run keeps what it measured
     print("wrote", args.out)
 
 
