@@ -81,6 +81,7 @@ RECIPE_VARIANTS = [
     dict(recipe="zo-edge", directions="orthogonal", optimizer="sgd", lr=1.0),
     dict(recipe="zoodip", reference_scaling=True, adam_eps=1e-3, b1=0.8),
     dict(recipe="zo-edge", weight_decay=0.5, average=0.9),
+    dict(recipe="zo-edge", directions="momentum", guided_beta=0.9, guided_alpha=0.3),
 ]
 
 
@@ -193,7 +194,7 @@ def replace(args, flag, value):
     ("--adam-eps", "-1", "eps"), ("--lr", "inf", "learning rate"), ("--b1", "1.0", "b1"),
     ("--rank", "-2", "--rank"),
     ("--guided-alpha", "0", "alpha"),
-    ("--weight-decay", "-1", "weight decay"), ("--average", "1.0", "averaging decay"),
+    ("--weight-decay", "-1", "weight decay"), ("--guided-beta", "1", "beta"), ("--average", "1.0", "averaging decay"),
     ("--token", "dog", "already a token"), ("--init", "zzzqqqxyzzy", "single token"),
 ])
 def test_bad_flags_one_line(base_args, flag, value, needle):

@@ -59,9 +59,10 @@ class PersonalizeConfig:
     n: int | None = None                # RGE directions
     mu: float | None = None             # RGE smoothing
     antithetic: bool | None = None      # two-sided differences (2n passes a step) instead of one-sided (n + 1)
-    directions: str | None = None       # gaussian, orthogonal, guided, token-pca
+    directions: str | None = None       # gaussian, orthogonal, guided, momentum, token-pca
     rank: int | None = None             # token-pca: subspace rank; guided: estimates kept (0: the default)
-    guided_alpha: float | None = None   # guided: share of isotropic directions
+    guided_alpha: float | None = None   # guided, momentum: share of isotropic directions
+    guided_beta: float | None = None    # momentum: decay of the estimates' average that guides the directions
     sg: bool | None = None              # Subspace Gradient
     tau: int | None = None
     nu: float | None = None
@@ -132,6 +133,7 @@ class PersonalizeConfig:
             optim.average_iterates(cfg.average)
             make_estimator(cfg)
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
+            optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
         except ValueError as e:
             raise UserError(str(e)) from None
         if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
@@ -194,6 +196,8 @@ def make_estimator(cfg: PersonalizeConfig, table=None) -> optim.RGE:
         sampler = optim.orthogonal()
     elif cfg.directions == "guided":
         sampler = optim.guided(k=rank, alpha=cfg.guided_alpha)
+    elif cfg.directions == "momentum":
+        sampler = optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
     elif cfg.directions == "token-pca":
         if table is None:  # validation only: check the rank against the width later, with the bundle
             sampler = optim.gaussian()
