@@ -2,7 +2,7 @@
 
 ``zo-edge convert-metrics --clip ./clip-vit-base-patch32 --dino ./dinov2-base OUT`` reads LOCAL
 Hugging Face folders (no download) and writes a metrics bundle that the torch-free runtime
-(``zo_runtime.metrics``) reads::
+(``zo_edge.eval.metrics``) reads::
 
     OUT/
       metrics.json                  the manifest (below)

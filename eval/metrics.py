@@ -41,9 +41,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .bundle import resolve_provider
-from .manifest import listed, read_manifest, verify_files
-from .errors import UserError
+from zo_runtime.bundle import resolve_provider
+from zo_runtime.errors import UserError
+from zo_runtime.manifest import listed, read_manifest, verify_files
 
 MANIFEST = "metrics.json"
 FORMAT = "zo-edge-metrics"
@@ -244,9 +244,8 @@ class MetricsBundle:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import CLIPTokenizer
-
-            from .manifest import inside
+            from zo_runtime.manifest import inside
+            from zo_runtime.tokenizer import CLIPTokenizer
             self._tokenizer = CLIPTokenizer.from_pretrained(inside(self.root, self._need("clip")["tokenizer"],
                                                                    "clip tokenizer folder"))
         return self._tokenizer
