@@ -51,7 +51,7 @@ def sub(*args: str, threads: int) -> dict:
 # ------------------------------------------------------------------ hidden sub-commands (own process)
 
 def _build(out: str, size: str) -> dict:
-    from zo_edge.convert.tiny import build_pipeline
+    from zo_edge.testing import build_pipeline
     t = time.perf_counter()
     build_pipeline(out, family="sd1", size=size, seed=0)
     return {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}

@@ -127,7 +127,7 @@ def main():
 
     if not args.bundle or not args.source:
         from zo_edge.convert import convert_pipeline
-        from zo_edge.convert.tiny import build_pipeline
+        from zo_edge.testing import build_pipeline
 
         work = Path(tempfile.mkdtemp(prefix="zo-bench-"))
         print(f"building SD1.5-shaped random-weight pipeline and INT8 bundle in {work}", file=sys.stderr)

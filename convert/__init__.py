@@ -7,7 +7,7 @@ Heavy imports (torch, optimum, onnxruntime.quantization) happen only when a func
 """
 from __future__ import annotations
 
-__all__ = ["convert_pipeline", "inspect_source", "read_manifest", "verify_files", "build_pipeline"]
+__all__ = ["convert_pipeline", "inspect_source", "read_manifest", "verify_files"]
 
 
 def __getattr__(name):
@@ -20,7 +20,4 @@ def __getattr__(name):
     if name in ("read_manifest", "verify_files"):
         from . import manifest
         return getattr(manifest, name)
-    if name == "build_pipeline":
-        from .tiny import build_pipeline
-        return build_pipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

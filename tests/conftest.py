@@ -23,13 +23,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_sd1_dir(tmp_path_factory):
-    from zo_edge.convert.tiny import build_pipeline
+    from zo_edge.testing import build_pipeline
     return build_pipeline(tmp_path_factory.mktemp("tiny_sd1") / "pipeline", family="sd1", size="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2_dir(tmp_path_factory):
-    from zo_edge.convert.tiny import build_pipeline
+    from zo_edge.testing import build_pipeline
     return build_pipeline(tmp_path_factory.mktemp("tiny_sd2") / "pipeline", family="sd2", size="tiny", seed=0)
 
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def models(tmp_path_factory):
     torch = pytest.importorskip("torch")
     tr = pytest.importorskip("transformers")
-    from zo_edge.convert.clip_vocab import write_clip_tokenizer
+    from zo_edge.models.clip_vocab import write_clip_tokenizer
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("metric_models")
