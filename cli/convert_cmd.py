@@ -29,6 +29,7 @@ def convert(src, out, weights, text_encoder_fp32, overwrite, calibration_samples
     """Convert a diffusers Stable Diffusion folder SRC (SD1.x / SD2.x) into a zo-edge bundle OUT."""
     from zo_edge.convert.accuracy import format_accuracy
     from zo_edge.convert.pipeline import convert_pipeline
+    from zo_edge.models.calibration import SHAPES_WORLD
 
     def progress(line: str) -> None:
         if not quiet:
@@ -36,7 +37,7 @@ def convert(src, out, weights, text_encoder_fp32, overwrite, calibration_samples
 
     m = convert_pipeline(src, out, weights=weights, text_encoder_fp32=text_encoder_fp32, overwrite=overwrite,
                          calibration_samples=calibration_samples, provider=provider, fuse=fuse,
-                         per_channel=per_channel, seed=seed, progress=progress)
+                         per_channel=per_channel, seed=seed, progress=progress, data=SHAPES_WORLD)
     total = sum(e["bytes"] for e in m["files"].values())
     click.echo(f"wrote {out}: {m['family']} {m['resolution']} px, weights {weights}, "
                f"{len(m['files'])} files, {total / 1e6:,.1f} MB, {m['build']['seconds']:.1f} s")

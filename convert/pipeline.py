@@ -23,6 +23,7 @@ import onnx
 from zo_runtime.errors import UserError
 
 from . import accuracy as acc_mod
+from .calibrate import CalibrationData
 from .export import GRAPHS, export_onnx
 from .graphs import graph_files, save_model, session
 from .manifest import FORMAT, FORMAT_VERSION, check_bundle_out, graph_entry, replace_dir, write_manifest
@@ -106,7 +107,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
                      provider: str = "cpu", fuse: bool | None = None, per_channel: bool = False,
                      heldout_samples: int = 4, heldout_per_band: int = 2, seed: int = 0,
                      export_dir: str | os.PathLike | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict:
+                     progress: Callable[[str], None] | None = None, *, data: CalibrationData) -> dict:
     """Convert the diffusers Stable Diffusion folder ``src`` (SD1.x / SD2.x) into a bundle at ``out``.
 
     ``weights``: ``int8`` (static QDQ, default), ``int4`` (UNet MatMuls 4-bit weight-only, rest INT8)
@@ -115,6 +116,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     ``calibration_samples``: calibration inputs per graph. ``heldout_samples`` / ``heldout_per_band``:
     accuracy-report inputs (per UNet timestep band). ``export_dir``: reuse an existing Optimum
     export of ``src`` (skips the export stage). ``progress``: called with one line per stage event.
+    ``data``: the prompts and images calibration and the held-out check run the FP32 graphs on
+    (:class:`~zo_edge.convert.calibrate.CalibrationData`, e.g. ``zo_edge.models.calibration.SHAPES_WORLD``).
 
     Returns the manifest written to ``out/zo-edge.json``. Bad input raises UserError.
     """
@@ -145,7 +148,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zo-convert-", dir=out.parent))
     try:
         manifest = _build(info, tmp, weights, text_encoder_fp32, calibration_samples, provider, fuse, per_channel,
-                          heldout_samples, heldout_per_band, seed, export_dir, st)
+                          heldout_samples, heldout_per_band, seed, export_dir, st, data)
         check_bundle_out(out, overwrite)
         replace_dir(tmp / "bundle", out, overwrite)
         st.say(f"bundle written to {out} in {st.total:.1f} s")
@@ -155,7 +158,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
 
 
 def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: int, provider: str, fuse: bool,
-           per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, st: Stages) -> dict:
+           per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, st: Stages,
+           data: CalibrationData) -> dict:
     from zo_edge import __version__
 
     from .calibrate import load_tokenizer, make_inputs, tokenize
@@ -219,7 +223,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             st.say("[calibrate] skipped (weight-only: activations stay float)")
         else:
             calib = st.run("calibrate", f"{n_calib} samples per graph from the model's own data", make_inputs,
-                           info, reference, table, tokenizer, n_calib, seed, False)
+                           info, reference, table, tokenizer, data, n_calib, seed, False)
             st.say(f"[calibrate] UNet timesteps {sorted(calib.unet_timesteps)}")
 
         def quantize():
@@ -273,7 +277,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
     changed = {g: precision[g] != "fp32" or (g == "unet" and fuse) for g in GRAPHS}
 
     def verify():
-        held = make_inputs(info, reference, table, tokenizer, n_held, seed + 1000, True, per_band)
+        held = make_inputs(info, reference, table, tokenizer, data, n_held, seed + 1000, True, per_band)
         report = {}
         for g in GRAPHS:
             if changed[g]:
@@ -304,8 +308,8 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                  "per_channel": per_channel,
                  "calibration": None if weights in ("fp32", "int8w") else {
                      "samples": n_calib, "seed": seed,
-                     "text_encoder": "shapes-world captions + everyday prompts + empty prompt",
-                     "vae_encoder": "zo_edge.models.world renders at the model resolution",
+                     "text_encoder": data.description["text_encoder"],
+                     "vae_encoder": data.description["vae_encoder"],
                      "vae_decoder": "latents sampled from the FP32 VAE encoder on those renders",
                      "unet": "noised scaled latents; timesteps over the whole schedule + 500-900",
                      "unet_timesteps": sorted(int(t) for t in calib.unet_timesteps)},
