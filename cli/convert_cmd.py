@@ -55,12 +55,13 @@ def info(bundle, verify, as_json):
     sizes, accuracy report; for the shapes model also the words of its world."""
     import json
 
-    from zo_edge.convert.manifest import format_info, read_manifest, verify_files
+    from zo_edge.convert.manifest import format_info, verify_files
     from zo_edge.models import resolve_model
+    from zo_runtime.manifest import read_bundle_manifest
 
     shapes = bundle == "shapes"
     bundle = resolve_model(bundle)
-    m = read_manifest(bundle)
+    m = read_bundle_manifest(bundle)
     if as_json:
         click.echo(json.dumps(m, indent=2))
     else:

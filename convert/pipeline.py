@@ -21,12 +21,13 @@ import numpy as np
 import onnx
 
 from zo_runtime.errors import UserError
+from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
 
 from . import accuracy as acc_mod
 from .calibrate import CalibrationData
 from .export import GRAPHS, export_onnx
 from .graphs import graph_files, save_model, session
-from .manifest import FORMAT, FORMAT_VERSION, check_bundle_out, graph_entry, replace_dir, write_manifest
+from .manifest import check_bundle_out, graph_entry, replace_dir, write_manifest
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only_int8
 from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
@@ -315,7 +316,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                      "unet_timesteps": sorted(int(t) for t in calib.unet_timesteps)},
                  "graphs": recipes}
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"zo-edge {__version__}",
+            "format": BUNDLE_FORMAT, "format_version": FORMAT_VERSION, "created_by": f"zo-edge {__version__}",
             "family": info.family,
             "source": {"path": str(info.path), "pipeline_class": info.pipeline_class or "StableDiffusionPipeline"},
             "resolution": info.resolution, "vae_scale_factor": info.vae_scale_factor,

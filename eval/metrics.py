@@ -43,11 +43,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zo_runtime.bundle import resolve_provider
 from zo_runtime.errors import UserError
-from zo_runtime.manifest import listed, read_manifest, verify_files
+from zo_runtime.manifest import METRICS_FORMAT, METRICS_MANIFEST, listed, read_manifest, verify_files
 
-MANIFEST = "metrics.json"
-FORMAT = "zo-edge-metrics"
-FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_KEY = "prompt"
 _INDEX_NAME = re.compile(r"^(\d+)_")
@@ -173,8 +170,9 @@ class MetricsBundle:
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0) -> "MetricsBundle":
         root = Path(path)
-        mf = root / MANIFEST
-        manifest = read_manifest(root, MANIFEST, FORMAT, "metrics bundle", "run zo-edge convert-metrics")
+        mf = root / METRICS_MANIFEST
+        manifest = read_manifest(root, METRICS_MANIFEST, METRICS_FORMAT, "metrics bundle",
+                                 "run zo-edge convert-metrics")
         if "clip" not in manifest and "dino" not in manifest:
             raise UserError(f"{mf} lists neither a CLIP nor a DINOv2 model")
         try:
