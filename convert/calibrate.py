@@ -21,6 +21,8 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
+from zo_runtime.bundle import timestep_feed
+
 from .graphs import io_spec, session
 from .surgery import text_feeds
 
@@ -100,15 +102,6 @@ def heldout_timesteps(per_band: int, num_train_timesteps: int, rng: np.random.Ge
     return [min(max(t, 0), T - 1) for t in ts]
 
 
-def timestep_feed(spec: dict, t: int, batch: int) -> np.ndarray:
-    """The UNet ``timestep`` input as the graph declares it (float scalar or int64 [B] ...)."""
-    ts = next(i for i in spec["inputs"] if i["name"] == "timestep")
-    dt = np.dtype(ts["dtype"])
-    if ts["rank"] == 0:
-        return np.array(t, dtype=dt)
-    return np.full((batch,), t, dtype=dt)
-
-
 def make_inputs(info, fp32: dict[str, Path], table: np.ndarray, tokenizer, data: CalibrationData, n: int, seed: int,
                 held_out: bool = False, per_band: int = 2) -> InputSet:
     """Build feeds for all four graphs by running the FP32 graphs ``fp32`` (graph -> model.onnx)
@@ -164,7 +157,7 @@ def make_inputs(info, fp32: dict[str, Path], table: np.ndarray, tokenizer, data:
         x0 = latents[k % len(latents)] * info.vae_scaling_factor
         eps = rng.standard_normal(x0.shape).astype(np.float32)
         xt = (np.sqrt(ab[t]) * x0 + np.sqrt(1.0 - ab[t]) * eps).astype(np.float32)
-        unet_feeds.append({"sample": xt, "timestep": timestep_feed(unet_spec, t, 1),
+        unet_feeds.append({"sample": xt, "timestep": timestep_feed(unet_spec["inputs"], t, 1),
                            "encoder_hidden_states": states[k % len(states)].astype(np.float32)})
     out.feeds["unet"] = unet_feeds
     out.unet_timesteps = ts

@@ -471,11 +471,15 @@ def test_interrupted_convert_leaves_no_bundle(tiny_sd1_dir, tiny_sd1_export, tmp
 
 
 def test_timestep_feed_follows_graph():
-    from zo_edge.convert.calibrate import timestep_feed
-    f = timestep_feed({"inputs": [{"name": "timestep", "dtype": "float32", "rank": 0}]}, 500, 3)
+    """One timestep_feed (zo_runtime.bundle) for the runtime and calibration alike."""
+    from zo_runtime.bundle import timestep_feed
+    f = timestep_feed([{"name": "sample", "dtype": "float32", "rank": 4},
+                       {"name": "timestep", "dtype": "float32", "rank": 0}], 500, 3)
     assert f.shape == () and f.dtype == np.float32
-    f = timestep_feed({"inputs": [{"name": "timestep", "dtype": "int64", "rank": 1}]}, 500, 3)
-    assert f.shape == (3,) and f.dtype == np.int64
+    f = timestep_feed([{"name": "timestep", "dtype": "int64", "rank": 1}], 500, 3)
+    assert f.shape == (3,) and f.dtype == np.int64 and (f == 500).all()
+    f = timestep_feed([{"name": "sample", "dtype": "float32", "rank": 4}], 500, 3)  # undeclared: float scalar
+    assert f.shape == () and f.dtype == np.float32
 
 
 def test_external_data_path(tiny_sd1_dir, tiny_sd1_export, tmp_path, monkeypatch):

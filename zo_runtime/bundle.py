@@ -171,9 +171,16 @@ class Bundle:
         self._sessions.pop(name, None)
 
     def timestep_feed(self, t: int, batch: int) -> np.ndarray:
-        """The UNet ``timestep`` input as the graph wants it: a float scalar or an int64/float vector [batch]."""
-        spec = self.input_spec("unet", "timestep") or {"dtype": "float32", "rank": 0}
-        dtype = np.dtype(spec["dtype"])
-        if spec["rank"] == 0:
-            return np.asarray(t, dtype=dtype)
-        return np.full((batch,), t, dtype=dtype)
+        """The UNet ``timestep`` input as this bundle's graph wants it (:func:`timestep_feed`)."""
+        return timestep_feed(self.graph("unet")["inputs"], t, batch)
+
+
+def timestep_feed(inputs: list[dict], t: int, batch: int) -> np.ndarray:
+    """The UNet ``timestep`` input as the graph declares it in ``inputs`` (its input specs, as the
+    manifest and ``zo_edge.convert.graphs.io_spec`` list them): a float scalar or an int64 / float
+    vector [batch]; a float32 scalar when the graph declares none."""
+    spec = next((i for i in inputs if i.get("name") == "timestep"), None) or {"dtype": "float32", "rank": 0}
+    dtype = np.dtype(spec["dtype"])
+    if spec["rank"] == 0:
+        return np.asarray(t, dtype=dtype)
+    return np.full((batch,), t, dtype=dtype)
