@@ -26,7 +26,7 @@ from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
 from . import accuracy as acc_mod
 from .calibrate import CalibrationData
 from .export import GRAPHS, export_onnx
-from .graphs import graph_files, save_model, session
+from .graphs import copy_graph, save_model, session
 from .manifest import check_bundle_out, graph_entry, replace_dir, write_manifest
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only_int8
 from .source import SourceInfo, inspect_source
@@ -91,16 +91,6 @@ class Stages:
     @property
     def total(self) -> float:
         return round(time.perf_counter() - self.t0, 3)
-
-
-def _copy_graph(src: Path, dst: Path) -> None:
-    """Copy an ONNX graph with its external data, normalizing the data file to model.onnx_data."""
-    files = graph_files(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if len(files) == 1:
-        shutil.copyfile(src, dst)
-    else:
-        save_model(onnx.load(str(src)), dst, external=True)
 
 
 def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: str = "int8",
@@ -236,7 +226,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             if weights == "int8w":
                 for g in GRAPHS:
                     if g == "text_encoder" and te_fp32:
-                        _copy_graph(te_fp32_path, dst[g])
+                        copy_graph(te_fp32_path, dst[g])
                         precision[g] = "fp32"
                         continue
                     src_g = {"unet": unet_src, "text_encoder": te_fp32_path}.get(g, reference[g])
@@ -244,7 +234,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                     precision[g] = "int8w"
                 return
             if te_fp32:
-                _copy_graph(te_fp32_path, dst["text_encoder"])
+                copy_graph(te_fp32_path, dst["text_encoder"])
                 precision["text_encoder"] = "fp32"
             else:
                 recipes["text_encoder"] = quantize_int8(te_fp32_path, dst["text_encoder"], calib.feeds["text_encoder"],
@@ -270,7 +260,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
 
         def copy_fp32():
             for g in GRAPHS:
-                _copy_graph(unet_src if g == "unet" else reference[g], bundle / g / "model.onnx")
+                copy_graph(unet_src if g == "unet" else reference[g], bundle / g / "model.onnx")
                 precision[g] = "fp32"
         st.run("quantize", "weights fp32: graphs copied unchanged", copy_fp32)
 
