@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from zo_runtime.data import IMAGE_SUFFIXES
 from zo_runtime.errors import UserError
 
 # The official prompt lists (google/dreambooth, dataset/prompts_and_classes.txt).
@@ -116,7 +117,6 @@ LIVE_CLASSES = frozenset({"dog", "cat", "puppy", "kitten"})
 CLASSES_FILE = "prompts_and_classes.txt"
 METRICS = ("clip_i", "clip_t", "dino", "dino_inter")
 METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "dino_inter": "DINO-inter"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESULT = "result.json"
 
 

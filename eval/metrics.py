@@ -42,10 +42,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zo_runtime.bundle import resolve_provider
+from zo_runtime.data import list_images
 from zo_runtime.errors import UserError
 from zo_runtime.manifest import METRICS_FORMAT, METRICS_MANIFEST, listed, read_manifest, verify_files
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_KEY = "prompt"
 _INDEX_NAME = re.compile(r"^(\d+)_")
 SKIP_NAMES = frozenset({"grid.png"})  # zo-edge generate --grid
@@ -338,17 +338,6 @@ def prompt_for_clip_t(prompt: str, placeholder: str | None, class_word: str | No
 
 
 # -- files: prompts, references, generated images -------------------------------------------------
-
-def list_images(folder: str | Path, what: str) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{what} folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise UserError(f"{what} folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
 
 def _norm_ws(s: str) -> str:
     return " ".join(s.split())

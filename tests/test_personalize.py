@@ -224,6 +224,21 @@ def test_bad_images(base_args, tmp_path):
     assert "smaller than" in cli_err(replace(base_args, "--images", str(small)) + ["--no-upscale"])
 
 
+def test_list_images_is_the_one_image_lister(tmp_path):
+    """Reference images (personalize) and evaluation folders (zo_edge.eval.metrics) are listed by
+    one function: image suffixes at the top level, sorted, dot-files (macOS ._x.jpg) left out."""
+    from zo_edge.eval import metrics
+    from zo_runtime.data import list_images
+
+    assert metrics.list_images is list_images
+    for name in ("b.JPG", "a.png", "._a.png", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub.png").mkdir()
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.JPG"]
+    with pytest.raises(UserError, match="references folder .* has no images"):
+        list_images(tmp_path / "sub.png", "references")
+
+
 def test_bad_bundle(base_args, tiny_bundle_int8, tmp_path):
     assert "zo-edge.json is missing" in cli_err(replace(base_args, "--model", str(tmp_path)))
     broken = tmp_path / "broken-bundle"
