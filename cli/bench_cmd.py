@@ -9,6 +9,7 @@ import click
 
 from zo_edge.models import SHAPES_SOURCE, resolve_model, world
 from zo_runtime.errors import UserError
+from zo_runtime.outputs import write_json
 
 ALL_SUBJECTS = ",".join(f"{c}:{p}:{s}" for s, c, p in world.HELD_OUT)
 
@@ -93,9 +94,7 @@ def merge(reports, out):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read a report: {e}") from None
     merged = q.merge_reports(loaded)
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    tmp.write_text(json.dumps(merged, indent=2))
-    tmp.replace(out)
+    write_json(out, merged, what="report")
     click.echo(q.format_table(merged["summary"]))
 
 

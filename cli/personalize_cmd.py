@@ -1,11 +1,13 @@
 """``zo-edge personalize``: learn a textual-inversion token with forward passes only."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from zo_edge.models import resolve_model
-from zo_runtime.data import DEFAULT_MAX_PIXELS
 from zo_runtime.errors import UserError
+from zo_runtime.personalize import PersonalizeConfig
 from zo_runtime.recipe import DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPES, SCHEDULES
 
 
@@ -13,6 +15,9 @@ def _recipe_help(what: str, key: str) -> str:
     values = " / ".join(f"{name}: {r[key]}" for name, r in RECIPES.items())
     return f"{what} [{values}]"
 
+
+# The run settings' defaults live in PersonalizeConfig; the flags show them from there.
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(PersonalizeConfig)}
 
 RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "threads")
 
@@ -25,10 +30,10 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
 @click.option("--out", type=click.Path(), help="Output embedding (.safetensors, diffusers format).")
 @click.option("--run-dir", type=click.Path(), help="Run directory for config, log and checkpoints [runs/<token>].")
 @click.option("--resume", "resume_dir", type=click.Path(), help="Continue the interrupted run in this run directory.")
-@click.option("--steps", type=int, default=3000, show_default=True)
-@click.option("--num-vectors", type=int, default=1, show_default=True)
+@click.option("--steps", type=int, default=DEFAULTS["steps"], show_default=True)
+@click.option("--num-vectors", type=int, default=DEFAULTS["num_vectors"], show_default=True)
 @click.option("--resolution", type=int, default=None, help="Train at this size (default: the model's).")
-@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULTS["recipe"], show_default=True,
               help="zoodip: the paper's algorithm exactly; zo-edge: the benchmark's choice. Flags below override it.")
 @click.option("--n", "n", type=int, default=None, help=_recipe_help("RGE directions per step", "n"))
 @click.option("--mu", type=float, default=None, help=_recipe_help("RGE smoothing radius", "mu"))
@@ -53,15 +58,15 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
               help=_recipe_help("pull toward the init token: lambda * (theta - theta_0) per step (0: off)", "weight_decay"))
 @click.option("--average", type=float, default=None,
               help=_recipe_help("write the moving average of the iterates with this decay (0: the last iterate)", "average"))
-@click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default=DEFAULTS["batch_candidates"], show_default=True)
 @click.option("--captions", type=click.Path(), help="Per-image captions: '<file>\\t<caption with {}>' lines.")
 @click.option("--no-upscale", is_flag=True, help="Refuse images smaller than the resolution.")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True)
-@click.option("--preview-every", type=int, default=0, show_default=True, help="Write a preview image every K steps (0: off).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--provider", default="cpu", show_default=True, help="ORT execution provider: cpu, cuda, dml, coreml, openvino, qnn.")
-@click.option("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default).")
-@click.option("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+@click.option("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"], show_default=True)
+@click.option("--preview-every", type=int, default=DEFAULTS["preview_every"], show_default=True, help="Write a preview image every K steps (0: off).")
+@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True)
+@click.option("--provider", default=DEFAULTS["provider"], show_default=True, help="ORT execution provider: cpu, cuda, dml, coreml, openvino, qnn.")
+@click.option("--threads", type=int, default=DEFAULTS["threads"], help="ORT intra-op threads (0: ORT's default).")
+@click.option("--max-image-pixels", type=int, default=DEFAULTS["max_image_pixels"], show_default=True,
               help="Refuse reference images with more pixels (decompression-bomb guard).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file or run directory.")
 @click.pass_context

@@ -16,7 +16,6 @@ backprop textual inversion in PyTorch on the FP32 source model.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from zo_edge.models import world
+from zo_runtime.outputs import write_json
 from zo_runtime.recipe import sg_tau_for
 
 # A method is a recipe, a registered variant, or either with overrides: "zo-edge+lr=0.01+n=4".
@@ -252,9 +252,7 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
         done = [r for r in runs if r is not None]
         report = dict(settings, runs=done, failed=failed, complete=final, wall_seconds=time.time() - t0)
         report["summary"] = summarize(report)
-        tmp = Path(out).with_name(Path(out).name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
+        write_json(out, report, what="report")
         return report
 
     def on_done(i: int, r: dict, queued: int) -> bool:

@@ -33,6 +33,7 @@ from pathlib import Path
 from zo_edge.models import resolve_model
 from zo_runtime.errors import UserError
 from zo_runtime.manifest import sha256_file
+from zo_runtime.outputs import write_json
 from zo_runtime.personalize import CHECKPOINT, PersonalizeConfig, Trainer
 from zo_runtime.sysinfo import peak_rss_mb
 
@@ -519,12 +520,6 @@ RESULT_KEYS = ("status", "sha256", "token_sha256", "steps", "forward_passes", "s
                "started_from", "host", "pid")
 
 
-def _atomic_write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def read_manifest(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
@@ -608,7 +603,7 @@ def _run_batch(jobs: list[Job], path: Path, backend, retries: int, log, status_e
             if records[key]["status"] in ("pending", "running"):
                 records[key]["status"] = running
         state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        _atomic_write_json(path, state)
+        write_json(path, state)
 
     queue = [job for job in jobs if records[job.config.out]["status"] != "done"]
     skipped = len(jobs) - len(queue)

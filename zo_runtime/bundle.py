@@ -170,15 +170,17 @@ class Bundle:
         """Drop a session so its weights and arena leave memory (e.g. the VAE encoder before training)."""
         self._sessions.pop(name, None)
 
-    def timestep_feed(self, t: int, batch: int) -> np.ndarray:
+    def timestep_feed(self, t: float, batch: int) -> np.ndarray:
         """The UNet ``timestep`` input as this bundle's graph wants it (:func:`timestep_feed`)."""
         return timestep_feed(self.graph("unet")["inputs"], t, batch)
 
 
-def timestep_feed(inputs: list[dict], t: int, batch: int) -> np.ndarray:
+def timestep_feed(inputs: list[dict], t: float, batch: int) -> np.ndarray:
     """The UNet ``timestep`` input as the graph declares it in ``inputs`` (its input specs, as the
     manifest and ``zo_edge.convert.graphs.io_spec`` list them): a float scalar or an int64 / float
-    vector [batch]; a float32 scalar when the graph declares none."""
+    vector [batch]; a float32 scalar when the graph declares none. ``t`` goes in as given:
+    Euler-type schedulers step through fractional timesteps, which a float graph takes exactly (an
+    int64 graph truncates them, as diffusers' own int64 timestep casts do)."""
     spec = next((i for i in inputs if i.get("name") == "timestep"), None) or {"dtype": "float32", "rank": 0}
     dtype = np.dtype(spec["dtype"])
     if spec["rank"] == 0:

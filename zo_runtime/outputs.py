@@ -5,12 +5,15 @@ the target, and put in place in one step that never replaces a file it was not a
   name has an allowed suffix, and an existing file is refused unless ``overwrite``;
 * :func:`write_atomic` - after the work: ``write(tmp)`` then :func:`publish`; the temporary file is
   removed on any failure, so a full disk leaves the previous file as it was;
+* :func:`write_text`, :func:`write_json`, :func:`write_npz` - :func:`write_atomic` for the usual kinds
+  (run logs, configs, checkpoints, reports and manifests rewritten as work goes on: ``overwrite`` on);
 * :func:`publish` - without ``overwrite`` a hard link, which fails if the name was taken meanwhile
   (two runs with the same ``--out``: the second is refused instead of replacing the first).
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -98,3 +101,21 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], overwrite: boo
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_text(path: str | Path, text: str, overwrite: bool = True, what: str = "file") -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite, what)
+
+
+def write_json(path: str | Path, obj, overwrite: bool = True, what: str = "file", default=None) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=default) + "\n", overwrite, what)
+
+
+def write_npz(path: str | Path, overwrite: bool = True, what: str = "file", **arrays) -> Path:
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return write_atomic(path, write, overwrite, what)

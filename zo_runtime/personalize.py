@@ -27,7 +27,7 @@ from .bundle import Bundle
 from .data import DEFAULT_MAX_PIXELS, encode_images, list_images, load_image
 from .embeddings import save_embedding
 from .errors import UserError
-from .outputs import check_output, write_atomic
+from .outputs import check_output, write_npz, write_text
 from .oracle import LossOracle
 from .progress import Progress
 from .sysinfo import peak_rss_mb
@@ -224,18 +224,6 @@ def _read_captions(path: str, files: list[Path], token: str) -> list[str | None]
     return [table.get(f.name) for f in files]
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    write_atomic(path, write, overwrite=True, what="checkpoint")
-
-
-def _atomic_write_text(path: Path, text: str, what: str = "run file") -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True, what=what)
-
-
 def read_log(path: Path, upto: int) -> list[str]:
     """The log's lines for steps 1..upto; a line cut short by a kill or a full disk, or otherwise
     unreadable, is dropped (the checkpoint, not the log, is what a run resumes from)."""
@@ -311,14 +299,25 @@ class Trainer:
 
     def __init__(self, cfg: PersonalizeConfig, resume: bool = False):
         cfg.validate()
-        cfg = self.cfg = cfg.resolved()
+        self.cfg = cfg.resolved()
         self.resuming = resume
-        self.run_dir = Path(cfg.run_dir or default_run_dir(cfg.token))
+        self.run_dir = Path(self.cfg.run_dir or default_run_dir(self.cfg.token))
         self.last_checkpoint = None
-        check_output(cfg.out, (".safetensors",), cfg.overwrite, "--out")
+        self.check_outputs()           # before anything long: --out and the run directory
+        self.load_model()              # the bundle, and what it says about this recipe
+        self.check_words()             # placeholder new, init word one token
+        self.check_against_model()     # resolution, timestep range
+        self.load_data()               # images, captions, prompts; VAE latents, once
+        self.build_optimizer()         # loss oracle, estimator, step rule, timestep sampler
+
+    def check_outputs(self) -> None:
+        check_output(self.cfg.out, (".safetensors",), self.cfg.overwrite, "--out")
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UserError(f"run directory {self.run_dir} exists and is not a folder")
         self.check_run_dir()
+
+    def load_model(self) -> None:
+        cfg = self.cfg
         self.bundle = Bundle.load(cfg.model, provider=cfg.provider, threads=cfg.threads)
         static = [g for g in ("text_encoder", "unet") if self.bundle.graph(g).get("precision") in ("int8", "int4")]
         if static:
@@ -330,23 +329,31 @@ class Trainer:
             print(f"warning: SG keeps tau={cfg.tau} tokens but a token has only {d} dimensions: the history spans "
                   f"the whole space and SG drops most of it (measured on the shapes model, README). The paper's "
                   f"ratio (128 of 768) gives --tau {sg_tau_for(d)}; or use --no-sg.", file=sys.stderr)
+
+    def check_words(self) -> None:
+        cfg = self.cfg
         self.tokenizer = CLIPTokenizer.from_pretrained(self.bundle.tokenizer_dir)
         if self.tokenizer.is_in_vocab(cfg.token):
             raise UserError(f"placeholder {cfg.token!r} is already a token of the vocabulary; "
                             "choose a new string such as <my-thing>")
-        init_id = self.tokenizer.single_token_id(cfg.init)
-        if init_id is None:
+        self.init_id = self.tokenizer.single_token_id(cfg.init)
+        if self.init_id is None:
             raise UserError(f"init word {cfg.init!r} is not a single token of the vocabulary; "
                             "choose a one-token word (e.g. dog, toy, star)")
-        self.init_id = init_id
 
-        res = cfg.resolution or self.bundle.resolution
-        if res % self.bundle.vae_scale_factor:
-            raise UserError(f"--resolution {res} is not divisible by the VAE factor {self.bundle.vae_scale_factor}")
+    def check_against_model(self) -> None:
+        cfg = self.cfg
+        self.resolution = cfg.resolution or self.bundle.resolution
+        if self.resolution % self.bundle.vae_scale_factor:
+            raise UserError(f"--resolution {self.resolution} is not divisible by the VAE factor "
+                            f"{self.bundle.vae_scale_factor}")
         schedule = int(self.bundle.noise_schedule["num_train_timesteps"])
         if cfg.puts and cfg.t_high > schedule:
             raise UserError(f"--t-high {cfg.t_high} is past the model's {schedule} training timesteps "
                             f"(PUTS draws t in [T_L, T_U) of 0..{schedule - 1})")
+
+    def load_data(self) -> None:
+        cfg = self.cfg
         self.files = list_images(cfg.images)
         self.captions = (_read_captions(cfg.captions, self.files, cfg.token) if cfg.captions
                          else [None] * len(self.files))
@@ -354,16 +361,18 @@ class Trainer:
         self._prompt_cache: dict[str, tuple[np.ndarray, list]] = {}
         for text in {*cfg.templates, *(c for c in self.captions if c)}:
             self.prompt(text.format(cfg.token))
-        images = np.stack([load_image(f, res, cfg.allow_upscale, cfg.max_image_pixels) for f in self.files])
+        images = np.stack([load_image(f, self.resolution, cfg.allow_upscale, cfg.max_image_pixels) for f in self.files])
         self.latents = encode_images(self.bundle, images, flip=cfg.flip)
         self.bundle.release("vae_encoder")  # training needs only the text encoder and the UNet
 
+    def build_optimizer(self) -> None:
+        cfg = self.cfg
         self.oracle = LossOracle(self.bundle, cfg.batch_candidates)
         try:
             self.rge = make_estimator(cfg, table=self.bundle.token_table)
         except ValueError as e:
             raise UserError(str(e)) from None
-        self.opt = make_optimizer(cfg, dim=cfg.num_vectors * d)
+        self.opt = make_optimizer(cfg, dim=cfg.num_vectors * self.bundle.embedding_dim)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
 
@@ -390,7 +399,7 @@ class Trainer:
                     forward_passes=np.int64(self.oracle.forward_passes), **flat)
 
     def write_checkpoint(self, snap: dict) -> None:
-        _atomic_savez(self.run_dir / CHECKPOINT, **snap)
+        write_npz(self.run_dir / CHECKPOINT, what="checkpoint", **snap)
         self.last_checkpoint = int(snap["step"])
 
     def save_checkpoint(self, step: int, theta, opt_state, rng) -> None:
@@ -493,7 +502,7 @@ class Trainer:
         cfg_dict = dataclasses.asdict(self.cfg)
         cfg_dict["templates"] = list(self.cfg.templates)
         cfg_dict["overwrite"] = False   # an --overwrite applies to the command that gave it, not to a resume
-        _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg_dict, indent=2), "run config")
+        write_text(self.run_dir / "config.json", json.dumps(cfg_dict, indent=2), what="run config")
 
     def _train(self, resume: bool, callback) -> Result:
         cfg = self.cfg
@@ -502,12 +511,12 @@ class Trainer:
             start, theta, opt_state, rng = self.load_checkpoint()
             # keep the log consistent with the checkpoint: drop lines written after it, and torn ones
             keep = read_log(log_path, start)
-            _atomic_write_text(log_path, "".join(line + "\n" for line in keep), "run log")
+            write_text(log_path, "".join(line + "\n" for line in keep), what="run log")
             self._write_config()            # --out / --steps given to --resume hold for later resumes too
         else:
             start, theta, opt_state, rng = self.fresh_state()
             self._write_config()
-            _atomic_write_text(log_path, "", "run log")
+            write_text(log_path, "", what="run log")
             self.save_checkpoint(0, theta, opt_state, rng)
 
         progress = Progress("personalize", total=cfg.steps, start=start)

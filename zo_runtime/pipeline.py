@@ -89,7 +89,7 @@ class Pipeline:
     # -- denoising -----------------------------------------------------------------------------
     def _unet(self, x: np.ndarray, t: int, hidden: np.ndarray) -> np.ndarray:
         sess = self.bundle.session("unet")
-        feed = {"sample": x.astype(np.float32), "timestep": self.bundle.timestep_feed(int(t), len(x)),
+        feed = {"sample": x.astype(np.float32), "timestep": self.bundle.timestep_feed(t, len(x)),
                 "encoder_hidden_states": hidden.astype(np.float32)}
         return sess.run(None, feed)[0]
 

@@ -250,6 +250,19 @@ class SchedulerBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
+    # ---- the noise schedule -------------------------------------------------------------------------------------
+
+    def _init_schedule(self, sigmas: bool = False) -> None:
+        """``betas``, ``alphas``, ``alphas_cumprod`` (float64 [T]) from the config. ``sigmas``: the scheduler
+        works in sigma = sqrt((1 - alpha_bar) / alpha_bar), so with ``rescale_betas_zero_snr`` the last alpha_bar
+        becomes 2**-24 instead of 0 (as diffusers' sigma-based schedulers do: zero SNR would make sigma
+        infinite); DDIM and PNDM keep the 0."""
+        self.betas = betas_from_config(self.config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = np.cumprod(self.alphas)
+        if sigmas and self.config.get("rescale_betas_zero_snr"):
+            self.alphas_cumprod[-1] = 2**-24
+
     # ---- validation -------------------------------------------------------------------------------------------
 
     def _check_choice(self, key: str, allowed: Sequence[Any]) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .common import (PREDICTION_TYPES, SCHEDULE_DEFAULTS, TIMESTEP_SPACINGS, SchedulerBase, as_float32, as_float64,
-                     betas_from_config, draw_noise, threshold_sample)
+                     draw_noise, threshold_sample)
 
 
 class DDIMScheduler(SchedulerBase):
@@ -37,9 +37,7 @@ class DDIMScheduler(SchedulerBase):
         self._check_choice("prediction_type", PREDICTION_TYPES)
         self._check_choice("timestep_spacing", TIMESTEP_SPACINGS)
         self.eta = float(eta)
-        self.betas = betas_from_config(self.config)  # [T] float64
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = np.cumprod(self.alphas)
+        self._init_schedule()
         # alpha_bar "before" t=0, used by the last step
         self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0

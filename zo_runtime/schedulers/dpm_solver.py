@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UserError
 from .common import (PREDICTION_TYPES, SCHEDULE_DEFAULTS, TIMESTEP_SPACINGS, SchedulerBase, as_float32, as_float64,
-                     betas_from_config, karras_sigmas, sigma_to_t, threshold_sample)
+                     karras_sigmas, sigma_to_t, threshold_sample)
 from .euler import train_sigmas
 
 
@@ -82,11 +82,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
             raise UserError(f"DPMSolverMultistepScheduler: final_sigmas_type 'zero' needs algorithm_type "
                             f"'dpmsolver++' (got {cfg['algorithm_type']!r}); use 'sigma_min'")
 
-        self.betas = betas_from_config(cfg)  # [T] float64
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = np.cumprod(self.alphas)
-        if cfg["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = 2**-24
+        self._init_schedule(sigmas=True)
         self.alpha_t = np.sqrt(self.alphas_cumprod)
         self.sigma_t = np.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)  # [T], decreasing in t

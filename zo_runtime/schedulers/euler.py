@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .common import (PREDICTION_TYPES, SCHEDULE_DEFAULTS, TIMESTEP_SPACINGS, SchedulerBase, as_float32, as_float64,
-                     betas_from_config, karras_sigmas, sigma_to_t)
+                     karras_sigmas, sigma_to_t)
 
 
 def sigma_timesteps(config: dict, n: int) -> np.ndarray:
@@ -64,12 +64,7 @@ class EulerDiscreteScheduler(SchedulerBase):
         self._check_choice("timestep_type", ("discrete",))
         self._check_choice("final_sigmas_type", ("zero", "sigma_min"))
         self._check_off("use_exponential_sigmas", "use_beta_sigmas")
-        self.betas = betas_from_config(self.config)  # [T] float64
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = np.cumprod(self.alphas)
-        if self.config["rescale_betas_zero_snr"]:
-            # zero SNR would make sigma infinite; diffusers uses a tiny alpha_bar instead
-            self.alphas_cumprod[-1] = 2**-24
+        self._init_schedule(sigmas=True)
         T = len(self.alphas_cumprod)
         self.timesteps = np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy()
         self.sigmas = np.concatenate([train_sigmas(self.alphas_cumprod)[::-1], [0.0]])

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .common import (SCHEDULE_DEFAULTS, TIMESTEP_SPACINGS, SchedulerBase, as_float32, as_float64,
-                     betas_from_config, draw_noise)
+                     draw_noise)
 from .euler import sigma_timesteps, train_sigmas
 
 
@@ -32,11 +32,7 @@ class EulerAncestralDiscreteScheduler(SchedulerBase):
         super().__init__(**config)
         self._check_choice("prediction_type", ("epsilon", "v_prediction"))
         self._check_choice("timestep_spacing", TIMESTEP_SPACINGS)
-        self.betas = betas_from_config(self.config)  # [T] float64
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = np.cumprod(self.alphas)
-        if self.config["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = 2**-24
+        self._init_schedule(sigmas=True)
         T = len(self.alphas_cumprod)
         self.timesteps = np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy()
         self.sigmas = np.concatenate([train_sigmas(self.alphas_cumprod)[::-1], [0.0]])

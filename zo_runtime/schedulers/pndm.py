@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import SCHEDULE_DEFAULTS, TIMESTEP_SPACINGS, SchedulerBase, as_float32, as_float64, betas_from_config
+from .common import SCHEDULE_DEFAULTS, TIMESTEP_SPACINGS, SchedulerBase, as_float32, as_float64
 
 
 class PNDMScheduler(SchedulerBase):
@@ -33,9 +33,7 @@ class PNDMScheduler(SchedulerBase):
         super().__init__(**config)
         self._check_choice("prediction_type", ("epsilon", "v_prediction"))
         self._check_choice("timestep_spacing", TIMESTEP_SPACINGS)
-        self.betas = betas_from_config(self.config)  # [T] float64
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = np.cumprod(self.alphas)
+        self._init_schedule()
         self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.timesteps = np.arange(self.config["num_train_timesteps"])[::-1].astype(np.int64)

@@ -1,0 +1,144 @@
+"""Where the learning signal is: per-sample token gradients of the denoising loss, by timestep.
+
+A diagnostic for the estimator lab (docs/estimator-lab.md), using PyTorch on the shipped shapes
+model's diffusers source (backprop here only measures what forward-only training has to find).
+For each subject: the references are rendered (seed 0), the token starts at the class noun, and
+N per-sample gradients g(ξ) of L(θ₀; ξ) are taken, ξ = (reference, template, noise, t) drawn as
+training draws them, t uniform. Reported per timestep band:
+
+* ``signal``: ‖μ_band‖² / mean ‖g‖² (‖μ‖² estimated without the bias of a finite mean) — the share of a sample gradient's energy that is the band's mean
+  (1: every sample points the same way; 1/d: pure noise in d dimensions);
+* ``align``: cos(ḡ_band, ḡ_all) — whether the band pushes where the whole range pushes;
+* ``toward_ti``: cos(ḡ_band, −(θ_TI − θ₀)) when a TI token is given (the descent direction
+  points toward where TI went).
+
+    python benchmarks/lab_gradient_snr.py --samples 800 --out docs/results/lab/gradient_snr.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BANDS = [(0, 250), (250, 500), (500, 900), (900, 1000), (0, 1000)]
+
+
+def per_sample_gradients(source: Path, subject: str, samples: int, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from zo_edge.models import world
+    from zo_runtime.recipe import TEMPLATES
+
+    subj = world.Subject.parse(subject)
+    tok = CLIPTokenizer.from_pretrained(source / "tokenizer")
+    text = CLIPTextModel.from_pretrained(source / "text_encoder").eval()
+    vae = AutoencoderKL.from_pretrained(source / "vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(source / "unet").eval()
+    sched = DDPMScheduler.from_pretrained(source / "scheduler")
+    for m in (text, vae, unet):
+        m.requires_grad_(False)
+    refs = np.stack(world.reference_images(subj, n=5, seed=seed, size=unet.config.sample_size * 8 // 8 * 8))
+    init_id = tok.encode(subj.shape, add_special_tokens=False)[0]
+    theta0 = text.get_input_embeddings().weight[init_id].detach().clone()
+    with torch.no_grad():
+        x = torch.from_numpy(np.concatenate([refs, refs[:, :, ::-1]]).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+    rng = np.random.default_rng(seed)
+    grads, ts = [], []
+    for _ in range(samples):
+        i = int(rng.integers(len(post.mean)))
+        z = (post.mean[i] + post.std[i] * torch.from_numpy(rng.standard_normal(post.mean.shape[1:], dtype=np.float32)))
+        z = z * vae.config.scaling_factor
+        prompt = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(subj.shape)
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        pos = int((ids[0] == init_id).nonzero()[-1])
+        noise = torch.from_numpy(rng.standard_normal(z.shape, dtype=np.float32))[None]
+        t = int(rng.integers(0, sched.config.num_train_timesteps))
+        theta = theta0.clone().requires_grad_(True)
+
+        def put_theta(module, inputs, out, pos=pos, theta=theta):
+            return torch.cat([out[:, :pos], theta[None, None], out[:, pos + 1:]], dim=1)
+
+        hook = text.get_input_embeddings().register_forward_hook(put_theta)
+        hidden = text(ids)[0]
+        hook.remove()
+        noisy = sched.add_noise(z[None], noise, torch.tensor([t]))
+        pred = unet(noisy, torch.tensor([t]), encoder_hidden_states=hidden).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        (g,) = torch.autograd.grad(loss, theta)
+        grads.append(g.numpy().astype(np.float64))
+        ts.append(t)
+    return np.stack(grads), np.array(ts), theta0.numpy()
+
+
+def band_stats(grads: np.ndarray, ts: np.ndarray, toward: np.ndarray | None) -> list[dict]:
+    g_all = grads.mean(0)
+    out = []
+    for lo, hi in BANDS:
+        sel = (ts >= lo) & (ts < hi)
+        g = grads[sel]
+        mean = g.mean(0)
+        spread = np.sum((g - mean) ** 2) / max(len(g) - 1, 1)        # E‖g − μ‖², unbiased
+        mean_sq = mean @ mean - spread / len(g)                       # ‖μ‖², unbiased
+        row = {"band": [lo, hi], "samples": int(sel.sum()),
+               "signal": float(mean_sq / np.mean(np.sum(g * g, 1))),
+               "align": float(mean @ g_all / np.linalg.norm(mean) / np.linalg.norm(g_all)),
+               "mean_norm": float(np.linalg.norm(mean)), "sample_norm": float(np.sqrt(np.mean(np.sum(g * g, 1))))}
+        if toward is not None:
+            row["toward_ti"] = float(-mean @ toward / np.linalg.norm(mean) / np.linalg.norm(toward))
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default=str(ROOT / "models/shapes/source"))
+    ap.add_argument("--subjects", default="green:solid:ring,blue:dotted:heart,red:striped:star,orange:solid:triangle")
+    ap.add_argument("--samples", type=int, default=800)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ti-steps", type=int, default=500, help="a TI run per subject for the toward-TI column (0: off)")
+    ap.add_argument("--out", default=str(ROOT / "docs/results/lab/gradient_snr.json"))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = []
+    for subject in args.subjects.split(","):
+        t0 = time.time()
+        grads, ts, theta0 = per_sample_gradients(Path(args.source), subject, args.samples)
+        toward = None
+        if args.ti_steps:
+            from zo_edge.convert.textual_inversion import textual_inversion
+            from zo_edge.models import world
+
+            subj = world.Subject.parse(subject)
+            refs = np.stack(world.reference_images(subj, n=5, seed=0, size=32))
+            ti = textual_inversion(args.source, refs, "<subject>", subj.shape, args.ti_steps, seed=0,
+                                   threads=args.threads)
+            toward = ti["theta"][0].astype(np.float64) - theta0
+        rows = band_stats(grads, ts, toward)
+        results.append({"subject": subject, "bands": rows, "seconds": time.time() - t0,
+                        "ti_displacement_norm": None if toward is None else float(np.linalg.norm(toward)),
+                        "init_norm": float(np.linalg.norm(theta0))})
+        print(subject, json.dumps(rows), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    out = {"samples": args.samples, "threads": args.threads, "ti_steps": args.ti_steps, "bands": BANDS,
+           "machine": {"cpu": platform.machine(), "python": sys.version.split()[0], "commit": commit},
+           "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
