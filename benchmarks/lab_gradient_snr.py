@@ -122,7 +122,7 @@ def main() -> None:
         grads, ts, theta0 = per_sample_gradients(Path(args.source), subject, args.samples)
         toward = None
         if args.ti_steps:
-            from zo_edge.convert.textual_inversion import textual_inversion
+            from zo_edge.eval.textual_inversion import textual_inversion
             from zo_edge.models import world
 
             subj = world.Subject.parse(subject)

@@ -145,8 +145,8 @@ def dreambooth(model, metrics_dir, dataset, subjects, classes, steps, images_per
     """The paper's DreamBooth protocol: personalize -> generate -> evaluate per subject, resumable."""
     import functools
 
-    from zo_runtime import dreambooth as db
-    from zo_runtime import metrics
+    from zo_edge.eval import dreambooth as db
+    from zo_edge.eval import metrics
     from zo_runtime.bundle import Bundle
     from zo_runtime.personalize import PersonalizeConfig, Trainer
     from zo_runtime.pipeline import Pipeline, save_png

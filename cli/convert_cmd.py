@@ -29,6 +29,7 @@ def convert(src, out, weights, text_encoder_fp32, overwrite, calibration_samples
     """Convert a diffusers Stable Diffusion folder SRC (SD1.x / SD2.x) into a zo-edge bundle OUT."""
     from zo_edge.convert.accuracy import format_accuracy
     from zo_edge.convert.pipeline import convert_pipeline
+    from zo_edge.models.calibration import SHAPES_WORLD
 
     def progress(line: str) -> None:
         if not quiet:
@@ -36,7 +37,7 @@ def convert(src, out, weights, text_encoder_fp32, overwrite, calibration_samples
 
     m = convert_pipeline(src, out, weights=weights, text_encoder_fp32=text_encoder_fp32, overwrite=overwrite,
                          calibration_samples=calibration_samples, provider=provider, fuse=fuse,
-                         per_channel=per_channel, seed=seed, progress=progress)
+                         per_channel=per_channel, seed=seed, progress=progress, data=SHAPES_WORLD)
     total = sum(e["bytes"] for e in m["files"].values())
     click.echo(f"wrote {out}: {m['family']} {m['resolution']} px, weights {weights}, "
                f"{len(m['files'])} files, {total / 1e6:,.1f} MB, {m['build']['seconds']:.1f} s")
@@ -54,12 +55,13 @@ def info(bundle, verify, as_json):
     sizes, accuracy report; for the shapes model also the words of its world."""
     import json
 
-    from zo_edge.convert.manifest import format_info, read_manifest, verify_files
+    from zo_edge.convert.manifest import format_info, verify_files
     from zo_edge.models import resolve_model
+    from zo_runtime.manifest import read_bundle_manifest
 
     shapes = bundle == "shapes"
     bundle = resolve_model(bundle)
-    m = read_manifest(bundle)
+    m = read_bundle_manifest(bundle)
     if as_json:
         click.echo(json.dumps(m, indent=2))
     else:

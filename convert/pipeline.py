@@ -21,11 +21,13 @@ import numpy as np
 import onnx
 
 from zo_runtime.errors import UserError
+from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
 
 from . import accuracy as acc_mod
+from .calibrate import CalibrationData
 from .export import GRAPHS, export_onnx
-from .graphs import graph_files, save_model, session
-from .manifest import FORMAT, FORMAT_VERSION, check_bundle_out, graph_entry, replace_dir, write_manifest
+from .graphs import copy_graph, save_model, session
+from .manifest import check_bundle_out, graph_entry, replace_dir, write_manifest
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only_int8
 from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
@@ -91,22 +93,12 @@ class Stages:
         return round(time.perf_counter() - self.t0, 3)
 
 
-def _copy_graph(src: Path, dst: Path) -> None:
-    """Copy an ONNX graph with its external data, normalizing the data file to model.onnx_data."""
-    files = graph_files(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if len(files) == 1:
-        shutil.copyfile(src, dst)
-    else:
-        save_model(onnx.load(str(src)), dst, external=True)
-
-
 def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: str = "int8",
                      text_encoder_fp32: bool = False, overwrite: bool = False, calibration_samples: int = 8,
                      provider: str = "cpu", fuse: bool | None = None, per_channel: bool = False,
                      heldout_samples: int = 4, heldout_per_band: int = 2, seed: int = 0,
                      export_dir: str | os.PathLike | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict:
+                     progress: Callable[[str], None] | None = None, *, data: CalibrationData) -> dict:
     """Convert the diffusers Stable Diffusion folder ``src`` (SD1.x / SD2.x) into a bundle at ``out``.
 
     ``weights``: ``int8`` (static QDQ, default), ``int4`` (UNet MatMuls 4-bit weight-only, rest INT8)
@@ -115,6 +107,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     ``calibration_samples``: calibration inputs per graph. ``heldout_samples`` / ``heldout_per_band``:
     accuracy-report inputs (per UNet timestep band). ``export_dir``: reuse an existing Optimum
     export of ``src`` (skips the export stage). ``progress``: called with one line per stage event.
+    ``data``: the prompts and images calibration and the held-out check run the FP32 graphs on
+    (:class:`~zo_edge.convert.calibrate.CalibrationData`, e.g. ``zo_edge.models.calibration.SHAPES_WORLD``).
 
     Returns the manifest written to ``out/zo-edge.json``. Bad input raises UserError.
     """
@@ -145,7 +139,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zo-convert-", dir=out.parent))
     try:
         manifest = _build(info, tmp, weights, text_encoder_fp32, calibration_samples, provider, fuse, per_channel,
-                          heldout_samples, heldout_per_band, seed, export_dir, st)
+                          heldout_samples, heldout_per_band, seed, export_dir, st, data)
         check_bundle_out(out, overwrite)
         replace_dir(tmp / "bundle", out, overwrite)
         st.say(f"bundle written to {out} in {st.total:.1f} s")
@@ -155,7 +149,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
 
 
 def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: int, provider: str, fuse: bool,
-           per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, st: Stages) -> dict:
+           per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, st: Stages,
+           data: CalibrationData) -> dict:
     from zo_edge import __version__
 
     from .calibrate import load_tokenizer, make_inputs, tokenize
@@ -219,7 +214,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             st.say("[calibrate] skipped (weight-only: activations stay float)")
         else:
             calib = st.run("calibrate", f"{n_calib} samples per graph from the model's own data", make_inputs,
-                           info, reference, table, tokenizer, n_calib, seed, False)
+                           info, reference, table, tokenizer, data, n_calib, seed, False)
             st.say(f"[calibrate] UNet timesteps {sorted(calib.unet_timesteps)}")
 
         def quantize():
@@ -231,7 +226,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             if weights == "int8w":
                 for g in GRAPHS:
                     if g == "text_encoder" and te_fp32:
-                        _copy_graph(te_fp32_path, dst[g])
+                        copy_graph(te_fp32_path, dst[g])
                         precision[g] = "fp32"
                         continue
                     src_g = {"unet": unet_src, "text_encoder": te_fp32_path}.get(g, reference[g])
@@ -239,7 +234,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                     precision[g] = "int8w"
                 return
             if te_fp32:
-                _copy_graph(te_fp32_path, dst["text_encoder"])
+                copy_graph(te_fp32_path, dst["text_encoder"])
                 precision["text_encoder"] = "fp32"
             else:
                 recipes["text_encoder"] = quantize_int8(te_fp32_path, dst["text_encoder"], calib.feeds["text_encoder"],
@@ -265,7 +260,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
 
         def copy_fp32():
             for g in GRAPHS:
-                _copy_graph(unet_src if g == "unet" else reference[g], bundle / g / "model.onnx")
+                copy_graph(unet_src if g == "unet" else reference[g], bundle / g / "model.onnx")
                 precision[g] = "fp32"
         st.run("quantize", "weights fp32: graphs copied unchanged", copy_fp32)
 
@@ -273,7 +268,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
     changed = {g: precision[g] != "fp32" or (g == "unet" and fuse) for g in GRAPHS}
 
     def verify():
-        held = make_inputs(info, reference, table, tokenizer, n_held, seed + 1000, True, per_band)
+        held = make_inputs(info, reference, table, tokenizer, data, n_held, seed + 1000, True, per_band)
         report = {}
         for g in GRAPHS:
             if changed[g]:
@@ -304,14 +299,14 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                  "per_channel": per_channel,
                  "calibration": None if weights in ("fp32", "int8w") else {
                      "samples": n_calib, "seed": seed,
-                     "text_encoder": "shapes-world captions + everyday prompts + empty prompt",
-                     "vae_encoder": "zo_edge.models.world renders at the model resolution",
+                     "text_encoder": data.description["text_encoder"],
+                     "vae_encoder": data.description["vae_encoder"],
                      "vae_decoder": "latents sampled from the FP32 VAE encoder on those renders",
                      "unet": "noised scaled latents; timesteps over the whole schedule + 500-900",
                      "unet_timesteps": sorted(int(t) for t in calib.unet_timesteps)},
                  "graphs": recipes}
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"zo-edge {__version__}",
+            "format": BUNDLE_FORMAT, "format_version": FORMAT_VERSION, "created_by": f"zo-edge {__version__}",
             "family": info.family,
             "source": {"path": str(info.path), "pipeline_class": info.pipeline_class or "StableDiffusionPipeline"},
             "resolution": info.resolution, "vae_scale_factor": info.vae_scale_factor,

@@ -155,7 +155,7 @@ def run_job(job: dict) -> dict:
 
     t0 = time.time()
     if job["fields"] is None:
-        from zo_edge.convert.textual_inversion import textual_inversion
+        from zo_edge.eval.textual_inversion import textual_inversion
         from zo_runtime.data import list_images, load_image
 
         images = np.stack([load_image(f, bundle.resolution) for f in list_images(str(refs_dir))])

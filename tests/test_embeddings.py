@@ -208,7 +208,7 @@ def tiny_pipe(tmp_path_factory):
     diffusers = pytest.importorskip("diffusers")
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from zo_edge.convert.clip_vocab import write_clip_tokenizer
+    from zo_edge.models.clip_vocab import write_clip_tokenizer
 
     torch.manual_seed(0)
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))
@@ -229,7 +229,7 @@ def tiny_pipe(tmp_path_factory):
 
 @pytest.mark.slow
 def test_diffusers_loads_our_file(tiny_pipe, tmp_path):
-    from zo_edge.convert.clip_vocab import write_clip_tokenizer
+    from zo_edge.models.clip_vocab import write_clip_tokenizer
     from zo_runtime.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
     pipe = tiny_pipe

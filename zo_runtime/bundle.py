@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-from .manifest import file_problems, inside, listed, read_manifest, sha256_file, verify_files  # noqa: F401 (re-exported)
-
-MANIFEST = "zo-edge.json"
-FORMAT_VERSION = 1
+from .manifest import (file_problems, inside, listed, read_bundle_manifest, read_manifest,  # noqa: F401 (re-exported)
+                       sha256_file, verify_files)
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -46,43 +44,6 @@ def weight_only_options(opts) -> None:
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
 
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-_INT_FIELDS = ("resolution", "vae_scale_factor", "embedding_dim")
-
-
-def check_manifest(root: Path, m: dict) -> None:
-    """The fields the runtime reads, with their types, and every path it opens: inside the bundle
-    and listed in ``files``. One UserError line for the first problem."""
-    where = f"{root / MANIFEST}"
-    for key in _INT_FIELDS:
-        v = m.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UserError(f"{where}: {key!r} must be a positive integer, got {v!r}")
-    if not isinstance(m.get("vae_scaling_factor"), (int, float)) or isinstance(m["vae_scaling_factor"], bool):
-        raise UserError(f"{where}: 'vae_scaling_factor' must be a number, got {m.get('vae_scaling_factor')!r}")
-    ns = m.get("noise_schedule")
-    steps = ns.get("num_train_timesteps") if isinstance(ns, dict) else None
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        raise UserError(f"{where}: 'noise_schedule' needs an integer 'num_train_timesteps'")
-    graphs = m.get("graphs")
-    if not isinstance(graphs, dict) or not all(isinstance(g, dict) for g in graphs.values()):
-        raise UserError(f"{where}: 'graphs' must map graph names to entries")
-    for name, g in graphs.items():
-        listed(root, m, g.get("path"), f"{where}: graph {name} path")
-        if "external_data" in g:
-            listed(root, m, g["external_data"], f"{where}: graph {name} external_data")
-        if not isinstance(g.get("inputs"), list) or not all(isinstance(i, dict) and "name" in i for i in g["inputs"]):
-            raise UserError(f"{where}: graph {name} has no valid 'inputs' list")
-    emb = m.get("token_embedding")
-    listed(root, m, emb.get("path") if isinstance(emb, dict) else None, f"{where}: token_embedding path")
-    listed(root, m, m.get("scheduler_config"), f"{where}: scheduler_config")
-    tok = inside(root, m.get("tokenizer", "tokenizer"), f"{where}: tokenizer folder")
-    for fname in TOKENIZER_FILES:
-        if (tok / fname).exists() or fname in ("vocab.json", "merges.txt"):
-            listed(root, m, (PurePosixPath(m.get("tokenizer", "tokenizer")) / fname).as_posix(),
-                   f"{where}: tokenizer file")
-
-
 @dataclass
 class Bundle:
     """A converted model. ``Bundle.load(path)`` reads and checks the manifest; sessions are opened
@@ -97,9 +58,8 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0) -> "Bundle":
-        root = Path(path)
-        manifest = read_manifest(root, MANIFEST, "zo-edge-bundle", "model bundle", "run `zo-edge convert` first")
-        check_manifest(root, manifest)
+        root = Path(path).expanduser()
+        manifest = read_bundle_manifest(root)
         resolve_provider(provider)
         b = cls(root=root, manifest=manifest, provider=provider, threads=threads)
         if verify:
@@ -211,11 +171,18 @@ class Bundle:
         self._sessions.pop(name, None)
 
     def timestep_feed(self, t: float, batch: int) -> np.ndarray:
-        """The UNet ``timestep`` input as the graph wants it: a float scalar or an int64/float vector [batch].
-        ``t`` goes in as given: Euler-type schedulers step through fractional timesteps, which a float graph
-        takes exactly (an int64 graph truncates them, as diffusers' own int64 timestep casts do)."""
-        spec = self.input_spec("unet", "timestep") or {"dtype": "float32", "rank": 0}
-        dtype = np.dtype(spec["dtype"])
-        if spec["rank"] == 0:
-            return np.asarray(t, dtype=dtype)
-        return np.full((batch,), t, dtype=dtype)
+        """The UNet ``timestep`` input as this bundle's graph wants it (:func:`timestep_feed`)."""
+        return timestep_feed(self.graph("unet")["inputs"], t, batch)
+
+
+def timestep_feed(inputs: list[dict], t: float, batch: int) -> np.ndarray:
+    """The UNet ``timestep`` input as the graph declares it in ``inputs`` (its input specs, as the
+    manifest and ``zo_edge.convert.graphs.io_spec`` list them): a float scalar or an int64 / float
+    vector [batch]; a float32 scalar when the graph declares none. ``t`` goes in as given:
+    Euler-type schedulers step through fractional timesteps, which a float graph takes exactly (an
+    int64 graph truncates them, as diffusers' own int64 timestep casts do)."""
+    spec = next((i for i in inputs if i.get("name") == "timestep"), None) or {"dtype": "float32", "rank": 0}
+    dtype = np.dtype(spec["dtype"])
+    if spec["rank"] == 0:
+        return np.asarray(t, dtype=dtype)
+    return np.full((batch,), t, dtype=dtype)

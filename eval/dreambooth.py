@@ -6,7 +6,7 @@
 * 25 prompts per subject: :data:`LIVE_PROMPTS` or :data:`OBJECT_PROMPTS`, templates with ``{0}`` =
   the unique token (here the textual-inversion placeholder) and ``{1}`` = the class word.
 * For each subject: personalize on its images, generate ``images_per_prompt`` images for each of its
-  25 prompts, score them (CLIP-I, CLIP-T, DINO, DINO-inter: :mod:`zo_runtime.metrics`), then
+  25 prompts, score them (CLIP-I, CLIP-T, DINO, DINO-inter: :mod:`zo_edge.eval.metrics`), then
   report mean and standard deviation over the subjects (the paper's Table 1).
 
 Dataset layout read by :func:`load_subjects`::
@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from zo_runtime.data import IMAGE_SUFFIXES
+from zo_runtime.errors import UserError
 
 # The official prompt lists (google/dreambooth, dataset/prompts_and_classes.txt).
 OBJECT_PROMPTS = [
@@ -116,7 +117,6 @@ LIVE_CLASSES = frozenset({"dog", "cat", "puppy", "kitten"})
 CLASSES_FILE = "prompts_and_classes.txt"
 METRICS = ("clip_i", "clip_t", "dino", "dino_inter")
 METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "dino_inter": "DINO-inter"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESULT = "result.json"
 
 
@@ -383,7 +383,7 @@ def run_dreambooth(subjects: Sequence[Subject | str] | None, dataset_dir: str | 
        ``images_per_prompt`` images per prompt into ``generated_dir`` (PNG text "prompt" metadata,
        or names ``{prompt_index:03d}_{k}.png``), emptied first;
     3. ``scores = evaluate_fn(subject.folder, generated_dir, prompts_file, placeholder=...,
-       class_word=...)`` - e.g. ``functools.partial(zo_runtime.metrics.evaluate, metrics_dir)``;
+       class_word=...)`` - e.g. ``functools.partial(zo_edge.eval.metrics.evaluate, metrics_dir)``;
        must give ``clip_i``, ``clip_t``, ``dino``, ``dino_inter``.
     4. ``<subject>/result.json`` is written atomically, and the summary re-written.
 
