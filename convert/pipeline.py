@@ -9,7 +9,6 @@ bundle only once the new one is complete.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import tempfile
 import threading
@@ -22,6 +21,7 @@ import onnx
 
 from zo_runtime.errors import UserError
 from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
+from zo_runtime.sysinfo import peak_rss_mb
 
 from . import accuracy as acc_mod
 from .calibrate import CalibrationData
@@ -47,8 +47,8 @@ def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the process's lifetime peak is the best we have
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (OSError, AttributeError, ValueError):  # not Linux: the process's lifetime peak is the best we have
+        return int(peak_rss_mb() * 2 ** 20)
 
 
 class Stages:

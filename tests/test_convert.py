@@ -347,7 +347,7 @@ def _fake_source(tmp_path, src, drop=None, edit=None):
 
 
 def _one_line_error(r):
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, r.output
     assert "error" in lines[0]
@@ -379,7 +379,7 @@ def test_bad_inputs_one_line_errors(tiny_sd1_dir, tmp_path):
                                                                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
     assert "SDXL" in _one_line_error(cli("convert", src, out))
     r = cli("convert", tiny_sd1_dir, out, "--weights", "int3")
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     assert "not a zo-edge bundle" in _one_line_error(cli("info", tmp_path / "empty"))
     assert "does not exist" in _one_line_error(cli("info", tmp_path / "nope"))
     assert not out.exists() and leftovers(tmp_path) == []

@@ -339,7 +339,7 @@ def _cli(args):
 
 
 def _one_error_line(r):
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("zo-edge: error: "), r.output
     return lines[0]

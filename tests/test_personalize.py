@@ -172,7 +172,7 @@ def test_nan_loss_stops_with_checkpoint_intact(tiny_bundle_int8, ref_images, tmp
 
 def cli_err(args):
     r = CliRunner().invoke(cli, ["personalize", *args])
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     msg = (r.output or "").strip().splitlines()
     return msg[-1] if msg else str(r.exception)
 
