@@ -171,7 +171,8 @@ def momentum_guided(beta: float = 0.99, alpha: float = 0.5) -> DirectionSampler:
     gradient's direction, and a probe along it measures the mean's component with about d times the
     signal-to-noise of a random probe. The idea of Guided ES (Maheswaranathan et al. 2019, arXiv
     1806.10230) with momentum as the guide, as in PRGF's prior (Cheng et al. 2019, arXiv 1906.06919).
-    α = 1 is plain Gaussian."""
+    The average is kept of Σ⁻¹ĝ, an estimate of ∇L itself, not of ĝ (which the guide has stretched
+    along u). α = 1 is plain Gaussian."""
     _unit_interval("momentum-guided beta", beta)
     _check(0 < alpha <= 1, f"momentum-guided directions need 0 < alpha <= 1, got {alpha}")
 
@@ -190,7 +191,17 @@ def momentum_guided(beta: float = 0.99, alpha: float = 0.5) -> DirectionSampler:
         return z.astype(np.float32).reshape(n, *shape)
 
     def update(state, g):
-        mean = beta * state.mean.astype(np.float64) + (1 - beta) * g.reshape(-1)
+        # ĝ estimates Σ∇L, stretched along u; averaging it as it is would feed u back into itself
+        # (the guide locks onto its first, noisy direction: measured, it ruined the shapes runs).
+        # Σ⁻¹ĝ estimates ∇L itself: Σ⁻¹ = (I − uuᵀ)/α + uuᵀ/(α + (1 − α) d).
+        g = g.reshape(-1).astype(np.float64)
+        mean = state.mean.astype(np.float64)
+        norm = float(np.linalg.norm(mean))
+        if int(state.count) > 0 and norm > 0:
+            u, d = mean / norm, g.size
+            along = (u @ g) * u
+            g = (g - along) / alpha + along / (alpha + (1 - alpha) * d)
+        mean = beta * mean + (1 - beta) * g
         return MomentumGuidedState(mean.astype(np.float32), np.int64(int(state.count) + 1))
 
     return DirectionSampler(init, sample, update)
