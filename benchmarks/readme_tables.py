@@ -70,8 +70,22 @@ def _demo(r: dict, _arg=None) -> str:
             f"{r['train_seconds']:.0f} | {r['peak_rss_mb']} |")
 
 
+def _gradient_snr(report: dict, _arg=None) -> str:
+    """benchmarks/lab_gradient_snr.py: per subject and timestep band, the mean gradient's share of a
+    sample gradient's energy, its alignment with the whole range's mean, and with where TI went."""
+    lines = ["| subject | timesteps | samples | signal share | cos(band mean, all-t mean) | cos(descent, TI's move) |",
+             "|---|---|---|---|---|---|"]
+    for res in report["results"]:
+        for b in res["bands"]:
+            toward = f"{b['toward_ti']:+.2f}" if "toward_ti" in b else ""
+            lines.append(f"| {res['subject']} | [{b['band'][0]}, {b['band'][1]}) | {b['samples']} | {b['signal']:.3f} | "
+                         f"{b['align']:+.2f} | {toward} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "demo": _demo,
+    "gradient_snr": _gradient_snr,
     "screen": _screen,
     "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
