@@ -241,3 +241,18 @@ def test_convert_bad_sdxl_sources(sdxl_dir, tmp_path):
     line = one_line_error(CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "out")]))
     assert "cross_attention_dim 64" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_static_int8_calibrated(sdxl_dir, sdxl_export, tmp_path):
+    """--weights int8 on SDXL: both text encoders and the UNet static QDQ, calibrated on SDXL feeds
+    (pooled embedding and time_ids included); the VAE stays FP32."""
+    from zo_edge.convert import convert_pipeline
+    m = convert_pipeline(sdxl_dir, tmp_path / "int8", weights="int8", fuse=False, export_dir=sdxl_export,
+                         calibration_samples=2, heldout_samples=2, heldout_per_band=1)
+    prec = {g: e["precision"] for g, e in m["graphs"].items()}
+    assert prec == {"text_encoder": "int8", "text_encoder_2": "int8", "unet": "int8", "vae_encoder": "fp32",
+                    "vae_decoder": "fp32"}
+    assert m["quantization"]["graphs"]["unet"]["method"] == "static QDQ"
+    assert all(0.99 < m["accuracy"][g]["cosine"] < 1.0 for g in ("text_encoder", "text_encoder_2", "unet"))
+    out = SDXLPipeline(Bundle.load(tmp_path / "int8"))(PROMPT, steps=2, latents=start_latents(), progress=False)
+    assert out.shape == (1, 16, 16, 3)
