@@ -14,7 +14,7 @@ from zo_runtime.errors import UserError
 from zo_runtime.manifest import FORMAT_VERSION, sha256_file
 
 FORMAT = "zo-edge-bundle"
-GRAPH_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+GRAPH_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 
 def check_bundle_out(out: Path, overwrite: bool) -> None:
