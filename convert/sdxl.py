@@ -235,27 +235,86 @@ def _vae_wrappers(vae):
     return Encoder(), Decoder()
 
 
-def _onnx_export(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict,
-                 opset: int = 17) -> None:
-    """TorchScript export (torch >= 2.9 defaults to dynamo), then one external-data file
-    (``model.onnx_data``) when the graph is over 2 GB."""
+def pretranspose_linears(module) -> int:
+    """Replace every ``nn.Linear`` by an equivalent module holding its weight already transposed
+    ([in, out]), so the traced graph is ``MatMul(x, W) + b`` on the initializer itself. The
+    TorchScript exporter otherwise traces ``x @ W.T`` and constant-folds the transpose into a new
+    copy of every weight (for the 2.6 B-parameter UNet, gigabytes on top of the model). Each old
+    weight is freed as soon as its transposed copy exists. In place; returns how many."""
     import torch
 
-    from .graphs import needs_external_data, save_model
+    class LinearT(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.weight_t = torch.nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
+            self.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach(), requires_grad=False)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = path.parent / "raw"
-    raw.mkdir(exist_ok=True)
+        def forward(self, x):
+            y = torch.matmul(x, self.weight_t)
+            return y if self.bias is None else y + self.bias
+
+    n = 0
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if type(sub) is torch.nn.Linear:
+                setattr(child, attr, LinearT(sub))
+                n += 1
+    return n
+
+
+def _onnx_export(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict,
+                 opset: int = 17) -> Path:
+    """TorchScript export (torch >= 2.9 defaults to dynamo) into ``path.parent/raw``; returns the raw
+    graph's path. :func:`consolidate` then writes ``path`` once the torch module is freed."""
     import warnings
+
+    import torch
+
+    raw = path.parent / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape asserts folded to constants
         torch.onnx.export(module, args, str(raw / "model.onnx"), input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+    return raw / "model.onnx"
+
+
+def consolidate(src: Path, dst: Path, align: int = 4096) -> list[Path]:
+    """Write the graph at ``src`` to ``dst``: inline when small; over 2 GB, its external data (the
+    TorchScript exporter writes one file per tensor) streamed tensor by tensor into one
+    ``dst.name + "_data"`` file (page-aligned offsets), never holding the weights in memory. The
+    ``src`` folder is removed. Returns the files written."""
     import onnx
-    m = onnx.load(str(raw / "model.onnx"))
-    save_model(m, path, external=needs_external_data(m))
-    del m
-    shutil.rmtree(raw)
+
+    from .graphs import DATA_SUFFIX, _all_tensors, save_model
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    m = onnx.load(str(src), load_external_data=False)
+    external = [t for t in _all_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        files = save_model(m, dst, external=False)
+        shutil.rmtree(src.parent)
+        return files
+    data = dst.with_name(dst.name + DATA_SUFFIX)
+    offset = 0
+    with open(data, "wb") as out:
+        for t in external:
+            meta = {e.key: e.value for e in t.external_data}
+            with open(src.parent / meta["location"], "rb") as f:
+                f.seek(int(meta.get("offset", 0)))
+                blob = f.read(int(meta["length"])) if "length" in meta else f.read()
+            pad = (-offset) % align
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(blob)
+            del t.external_data[:]
+            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(blob)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            offset += len(blob)
+    onnx.save_model(m, str(dst))
+    shutil.rmtree(src.parent)
+    return [dst, data]
 
 
 def _tokenize(tokenizer_dir: Path, prompts, max_length: int) -> np.ndarray:
@@ -280,7 +339,7 @@ def export_sdxl(info: SDXLSourceInfo, out: Path, say: Callable[[str], None] = la
     for g, cls, tok in (("text_encoder", CLIPTextModel, "tokenizer"),
                         ("text_encoder_2", CLIPTextModelWithProjection, "tokenizer_2")):
         def one(g=g, cls=cls, tok=tok):
-            model = cls.from_pretrained(info.path / g, attn_implementation="eager", torch_dtype=torch.float32).eval()
+            model = cls.from_pretrained(info.path / g, attn_implementation="eager", dtype=torch.float32).eval()
             table = model.text_model.embeddings.token_embedding.weight.detach().numpy()
             (out / g).mkdir(parents=True, exist_ok=True)
             np.save(out / g / "token_embedding.npy", np.ascontiguousarray(table, np.float32))
@@ -292,13 +351,15 @@ def export_sdxl(info: SDXLSourceInfo, out: Path, say: Callable[[str], None] = la
                     PENULTIMATE: {0: "batch_size", 1: "sequence_length"}}
             if pooled:
                 axes[POOLED] = {0: "batch_size"}
-            wrapper = _text_wrapper(model, pooled)
-            _onnx_export(wrapper, (torch.from_numpy(table[ids.numpy()[:2]]), ids[:2]), out / g / "model.onnx",
-                         ["inputs_embeds", "input_ids"], names, axes)
             ref = model(input_ids=ids, output_hidden_states=True, return_dict=True)
             refs = [ref.hidden_states[-2].numpy()] + ([ref.text_embeds.numpy()] if pooled else [])
+            pretranspose_linears(model)
+            wrapper = _text_wrapper(model, pooled)
+            raw = _onnx_export(wrapper, (torch.from_numpy(table[ids.numpy()[:2]]), ids[:2]), out / g / "model.onnx",
+                               ["inputs_embeds", "input_ids"], names, axes)
             del model, wrapper
             gc.collect()
+            consolidate(raw, out / g / "model.onnx")
             from .graphs import session
             s = session(out / g / "model.onnx")
             feed = {"inputs_embeds": np.ascontiguousarray(table[ids.numpy()], np.float32)}
@@ -324,22 +385,29 @@ def export_sdxl(info: SDXLSourceInfo, out: Path, say: Callable[[str], None] = la
         axes = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
                 "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}, "text_embeds": {0: "batch_size"},
                 "time_ids": {0: "batch_size"}, "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
-        _onnx_export(_unet_wrapper(unet), args, out / "unet" / "model.onnx",
-                     ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["out_sample"], axes)
+        pretranspose_linears(unet)
+        raw = _onnx_export(_unet_wrapper(unet), args, out / "unet" / "model.onnx",
+                           ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["out_sample"],
+                           axes)
         del unet
         gc.collect()
+        consolidate(raw, out / "unet" / "model.onnx")
     run("export", "unet (text_embeds + time_ids added conditioning)", unet_export)
 
     def vae_export():
         vae = AutoencoderKL.from_pretrained(info.path / "vae", torch_dtype=torch.float32).eval()
         enc, dec = _vae_wrappers(vae)
         f = info.vae_scale_factor
-        _onnx_export(enc, (torch.randn(1, 3, 8 * f, 8 * f),), out / "vae_encoder" / "model.onnx", ["sample"],
-                     ["latent_parameters"], {"sample": {0: "batch_size", 2: "height", 3: "width"},
-                                             "latent_parameters": {0: "batch_size", 2: "height", 3: "width"}})
-        _onnx_export(dec, (torch.randn(1, info.latent_channels, 8, 8),), out / "vae_decoder" / "model.onnx",
-                     ["latent_sample"], ["sample"], {"latent_sample": {0: "batch_size", 2: "height", 3: "width"},
-                                                     "sample": {0: "batch_size", 2: "height", 3: "width"}})
+        consolidate(_onnx_export(enc, (torch.randn(1, 3, 8 * f, 8 * f),), out / "vae_encoder" / "model.onnx",
+                                 ["sample"], ["latent_parameters"],
+                                 {"sample": {0: "batch_size", 2: "height", 3: "width"},
+                                  "latent_parameters": {0: "batch_size", 2: "height", 3: "width"}}),
+                    out / "vae_encoder" / "model.onnx")
+        consolidate(_onnx_export(dec, (torch.randn(1, info.latent_channels, 8, 8),), out / "vae_decoder" / "model.onnx",
+                                 ["latent_sample"], ["sample"],
+                                 {"latent_sample": {0: "batch_size", 2: "height", 3: "width"},
+                                  "sample": {0: "batch_size", 2: "height", 3: "width"}}),
+                    out / "vae_decoder" / "model.onnx")
         del vae, enc, dec
         gc.collect()
     run("export", "vae encoder + decoder", vae_export)

@@ -68,6 +68,8 @@ def build_sdxl_pipeline(out_dir: str | Path, size: str = "tiny", seed: int = 0) 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
+    if size == "sdxl":
+        return _build_one_at_a_time(Path(out_dir), seed)
     l_cfg, g_cfg = text_configs(size)
     text_encoder = CLIPTextModel(CLIPTextConfig(**l_cfg))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**g_cfg))
@@ -85,4 +87,45 @@ def build_sdxl_pipeline(out_dir: str | Path, size: str = "tiny", seed: int = 0) 
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
     out = Path(out_dir)
     pipe.save_pretrained(out)
+    return out
+
+
+MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.35.2",
+               "feature_extractor": [None, None], "force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
+               "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+               "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def _build_one_at_a_time(out: Path, seed: int) -> Path:
+    """The full-size pipeline, one component built, saved (FP32 safetensors, as SDXL base's own
+    files) and freed at a time: peak memory is the UNet's 10.3 GB, not the pipeline's 14 GB."""
+    import gc
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    l_cfg, g_cfg = text_configs("sdxl")
+    builders = (("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**l_cfg))),
+                ("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**g_cfg))),
+                ("vae", lambda: AutoencoderKL(**vae_config("sdxl"))),
+                ("unet", lambda: UNet2DConditionModel(**unet_config("sdxl"))))
+    for k, (name, build) in enumerate(builders):
+        torch.manual_seed(seed + k)
+        model = build()
+        model.save_pretrained(out / name, safe_serialization=True, max_shard_size="20GB")
+        del model
+        gc.collect()
+    with tempfile.TemporaryDirectory() as td:
+        write_clip_tokenizer(td)
+        CLIPTokenizer.from_pretrained(td, model_max_length=77).save_pretrained(out / "tokenizer")
+        CLIPTokenizer.from_pretrained(td, model_max_length=77, pad_token="!").save_pretrained(out / "tokenizer_2")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                           steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+                           use_karras_sigmas=False, prediction_type="epsilon").save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     return out

@@ -256,3 +256,33 @@ def test_static_int8_calibrated(sdxl_dir, sdxl_export, tmp_path):
     assert all(0.99 < m["accuracy"][g]["cosine"] < 1.0 for g in ("text_encoder", "text_encoder_2", "unet"))
     out = SDXLPipeline(Bundle.load(tmp_path / "int8"))(PROMPT, steps=2, latents=start_latents(), progress=False)
     assert out.shape == (1, 16, 16, 3)
+
+
+def test_consolidate_streams_external_data(tmp_path):
+    """The exporter's one-file-per-tensor external data becomes one page-aligned model.onnx_data;
+    the graph computes the same."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from zo_edge.convert.graphs import session
+    from zo_edge.convert.sdxl import consolidate
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    raw = tmp_path / "raw" / "model.onnx"
+    raw.parent.mkdir()
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(raw),
+                    save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(raw.parent.iterdir())) == 3
+    files = consolidate(raw, tmp_path / "out" / "model.onnx")
+    assert [f.name for f in files] == ["model.onnx", "model.onnx_data"] and not raw.parent.exists()
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    y = session(files[0]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w1 @ w2, rtol=1e-5)
+    offsets = [int(e.value) for t in onnx.load(str(files[0]), load_external_data=False).graph.initializer
+               for e in t.external_data if e.key == "offset"]
+    assert offsets == [0, 4096]
