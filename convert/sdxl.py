@@ -324,6 +324,14 @@ def _tokenize(tokenizer_dir: Path, prompts, max_length: int) -> np.ndarray:
 
 def export_sdxl(info: SDXLSourceInfo, out: Path, say: Callable[[str], None] = lambda m: None,
                 run: Callable | None = None) -> dict:
+    """:func:`_export_sdxl` with autograd off for its duration only (grad mode is process state:
+    a caller that trains afterwards must find it as it was)."""
+    import torch
+    with torch.no_grad():
+        return _export_sdxl(info, out, say, run)
+
+
+def _export_sdxl(info: SDXLSourceInfo, out: Path, say: Callable[[str], None], run: Callable | None) -> dict:
     """Export the five graphs into ``out/<graph>/model.onnx`` and the two token tables into
     ``out/<graph>/token_embedding.npy``, one component in memory at a time. Returns a report with
     the text encoders' parity (max abs difference of the ORT graph on ``table[ids]`` against
@@ -334,7 +342,6 @@ def export_sdxl(info: SDXLSourceInfo, out: Path, say: Callable[[str], None] = la
 
     run = run or (lambda name, what, fn: fn())
     report: dict = {"text_parity_max_abs_diff": {}}
-    torch.set_grad_enabled(False)
     L = info.max_length
     for g, cls, tok in (("text_encoder", CLIPTextModel, "tokenizer"),
                         ("text_encoder_2", CLIPTextModelWithProjection, "tokenizer_2")):

@@ -286,3 +286,9 @@ def test_consolidate_streams_external_data(tmp_path):
     offsets = [int(e.value) for t in onnx.load(str(files[0]), load_external_data=False).graph.initializer
                for e in t.external_data if e.key == "offset"]
     assert offsets == [0, 4096]
+
+
+def test_export_leaves_autograd_on(sdxl_export):
+    """The export runs without autograd but must not switch it off for the rest of the process."""
+    import torch
+    assert torch.is_grad_enabled()
