@@ -48,9 +48,20 @@ def run_stage(stage: str, args, timeout_s: float) -> dict:
     import psutil
 
     cmd = [sys.executable, __file__, "--child", stage, "--work", str(args.work), "--iters", str(args.iters),
-           "--size", args.size]
+           "--size", args.size, *(["--no-fuse"] if args.no_fuse else []),
+           *(["--export-dir", str(args.export_dir)] if args.export_dir else [])]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress: list[str] = []
+
+    def tee():   # the child's progress lines: echoed, and the stage lines kept for the record
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.startswith("[") and ("done in" in line or "parity" in line or line.rstrip().endswith("...")):
+                progress.append(line.strip())
+
+    reader = threading.Thread(target=tee, daemon=True)
+    reader.start()
     peak, killed = [0], [None]
     stop = threading.Event()
 
@@ -72,14 +83,19 @@ def run_stage(stage: str, args, timeout_s: float) -> dict:
 
     th = threading.Thread(target=watch, daemon=True)
     th.start()
-    out, _ = proc.communicate()
+    out = proc.stdout.read()
+    proc.wait()
     stop.set()
     th.join()
+    reader.join()
     rec = {"stage": stage, "wall_s": round(time.time() - t0, 1), "peak_rss_mb_tree": round(peak[0] / 2**20, 1),
            "exit_status": proc.returncode}
     lines = [ln for ln in (out or "").splitlines() if ln.startswith("{")]
     if lines:
         rec.update(json.loads(lines[-1]))
+    if progress:
+        rec["progress"] = progress
+    rec["command"] = " ".join(cmd[1:]).replace(str(ROOT) + "/", "")
     if killed[0]:
         rec["failed"] = killed[0]
     elif proc.returncode != 0:
@@ -96,6 +112,9 @@ def main() -> None:
     ap.add_argument("--rss-limit-gb", type=float, default=19.0)
     ap.add_argument("--budget-min", type=float, default=40.0)
     ap.add_argument("--size", default="sdxl", choices=("sdxl", "tiny"), help="tiny: a smoke test of this script")
+    ap.add_argument("--no-fuse", action="store_true", help="convert without the UNet fusions")
+    ap.add_argument("--export-dir", type=Path, default=None, help="convert from this earlier export")
+    ap.add_argument("--append", action="store_true", help="add the stages to an existing --out file")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -104,6 +123,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     import psutil
+    previous = json.loads(args.out.read_text()) if args.append and args.out.is_file() else None
     report = {"what": "SDXL-shaped random weights (stable-diffusion-xl-base-1.0 config): convert, personalize "
                       "(int8w bundle, zoodip recipe: n=2 one-sided RGE, 3 UNet passes per iteration), PyTorch FP32 "
                       "backprop TI; one process per stage, RSS of its process tree sampled every 0.25 s",
@@ -114,6 +134,8 @@ def main() -> None:
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
               "commit": commit, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "size": args.size, "rss_limit_gb": args.rss_limit_gb, "budget_min": args.budget_min, "stages": []}
+    if previous:
+        report["earlier_runs"] = [*previous.pop("earlier_runs", []), previous]
     t0 = time.time()
     for stage in args.stages.split(","):
         left = args.budget_min * 60 - (time.time() - t0)
@@ -165,7 +187,8 @@ def child_convert(args) -> dict:
     out = args.work / "bundle-int8w"
     t = time.time()
     m = convert_sdxl(args.work / "src", out, weights="int8w", overwrite=True, verify_resolution=256,
-                     heldout_samples=1, heldout_per_band=1,
+                     heldout_samples=1, heldout_per_band=1, fuse=False if args.no_fuse else None,
+                     export_dir=args.export_dir,
                      progress=lambda line: print(line, file=sys.stderr, flush=True))
     sizes = {}
     for rel, e in m["files"].items():
@@ -254,6 +277,54 @@ def child_torch(args, res: int) -> dict:
         times.append(round(time.time() - t0, 1))
     return {"resolution": res, "load_s": round(load_s, 1), "s_per_iter": times, "unet_passes_per_iter": 1,
             "torch_threads": torch.get_num_threads(), "peak_rss_mb_self": round(_maxrss_mb(), 1)}
+
+
+def table(report: dict) -> str:
+    """The results file as a Markdown table (benchmarks/readme_tables.py renders it; never typed)."""
+    what = {"build": "build the random-weight SDXL folder (FP32 safetensors)", "convert": "zo-edge convert --weights int8w"}
+    lines = ["| run | stage | what | wall s | peak RSS MB (process tree) | s / iteration | UNet passes / iteration | outcome |",
+             "|---|---|---|---|---|---|---|---|"]
+    runs = [*report.get("earlier_runs", []), report]
+    rows = [(k, r) for k, run in enumerate(runs, 1) for r in run["stages"]]
+    for k, r in rows:
+        st = r["stage"]
+        if st.startswith("zo"):
+            desc = f"zo-edge personalize, {st[2:]} px, int8w bundle" + (f" (setup {r['setup_s']} s)" if "setup_s" in r else "")
+        elif st.startswith("torch"):
+            desc = f"PyTorch FP32 backprop TI, {st[5:]} px" + (f" (load {r['load_s']} s)" if "load_s" in r else "")
+        elif st == "convert" and "--no-fuse" in r.get("command", ""):
+            desc = what[st] + " --no-fuse, export reused from run 1"
+        else:
+            desc = what.get(st, st)
+        per = ", ".join(str(x) for x in r.get("s_per_iter", [])) or "-"
+        outcome = r.get("skipped") or r.get("failed") or "completed"
+        peak = f"{r['peak_rss_mb_tree']:,.0f}" if "peak_rss_mb_tree" in r else "-"
+        lines.append(f"| {k} | {st} | {desc} | {r.get('wall_s', '-')} | {peak} | {per} | "
+                     f"{r.get('unet_passes_per_iter', '-')} | {outcome} |")
+    return "\n".join(lines)
+
+
+def convert_table(report: dict) -> str:
+    """The convert stages' own lines (each step's wall time and peak RSS) as a Markdown table."""
+    import re
+
+    lines = ["| run | step | s | peak RSS MB |", "|---|---|---|---|"]
+    for k, run in enumerate([*report.get("earlier_runs", []), report], 1):
+        for r in run["stages"]:
+            if r["stage"] != "convert":
+                continue
+            label = None
+            for line in r.get("progress", []):
+                m = re.match(r"\[(\w+)\] done in ([\d.]+) s \(peak RSS ([\d,]+) MB\)", line)
+                if m:
+                    lines.append(f"| {k} | {label or m.group(1)} | {m.group(2)} | {m.group(3)} |")
+                    label = None
+                elif line.endswith("..."):
+                    label = line[:-3].strip()
+            if r.get("failed"):
+                lines.append(f"| {k} | {label or 'next step'} | - | - (the process tree was at "
+                             f"{r['peak_rss_mb_tree']:,.0f} MB: {r['failed']}) |")
+    return "\n".join(lines)
 
 
 def _child(stage: str):

@@ -70,7 +70,27 @@ def _demo(r: dict, _arg=None) -> str:
             f"{r['train_seconds']:.0f} | {r['peak_rss_mb']} |")
 
 
+def _sdxl(results: dict, _arg=None) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "bench_sdxl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.table(results)
+
+
+def _sdxl_convert(results: dict, _arg=None) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "bench_sdxl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.convert_table(results)
+
+
 RENDERERS = {
+    "sdxl": _sdxl,
+    "sdxl-convert": _sdxl_convert,
     "demo": _demo,
     "screen": _screen,
     "paired": _paired,

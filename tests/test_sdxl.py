@@ -292,3 +292,21 @@ def test_export_leaves_autograd_on(sdxl_export):
     """The export runs without autograd but must not switch it off for the rest of the process."""
     import torch
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m["token_embedding_2"].update(path="../outside.npy"), "points outside the bundle"),
+    (lambda m: m.update(embedding_dims={"clip_l": 32}), "embedding_dims"),
+    (lambda m: m.update(embedding_dim=81), "is not clip_l + clip_g"),
+    (lambda m: m["token_embedding_2"].update(path="text_encoder_2/model.onnx_nope"), "not listed"),
+])
+def test_hostile_sdxl_manifest(sdxl_fp32, tmp_path, edit, needle):
+    """The SDXL keys of a manifest are input like the rest: one UserError line, before use."""
+    import shutil
+    b = tmp_path / "b"
+    shutil.copytree(sdxl_fp32, b)
+    m = json.loads((b / "zo-edge.json").read_text())
+    edit(m)
+    (b / "zo-edge.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=needle):
+        SDXLModel(Bundle.load(b, verify=False))
