@@ -467,7 +467,8 @@ class Trainer:
         t = self.sampler(rng)
         sampler_state, chain_state = opt_state
         z = self.rge.directions(rng, theta.shape, sampler_state)
-        losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t, **self.conditioning(i))
+        losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t,
+                                    **self.conditioning(i))
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError(f"loss is {losses.tolist()} at timestep {t}")
         g = self.rge.estimate(losses, z)
