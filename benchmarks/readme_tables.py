@@ -83,7 +83,27 @@ def _gradient_snr(report: dict, _arg=None) -> str:
     return "\n".join(lines)
 
 
+def _sdxl(results: dict, _arg=None) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "bench_sdxl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.table(results)
+
+
+def _sdxl_convert(results: dict, _arg=None) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "bench_sdxl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.convert_table(results)
+
+
 RENDERERS = {
+    "sdxl": _sdxl,
+    "sdxl-convert": _sdxl_convert,
     "demo": _demo,
     "gradient_snr": _gradient_snr,
     "screen": _screen,

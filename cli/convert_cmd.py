@@ -26,7 +26,7 @@ from zo_runtime.errors import UserError
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
 def convert(src, out, weights, text_encoder_fp32, overwrite, calibration_samples, provider, fuse, per_channel,
             seed, quiet):
-    """Convert a diffusers Stable Diffusion folder SRC (SD1.x / SD2.x) into a zo-edge bundle OUT."""
+    """Convert a diffusers Stable Diffusion folder SRC (SD1.x, SD2.x or SDXL base) into a zo-edge bundle OUT."""
     from zo_edge.convert.accuracy import format_accuracy
     from zo_edge.convert.pipeline import convert_pipeline
     from zo_edge.models.calibration import SHAPES_WORLD

@@ -12,7 +12,7 @@ from pathlib import Path
 from zo_runtime.errors import UserError
 from zo_runtime.manifest import BUNDLE_MANIFEST, file_problems, sha256_file
 
-GRAPH_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+GRAPH_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 
 def check_bundle_out(out: Path, overwrite: bool) -> None:

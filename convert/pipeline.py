@@ -110,8 +110,17 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     ``data``: the prompts and images calibration and the held-out check run the FP32 graphs on
     (:class:`~zo_edge.convert.calibrate.CalibrationData`, e.g. ``zo_edge.models.calibration.SHAPES_WORLD``).
 
-    Returns the manifest written to ``out/zo-edge.json``. Bad input raises UserError.
+    Returns the manifest written to ``out/zo-edge.json``. Bad input raises UserError. An SDXL folder
+    goes to :func:`convert.sdxl.convert_sdxl` (same arguments).
     """
+    from .sdxl import is_sdxl_source
+    if is_sdxl_source(src):
+        from .sdxl import convert_sdxl
+        return convert_sdxl(src, out, weights=weights, text_encoder_fp32=text_encoder_fp32, overwrite=overwrite,
+                            calibration_samples=calibration_samples, provider=provider, fuse=fuse,
+                            per_channel=per_channel, heldout_samples=heldout_samples,
+                            heldout_per_band=heldout_per_band, seed=seed, export_dir=export_dir, progress=progress,
+                            data=data)
     if weights not in WEIGHTS:
         raise UserError(f"unknown --weights {weights!r}; one of {', '.join(WEIGHTS)}")
     if provider not in PROVIDERS:

@@ -118,7 +118,7 @@ def test_a1111_emb_params(tmp_path):
 
 def test_sdxl_refused(tmp_path):
     save_file({"clip_l": _vecs(2, 768), "clip_g": _vecs(2, 1280)}, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(UserError, match="SDXL embeddings are not supported yet"):
+    with pytest.raises(UserError, match="is an SDXL embedding.*use it with an SDXL bundle"):
         load_embeddings(tmp_path / "xl.safetensors")
 
 

@@ -301,6 +301,14 @@ class Result:
 class Trainer:
     """One personalization run: setup (bundle, data, oracle), then ``train()``."""
 
+    def __new__(cls, cfg: PersonalizeConfig, resume: bool = False):
+        if cls is Trainer and isinstance(cfg, PersonalizeConfig):  # family dispatch: an SDXL bundle's own trainer
+            from .sdxl import FAMILY, family_of
+            if family_of(cfg.model) == FAMILY:
+                from .personalize_sdxl import SDXLTrainer
+                cls = SDXLTrainer
+        return super().__new__(cls)
+
     def __init__(self, cfg: PersonalizeConfig, resume: bool = False):
         cfg.validate()
         self.cfg = cfg.resolved()
@@ -371,14 +379,31 @@ class Trainer:
 
     def build_optimizer(self) -> None:
         cfg = self.cfg
-        self.oracle = LossOracle(self.bundle, cfg.batch_candidates)
+        self.oracle = self.make_oracle()
         try:
-            self.rge = make_estimator(cfg, table=self.bundle.token_table)
+            self.rge = make_estimator(cfg, table=self.token_table())
         except ValueError as e:
             raise UserError(str(e)) from None
         self.opt = make_optimizer(cfg, dim=cfg.num_vectors * self.bundle.embedding_dim)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
+
+    # -- what a model family changes (zo_runtime/personalize_sdxl.py overrides these) ----------------
+    def make_oracle(self):
+        return LossOracle(self.bundle, self.cfg.batch_candidates)
+
+    def token_table(self) -> np.ndarray:
+        return self.bundle.token_table
+
+    def init_row(self) -> np.ndarray:
+        return np.asarray(self.bundle.token_table[self.init_id], np.float32)
+
+    def conditioning(self, image_index: int) -> dict:
+        """Extra keyword arguments of ``oracle.losses`` for reference image ``image_index``."""
+        return {}
+
+    def save_token(self, path: str, theta: np.ndarray, metadata: dict) -> None:
+        save_embedding(path, self.cfg.token, theta, metadata, overwrite=self.cfg.overwrite)
 
     def check_run_dir(self) -> None:
         """A new run never takes over a directory that holds another run (without --overwrite)."""
@@ -388,7 +413,7 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def fresh_state(self):
-        row = np.asarray(self.bundle.token_table[self.init_id], np.float32)
+        row = self.init_row()
         theta = np.repeat(row[None], self.cfg.num_vectors, axis=0)
         return 0, theta, self.init_state(theta), np.random.default_rng(self.cfg.seed)
 
@@ -455,7 +480,8 @@ class Trainer:
         t = self.sampler(rng)
         sampler_state, chain_state = opt_state
         z = self.rge.directions(rng, theta.shape, sampler_state)
-        losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t)
+        losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t,
+                                    **self.conditioning(i))
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError(f"loss is {losses.tolist()} at timestep {t}")
         g = self.rge.estimate(losses, z)
@@ -563,8 +589,7 @@ class Trainer:
             progress.close()
         theta = self.answer(theta, opt_state)
         try:
-            save_embedding(cfg.out, cfg.token, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_recipe": cfg.recipe},
-                           overwrite=cfg.overwrite)
+            self.save_token(cfg.out, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_recipe": cfg.recipe})
         except UserError as e:
             raise UserError(f"{e}; the trained token is in {self.run_dir}: write it with zo-edge personalize "
                             f"--resume {self.run_dir} --out OTHER.safetensors") from None
