@@ -1,0 +1,80 @@
+"""The zeroth-order recipe per precision × backend: which smoothing radius μ keeps the signal.
+
+RGE differences L(θ + μz) − L(θ) must stand above the rounding of the graphs that compute L. How
+far they must be pushed depends on the bundle's precision (its UNet's, as the manifest records it)
+and on the backend that runs it: weight-only INT8 on the CPU keeps the FP32 signal at the paper's
+μ = 1e-3, 16-bit activations (A16W8, the HTP recipe) need μ = 1e-2, 8-bit activations lose it at
+both. ``benchmarks/bench_zo_signal.py`` measures the correlation of each bundle's directional
+derivatives with FP32's (docs/results/zo_signal.json); :data:`MEASURED` is what it found, and
+``tests/test_precision.py`` checks this table against that file with :func:`choose_mu`.
+
+``personalize`` calls :func:`precision_recipe`: when the user gave no ``--mu``, the run takes the
+measured μ for its bundle and provider, and says so on stderr; with ``--mu`` the user's value stands.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+MIN_CORR = 0.95   # correlation with FP32's directional derivative a recipe must reach
+RESULTS = "docs/results/zo_signal.json"
+
+# (UNet precision, backend) -> (μ, correlation with FP32 at that μ, draws), from RESULTS.
+# μ is the smallest measured value reaching MIN_CORR; None where none did (the best is shown).
+MEASURED: dict[tuple[str, str], tuple[float | None, float, int]] = {}
+
+
+def choose_mu(rows: list[dict], precision: str, backend: str, min_corr: float = MIN_CORR):
+    """From results rows (bench_zo_signal.py): (μ, corr) with μ the smallest reaching ``min_corr``, or
+    (None, best corr) when none does; None when the pair was not measured."""
+    mine = sorted((r for r in rows if r["precision"] == precision and r["backend"] == backend),
+                  key=lambda r: r["mu"])
+    if not mine:
+        return None
+    for r in mine:
+        if r["corr"] >= min_corr:
+            return r["mu"], r["corr"]
+    return None, max(r["corr"] for r in mine)
+
+
+def table_from(rows: list[dict], min_corr: float = MIN_CORR) -> dict:
+    """:data:`MEASURED` as the results rows give it."""
+    out = {}
+    for precision, backend in sorted({(r["precision"], r["backend"]) for r in rows}):
+        mu, corr = choose_mu(rows, precision, backend, min_corr)
+        draws = min(r["draws"] for r in rows if r["precision"] == precision and r["backend"] == backend)
+        out[(precision, backend)] = (mu, corr, draws)
+    return out
+
+
+def recipe_for(precision: str, backend: str):
+    """(μ or None, corr, draws) measured for this pair, or None if it was not measured."""
+    return MEASURED.get((precision, backend))
+
+
+def precision_recipe(given, cfg, bundle, say=None):
+    """``cfg`` (resolved) with μ set from :data:`MEASURED` for ``bundle`` on ``cfg.provider`` when
+    ``given`` (the config as the user gave it) left μ to the recipe. Says what it chose on stderr."""
+    from .providers import parse
+
+    say = say or (lambda line: print(line, file=sys.stderr))
+    precision = bundle.graph("unet").get("precision", "fp32")
+    backend = parse(cfg.provider).backend
+    found = recipe_for(precision, backend)
+    if found is None:
+        return cfg
+    mu, corr, draws = found
+    if mu is None:
+        say(f"warning: {precision} on {backend} keeps no zeroth-order signal at any measured mu (best correlation "
+            f"with FP32 {corr:.2f}, {draws} draws, {RESULTS}); personalization will mostly follow noise")
+        return cfg
+    if given.mu is not None:
+        if given.mu < mu:
+            say(f"note: --mu {given.mu:g} is below the {mu:g} measured to keep the signal for {precision} on "
+                f"{backend} ({RESULTS})")
+        return cfg
+    if mu != cfg.mu:
+        say(f"personalize: mu {mu:g} for {precision} on {backend} (recipe default {cfg.mu:g}): measured correlation "
+            f"with FP32's directional derivative {corr:.2f} over {draws} draws ({RESULTS}); --mu overrides it")
+        return dataclasses.replace(cfg, mu=mu)
+    return cfg
