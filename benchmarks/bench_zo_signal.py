@@ -110,6 +110,13 @@ def main(argv=None):
           f"t ~ U[500, 900), init '{args.init}'; fp32 reference {time.time() - t0:.0f} s", flush=True)
     print("| bundle | precision | backend | mu | corr. with FP32 | zero differences | std ratio | s/draw |")
     print("|---|---|---|---|---|---|---|---|")
+    run = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "commit": commit(),
+           "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared)",
+           "threads": args.threads, "draws": args.trials, "seed": args.seed, "init": args.init,
+           "reference": "fp32 bundle on the CPU provider", "versions": versions(), "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.write_text(json.dumps(merge(out, run, []), indent=2) + "\n")
     rows = []
     for item in args.bundles.split(","):
         name, rest = item.split("=", 1)
@@ -129,14 +136,11 @@ def main(argv=None):
             print(f"| {name} | {d['precision']} | {row['backend']} | {mu:g} | {corr:.3f} | {row['zero_share']:.0%} | "
                   f"{row['std_ratio']:.2f} | {per_draw:.2f} |", flush=True)
         del b
-    if args.out:
-        run = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "commit": commit(),
-               "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared)",
-               "threads": args.threads, "draws": args.trials, "seed": args.seed, "init": args.init,
-               "reference": "fp32 bundle on the CPU provider", "versions": versions(),
-               "date": time.strftime("%Y-%m-%d")}
-        out = Path(args.out)
-        out.write_text(json.dumps(merge(out, run, rows), indent=2) + "\n")
+        if out is not None:  # after each bundle: a long run (the HTP simulator) keeps what it measured
+            data = merge(out, run, rows)
+            data["runs"] = data["runs"][:-1]
+            out.write_text(json.dumps(data, indent=2) + "\n")
+    if out is not None:
         print(f"wrote {out}")
 
 

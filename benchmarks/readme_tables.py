@@ -70,7 +70,34 @@ def _demo(r: dict, _arg=None) -> str:
             f"{r['train_seconds']:.0f} | {r['peak_rss_mb']} |")
 
 
+def _zo_signal(report: dict, _arg=None) -> str:
+    """bench_zo_signal.py results: correlation with FP32's directional derivative per precision x backend and
+    mu, and the mu personalize takes for it (zo_runtime.precision)."""
+    from zo_runtime.precision import MIN_CORR, table_from
+
+    rows = report["rows"]
+    mus = sorted({r["mu"] for r in rows})
+    chosen = table_from(rows)
+    head = ("| UNet precision | bundle target | backend | " + " | ".join(f"corr. at mu = {m:g}" for m in mus)
+            + f" | draws | s / draw | personalize's mu (corr. >= {MIN_CORR}) |")
+    lines = [head, "|" + "---|" * (len(mus) + 6)]
+    seen = []
+    for r in rows:
+        key = (r["precision"], r["target"], r["backend"])
+        if key in seen:
+            continue
+        seen.append(key)
+        same = {x["mu"]: x for x in rows if (x["precision"], x["target"], x["backend"]) == key}
+        mu = chosen[(r["precision"], r["backend"])][0]
+        lines.append(f"| {r['precision']} | {r['target']} | {r['backend']} | "
+                     + " | ".join(f"{same[m]['corr']:.3f}" if m in same else "-" for m in mus)
+                     + f" | {r['draws']} | {max(x['seconds_per_draw'] for x in same.values()):.2f} | "
+                     + (f"{mu:g}" if mu is not None else "none (no signal)") + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
+    "zo_signal": _zo_signal,
     "demo": _demo,
     "screen": _screen,
     "paired": _paired,
