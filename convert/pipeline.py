@@ -294,9 +294,11 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                     precision[g] = "int8w"
                 return
             if target == "qnn":
-                from .portable import batch_feeds, quantize_qnn
+                from .portable import batch_feeds, personalization_calibration, quantize_qnn
+                feeds, ranges = personalization_calibration(calib.feeds, reference["text_encoder"], table, seed)
                 for g in GRAPHS:
-                    recipes[g] = quantize_qnn(sources[g], dst[g], batch_feeds(calib.feeds[g], graph_batch[g]), weights)
+                    recipes[g] = quantize_qnn(sources[g], dst[g], batch_feeds(feeds[g], graph_batch[g]), weights,
+                                              ranges if g == "text_encoder" else None)
                     precision[g] = weights
                 return
             feeds = {g: batch_feeds_if(calib.feeds[g], graph_batch[g]) for g in GRAPHS}

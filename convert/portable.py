@@ -151,10 +151,12 @@ def all_static(path: Path) -> bool:
                for d in v.type.tensor_type.shape.dim)
 
 
-def quantize_qnn(src: Path, dst: Path, calib: list[dict], weights: str = "a16w8") -> dict:
+def quantize_qnn(src: Path, dst: Path, calib: list[dict], weights: str = "a16w8",
+                 ranges: dict[str, tuple[float, float]] | None = None) -> dict:
     """Static QDQ for Qualcomm's HTP through onnxruntime's QNN helpers: ``qnn_preprocess_model``,
     then ``get_qnn_qdq_config`` (activation / weight types from ``weights``) and ``quantize``,
-    calibrated (MinMax) on ``calib``. Returns the recipe for the manifest."""
+    calibrated (MinMax) on ``calib``; ``ranges``: fixed (min, max) for named tensors (graph inputs), in
+    place of the calibrated ones. Returns the recipe for the manifest."""
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
@@ -176,8 +178,10 @@ def quantize_qnn(src: Path, dst: Path, calib: list[dict], weights: str = "a16w8"
         del m
         logging.disable(logging.WARNING)
         try:
+            overrides = {k: [{"rmin": np.array(lo, np.float32), "rmax": np.array(hi, np.float32)}] for k, (lo, hi) in (ranges or {}).items()}
             cfg = get_qnn_qdq_config(str(model_in), FeedsReader(calib), calibrate_method=CalibrationMethod.MinMax,
-                                     activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, wt))
+                                     activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, wt),
+                                     init_overrides=overrides or None)
             quantize(str(model_in), str(dst), cfg)
         finally:
             logging.disable(logging.NOTSET)
@@ -187,7 +191,47 @@ def quantize_qnn(src: Path, dst: Path, calib: list[dict], weights: str = "a16w8"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"method": "static QDQ (onnxruntime QNN helpers)", "activation_type": act, "weight_type": wt,
-            "calibrate_method": "MinMax", "calibration_samples": len(calib), "qnn_preprocess": bool(changed)}
+            "calibrate_method": "MinMax", "calibration_samples": len(calib), "qnn_preprocess": bool(changed),
+            "fixed_ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in (ranges or {}).items()}}
+
+
+# Personalization feeds the text encoder rows no prompt has: a token that training moves (Adam at lr 2e-2
+# moves each coordinate by about that much a step) and its RGE perturbations. Activations calibrated on real
+# prompts only would clip such a token at its first layer and along the residual stream, and the loss would go
+# flat in θ. So the text encoder is also calibrated with a placeholder row of these multiples of the median row
+# norm, the UNet with the states they give, and the ``inputs_embeds`` range is fixed at EMBEDS_RANGE x the
+# table's largest coordinate.
+PLACEHOLDER_NORMS = (1.0, 4.0, 16.0)
+EMBEDS_RANGE = 8.0
+
+
+def personalization_calibration(feeds: dict[str, list[dict]], te_fp32: Path, table: np.ndarray,
+                                seed: int = 0) -> tuple[dict[str, list[dict]], dict[str, tuple[float, float]]]:
+    """Calibration feeds with placeholder samples added (see PLACEHOLDER_NORMS), and the fixed
+    ``inputs_embeds`` range. ``feeds``: graph -> list of batch-1 feeds (calibrate.make_inputs)."""
+    from .graphs import session
+
+    rng = np.random.default_rng(seed + 4242)
+    te = session(te_fp32)
+    norm = float(np.median(np.linalg.norm(np.asarray(table[:4096], np.float32), axis=-1)))
+    extra_te, states = [], []
+    for k, scale in enumerate(PLACEHOLDER_NORMS):
+        base = feeds["text_encoder"][(k + 1) % len(feeds["text_encoder"])]
+        f = {name: np.array(v) for name, v in base.items()}
+        v = rng.standard_normal(f["inputs_embeds"].shape[-1]).astype(np.float32)
+        f["inputs_embeds"][0, 1 + k % 4] = v / np.linalg.norm(v) * norm * scale
+        extra_te.append(f)
+        states.append(te.run(["last_hidden_state"], f)[0].astype(np.float32))
+    extra_unet = []
+    for k, st in enumerate(states):
+        u = dict(feeds["unet"][k % len(feeds["unet"])])
+        u["encoder_hidden_states"] = st
+        extra_unet.append(u)
+    out = dict(feeds)
+    out["text_encoder"] = list(feeds["text_encoder"]) + extra_te
+    out["unet"] = list(feeds["unet"]) + extra_unet
+    r = EMBEDS_RANGE * float(np.abs(np.asarray(table)).max())
+    return out, {"inputs_embeds": (-r, r)}
 
 
 def batch_feeds(feeds: list[dict], batch: int) -> list[dict]:
