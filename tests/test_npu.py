@@ -17,7 +17,7 @@ from PIL import Image
 
 from zo_edge.cli.main import main as cli
 from zo_edge.models import world
-from zo_runtime import providers
+from zo_runtime import precision, providers
 from zo_runtime.bundle import Bundle, FixedBatchSession
 from zo_runtime.errors import UserError
 from zo_runtime.oracle import LossOracle
@@ -170,6 +170,12 @@ def test_every_node_runs_on_htp_with_fallback_disabled(tiny_qnn, tiny_bundle_int
     b = Bundle.load(tiny_qnn, provider="qnn")
     for g in GRAPHS:
         b.session(g)  # CPU fallback is disabled: a node HTP cannot take fails the load
+    # and it is deterministic (one intra-op thread; with more the simulator is not): RGE needs that
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32), "timestep": np.array(700, np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 32)).astype(np.float32) * 0.5}
+    runs = [b.session("unet").run(None, feed)[0] for _ in range(3)]
+    assert all(np.array_equal(runs[0], r) for r in runs[1:])
     # the same check refuses what HTP cannot run: a CPU bundle's graph (com.microsoft fusions, float)
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -189,8 +195,9 @@ def test_personalize_and_generate_on_htp(tiny_qnn, refs, tmp_path):
                                  "--token", "<npu-tok>", "--init", "star", "--out", str(out), "--run-dir",
                                  str(tmp_path / "run"), "--steps", "2", "--resolution", "16"])
     assert r.exit_code == 0, r.output
-    assert "mu 0.01 for a16w8 on qnn" in r.output    # the precision's recipe, said
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["mu"] == 0.01
+    mu = precision.MEASURED[("a16w8", "qnn")][0]
+    assert f"mu {mu:g} for a16w8 on qnn" in r.output    # the precision's recipe, said
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mu"] == mu
     from zo_runtime.embeddings import load_embeddings
     theta = load_embeddings(str(out))["<npu-tok>"]
     assert np.isfinite(theta).all()
@@ -214,7 +221,7 @@ def shapes_qnn(tmp_path_factory):
 def test_htp_moves_the_loss_as_the_cpu_does(shapes_qnn):
     """On the shapes model: the HTP's directional derivatives [L(θ+μz) − L(θ)]/μ at the A16W8 recipe's μ
     follow the CPU's (the shipped int8w bundle on the CPU provider), and a step along them changes the
-    loss the same way on both."""
+    loss the same way on both. The simulator is deterministic (one thread), so is this test."""
     htp, cpu = Bundle.load(shapes_qnn, provider="qnn"), Bundle.load(ROOT / "models" / "shapes" / "bundle")
     tok = CLIPTokenizer.from_pretrained(cpu.tokenizer_dir)
     ids, slots = tok.encode_prompt("a photo of a <x>", {"<x>": 1})
@@ -222,8 +229,9 @@ def test_htp_moves_the_loss_as_the_cpu_does(shapes_qnn):
     oh, oc = LossOracle(htp, "on"), LossOracle(cpu, "on")
     rng = np.random.default_rng(0)
     d_h, d_c, draws = [], [], []
-    mu = 1e-2
-    for _ in range(10):
+    mu = precision.MEASURED[("a16w8", "qnn")][0]
+    assert mu is not None
+    for _ in range(12):
         lat = rng.standard_normal((4, 16, 16)).astype(np.float32)
         noise = rng.standard_normal(lat.shape).astype(np.float32)
         t = int(rng.integers(500, 900))
@@ -233,7 +241,7 @@ def test_htp_moves_the_loss_as_the_cpu_does(shapes_qnn):
         d_h.append((lh[1] - lh[0]) / mu)
         d_c.append((lc[1] - lc[0]) / mu)
         draws.append((lat, noise, t, z))
-    assert np.corrcoef(d_h, d_c)[0, 1] > 0.9, (d_h, d_c)
+    assert np.corrcoef(d_h, d_c)[0, 1] > 0.8, (d_h, d_c)
     # one descent step along the CPU's estimate, judged by both backends on the same draws
     g = sum(d * z for d, (_, _, _, z) in zip(d_c, draws)) / len(draws)
     step = theta - 0.05 * g / np.abs(g).max()
