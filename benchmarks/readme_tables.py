@@ -92,7 +92,8 @@ def _zo_signal(report: dict, _arg=None) -> str:
         lines.append(f"| {r['precision']} | {r['target']} | {r['backend']} | "
                      + " | ".join(f"{same[m]['corr']:.3f}" if m in same else "-" for m in mus)
                      + f" | {r['draws']} | {max(x['seconds_per_draw'] for x in same.values()):.2f} | "
-                     + (f"{mu:g}" if mu is not None else "none (no signal)") + " |")
+                     + (("none (no signal)" if mu is None else f"{mu:g}"
+                         + ("" if same.get(mu, {}).get("corr", 0) >= MIN_CORR else " (weak)"))) + " |")
     return "\n".join(lines)
 
 

@@ -16,17 +16,20 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-MIN_CORR = 0.95   # correlation with FP32's directional derivative a recipe must reach
+MIN_CORR = 0.95   # correlation with FP32's directional derivative a recipe should reach
+WEAK_CORR = 0.5   # below this at every measured μ: no usable signal
 RESULTS = "docs/results/zo_signal.json"
 
 # (UNet precision, backend) -> (μ, correlation with FP32 at that μ, draws), from RESULTS.
-# μ is the smallest measured value reaching MIN_CORR; None where none did (the best is shown).
+# μ is the smallest measured value reaching MIN_CORR, else the best one if it reaches WEAK_CORR (a weak
+# signal, said as a warning), else None (no signal: the recipe's μ stays, with a warning).
 MEASURED: dict[tuple[str, str], tuple[float | None, float, int]] = {}
 
 
 def choose_mu(rows: list[dict], precision: str, backend: str, min_corr: float = MIN_CORR):
-    """From results rows (bench_zo_signal.py): (μ, corr) with μ the smallest reaching ``min_corr``, or
-    (None, best corr) when none does; None when the pair was not measured."""
+    """From results rows (bench_zo_signal.py): (μ, corr) with μ the smallest reaching ``min_corr``; else
+    the μ of the best correlation if it reaches WEAK_CORR; else (None, best corr). None when the pair was
+    not measured."""
     mine = sorted((r for r in rows if r["precision"] == precision and r["backend"] == backend),
                   key=lambda r: r["mu"])
     if not mine:
@@ -34,7 +37,8 @@ def choose_mu(rows: list[dict], precision: str, backend: str, min_corr: float = 
     for r in mine:
         if r["corr"] >= min_corr:
             return r["mu"], r["corr"]
-    return None, max(r["corr"] for r in mine)
+    best = max(mine, key=lambda r: r["corr"])
+    return (best["mu"] if best["corr"] >= WEAK_CORR else None), best["corr"]
 
 
 def table_from(rows: list[dict], min_corr: float = MIN_CORR) -> dict:
@@ -73,8 +77,11 @@ def precision_recipe(given, cfg, bundle, say=None):
             say(f"note: --mu {given.mu:g} is below the {mu:g} measured to keep the signal for {precision} on "
                 f"{backend} ({RESULTS})")
         return cfg
+    weak = "" if corr >= MIN_CORR else f"; a weak signal, below the {MIN_CORR} aimed at: expect slower progress"
     if mu != cfg.mu:
         say(f"personalize: mu {mu:g} for {precision} on {backend} (recipe default {cfg.mu:g}): measured correlation "
-            f"with FP32's directional derivative {corr:.2f} over {draws} draws ({RESULTS}); --mu overrides it")
+            f"with FP32's directional derivative {corr:.2f} over {draws} draws ({RESULTS}){weak}; --mu overrides it")
         return dataclasses.replace(cfg, mu=mu)
+    if weak:
+        say(f"warning: {precision} on {backend} at mu {mu:g}: correlation with FP32 {corr:.2f} ({RESULTS}){weak}")
     return cfg
