@@ -85,7 +85,7 @@ def parse(spec: str) -> ProviderSpec:
 
 def _missing(spec: ProviderSpec, detail: str) -> UserError:
     how = INSTALL.get(spec.name)
-    return UserError(f"execution provider {spec.name!r} is not usable here: {detail}"
+    return UserError(f"execution provider {spec.name!r} is not available here: {detail}"
                      + (f"; install it with: {how}" if how else ""))
 
 
