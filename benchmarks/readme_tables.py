@@ -101,9 +101,37 @@ def _sdxl_convert(results: dict, _arg=None) -> str:
     return module.convert_table(results)
 
 
+def _zo_signal(report: dict, _arg=None) -> str:
+    """bench_zo_signal.py results: correlation with FP32's directional derivative per precision x backend and
+    mu, and the mu personalize takes for it (zo_runtime.precision)."""
+    from zo_runtime.precision import MIN_CORR, table_from
+
+    rows = report["rows"]
+    mus = sorted({r["mu"] for r in rows})
+    chosen = table_from(rows)
+    head = ("| UNet precision | bundle target | backend | " + " | ".join(f"corr. at mu = {m:g}" for m in mus)
+            + f" | draws | s / draw | personalize's mu (corr. >= {MIN_CORR}) |")
+    lines = [head, "|" + "---|" * (len(mus) + 6)]
+    seen = []
+    for r in rows:
+        key = (r["precision"], r["target"], r["backend"])
+        if key in seen:
+            continue
+        seen.append(key)
+        same = {x["mu"]: x for x in rows if (x["precision"], x["target"], x["backend"]) == key}
+        mu = chosen[(r["precision"], r["backend"])][0]
+        lines.append(f"| {r['precision']} | {r['target']} | {r['backend']} | "
+                     + " | ".join(f"{same[m]['corr']:.3f}" if m in same else "-" for m in mus)
+                     + f" | {r['draws']} | {max(x['seconds_per_draw'] for x in same.values()):.2f} | "
+                     + (("none (no signal)" if mu is None else f"{mu:g}"
+                         + ("" if same.get(mu, {}).get("corr", 0) >= MIN_CORR else " (weak)"))) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "sdxl": _sdxl,
     "sdxl-convert": _sdxl_convert,
+    "zo_signal": _zo_signal,
     "demo": _demo,
     "gradient_snr": _gradient_snr,
     "screen": _screen,

@@ -111,7 +111,9 @@ def format_info(manifest: dict, bundle: str | Path | None = None) -> list[str]:
     lines.append(f"schedule    {m.get('prediction_type')}, {ns.get('num_train_timesteps')} steps, "
                  f"{ns.get('beta_schedule')} {ns.get('beta_start')}..{ns.get('beta_end')}")
     q = _d(m.get("quantization"))
-    lines.append(f"weights     {q.get('weights')}  fuse={q.get('fuse')}  provider={q.get('provider')}")
+    t = _d(m.get("target"))
+    lines.append(f"weights     {q.get('weights')}  fuse={q.get('fuse')}  target={t.get('name', 'cpu')}"
+                 + (f" (standard ONNX ops, batch {t.get('batch') or 'dynamic'})" if t.get("name", "cpu") != "cpu" else ""))
     lines.append("graphs:")
     for g in GRAPH_ORDER:
         e = m["graphs"].get(g)

@@ -9,32 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
+from . import providers as _providers
 from .errors import UserError
 from .manifest import (file_problems, inside, listed, read_bundle_manifest, read_manifest,  # noqa: F401 (re-exported)
                        sha256_file, verify_files)
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-}
+PROVIDERS = {**_providers.BUILTIN, "qnn": _providers.QNN_EP}
 
 
-def resolve_provider(name: str) -> list[str]:
-    """'cpu' | 'cuda' | 'dml' | ... (or a full ORT provider name) -> the providers list for a session."""
+def resolve_provider(name: str) -> list:
+    """'cpu' | 'cuda' | 'dml' | ... (or a full ORT provider name) -> the providers list for a session of a
+    built-in provider (plugin providers such as qnn are set up on the SessionOptions: zo_runtime.providers)."""
     import onnxruntime as ort
 
-    full = PROVIDERS.get(name.lower(), name)
-    available = ort.get_available_providers()
-    if full not in available:
-        raise UserError(f"execution provider {name!r} ({full}) is not available in this onnxruntime build; "
-                        f"available: {', '.join(available)}")
-    return [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    spec = _providers.check(name)
+    if spec.name == "qnn":
+        raise UserError("--provider qnn runs zo-edge bundles only (its device is chosen per session)")
+    return _providers.configure(spec, ort.SessionOptions())
 
 
 def weight_only_options(opts) -> None:
@@ -60,7 +51,7 @@ class Bundle:
     def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0) -> "Bundle":
         root = Path(path).expanduser()
         manifest = read_bundle_manifest(root)
-        resolve_provider(provider)
+        _providers.check(provider, manifest)
         b = cls(root=root, manifest=manifest, provider=provider, threads=threads)
         if verify:
             b.verify()
@@ -158,13 +149,25 @@ class Bundle:
             if self.graph(name).get("precision") == "int8w":
                 weight_only_options(opts)
             path = listed(self.root, self.manifest, self.graph(name)["path"], f"graph {name} path")
-            providers = resolve_provider(self.provider)
+            spec = _providers.parse(self.provider)
+            providers = _providers.configure(spec, opts)
             try:
-                self._sessions[name] = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+                if providers is None:  # a plugin provider, attached to opts
+                    sess = ort.InferenceSession(str(path), sess_options=opts)
+                else:
+                    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as e:  # noqa: BLE001 (onnxruntime raises its own Fail / InvalidGraph / ...)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"onnxruntime cannot load the {name} graph {path}: {first}") from None
+                where = "" if spec.name == "cpu" else f" on --provider {spec.name} (every node must run there)"
+                raise UserError(f"onnxruntime cannot load the {name} graph {path}{where}: {first}") from None
+            batch = fixed_batch(self.graph(name))
+            self._sessions[name] = FixedBatchSession(sess, batch, name) if batch else sess
         return self._sessions[name]
+
+    @property
+    def target(self) -> str:
+        """What the bundle was converted for: cpu, portable or qnn (convert --target)."""
+        return _providers.bundle_target(self.manifest)
 
     def release(self, name: str) -> None:
         """Drop a session so its weights and arena leave memory (e.g. the VAE encoder before training)."""
@@ -186,3 +189,59 @@ def timestep_feed(inputs: list[dict], t: float, batch: int) -> np.ndarray:
     if spec["rank"] == 0:
         return np.asarray(t, dtype=dtype)
     return np.full((batch,), t, dtype=dtype)
+
+
+def fixed_batch(entry: dict) -> int | None:
+    """The batch a graph was converted with (convert --batch), or None for a dynamic batch."""
+    dims = [i.get("shape") for i in entry.get("inputs", []) if i.get("rank", 0) > 0]
+    firsts = {d[0] for d in dims if isinstance(d, list) and d}
+    if len(firsts) == 1 and isinstance(next(iter(firsts)), int):
+        return int(next(iter(firsts)))
+    return None
+
+
+class FixedBatchSession:
+    """A session over a graph of fixed batch ``batch``: ``run`` splits the feeds into chunks of that
+    batch (the last one padded with copies of its last row), runs each, and joins the outputs, so a
+    caller can pass any batch. Inputs of rank 0 (the UNet's timestep) go to every chunk unchanged.
+    Any other shape that differs from the graph's is one UserError line."""
+
+    def __init__(self, session, batch: int, graph: str):
+        self.session, self.batch, self.graph = session, batch, graph
+        self.shapes = {i.name: i.shape for i in session.get_inputs()}
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, output_names, feeds, run_options=None):
+        rows = None
+        for k, v in feeds.items():
+            want = self.shapes.get(k)
+            if want is None or not want:
+                continue
+            v = np.asarray(v)
+            if v.ndim != len(want) or any(isinstance(d, int) and d != n for d, n in zip(want[1:], v.shape[1:])):
+                raise UserError(f"this bundle has fixed shapes: {self.graph} input {k} is {list(want)}, got "
+                                f"{list(v.shape)} (convert the model again for this size)")
+            if rows is not None and len(v) != rows:
+                raise UserError(f"{self.graph}: inputs disagree on the batch ({rows} vs {len(v)})")
+            rows = len(v)
+        if rows is None or rows == self.batch:
+            return self.session.run(output_names, feeds, run_options)
+        outs = []
+        for start in range(0, rows, self.batch):
+            chunk = {}
+            for k, v in feeds.items():
+                if self.shapes.get(k):
+                    part = np.asarray(v)[start:start + self.batch]
+                    if len(part) < self.batch:
+                        part = np.concatenate([part, np.repeat(part[-1:], self.batch - len(part), axis=0)])
+                    chunk[k] = part
+                else:
+                    chunk[k] = v
+            got = self.session.run(output_names, chunk, run_options)
+            outs.append([o[:min(self.batch, rows - start)] for o in got])
+        return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]

@@ -29,6 +29,7 @@ from .embeddings import save_embedding
 from .errors import UserError
 from .outputs import check_output, write_npz, write_text
 from .oracle import LossOracle
+from .precision import precision_recipe
 from .progress import Progress
 from .sysinfo import peak_rss_mb
 from .recipe import ADDED_FIELDS, DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
@@ -311,6 +312,7 @@ class Trainer:
 
     def __init__(self, cfg: PersonalizeConfig, resume: bool = False):
         cfg.validate()
+        self.given = cfg                # as the user gave it: what the recipe, not the user, chose
         self.cfg = cfg.resolved()
         self.resuming = resume
         self.run_dir = Path(self.cfg.run_dir or default_run_dir(self.cfg.token))
@@ -331,6 +333,8 @@ class Trainer:
     def load_model(self) -> None:
         cfg = self.cfg
         self.bundle = Bundle.load(cfg.model, provider=cfg.provider, threads=cfg.threads)
+        # hook (zo_runtime/precision.py): the μ measured for this bundle's precision on this provider
+        cfg = self.cfg = precision_recipe(self.given, cfg, self.bundle)
         static = [g for g in ("text_encoder", "unet") if self.bundle.graph(g).get("precision") in ("int8", "int4")]
         if static:
             print(f"warning: this bundle's {' and '.join(static)} quantize activations (static INT8 QDQ); measured, "
