@@ -258,6 +258,7 @@ def test_existing_output_not_overwritten(base_args, tmp_path):
 
 
 RUNTIME_DEPENDENCIES = {"numpy", "onnxruntime", "PIL", "safetensors", "regex"}
+OPTIONAL_PROVIDERS = {"onnxruntime_qnn"}   # zo-edge[qnn]: imported only when --provider qnn asks for it
 
 
 def test_runtime_imports_no_torch():
@@ -293,8 +294,10 @@ def test_runtime_imports_only_its_dependencies():
             for n in names:
                 found.setdefault(n.split(".")[0], set()).add(path.relative_to(root).as_posix())
     other = {n: sorted(f) for n, f in found.items()
-             if n not in sys.stdlib_module_names and n not in RUNTIME_DEPENDENCIES and n != "zo_runtime"}
+             if n not in sys.stdlib_module_names and n not in RUNTIME_DEPENDENCIES | OPTIONAL_PROVIDERS
+             and n != "zo_runtime"}
     assert not other, other
+    assert found.get("onnxruntime_qnn", set()) <= {"providers.py"}
     assert not (root / "metrics.py").exists() and not (root / "dreambooth.py").exists()
 
 
