@@ -76,6 +76,7 @@ def main(argv=None) -> int:
         "pass_cost": {name: pass_costs(resolve_model(m), args.threads, args.repeats)
                       for name, m in (("shapes-768", args.model), ("shapes", args.baseline))},
         "prompts": json.loads(Path(args.prompts).read_text()),
+        "prompts_command": f"zo-edge bench prompts --model {args.model} --n 96 --out {args.prompts}",
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["pass_cost"], indent=2))

@@ -70,8 +70,11 @@ def _demo(r: dict, _arg=None) -> str:
             f"{r['train_seconds']:.0f} | {r['peak_rss_mb']} |")
 
 
-def _shapes768(r: dict, _arg=None) -> str:
-    """bench_shapes768.py's file: each model's token width, bundle size and pass costs."""
+def _shapes768(r: dict, arg=None) -> str:
+    """bench_shapes768.py's file: each model's token width, bundle size and pass costs; with the
+    argument ``prompts``, shapes-768's prompt following."""
+    if arg == "prompts":
+        return _prompts(r["prompts"])
     lines = ["| model | token width d | text encoder | bundle MB | text-encoder pass ms | UNet pass ms | "
              "text / UNet |", "|---|---|---|---|---|---|---|"]
     layers = {"shapes-768": f"{r['recipe']['layers']} x 768 (MLP {r['recipe']['intermediate']})", "shapes": "3 x 64"}
