@@ -67,11 +67,16 @@ def test_trimmed_bundle_loads_the_full_table(tiny_sd1_dir, tmp_path):
     assert b.token_table.view(np.uint32).tolist() == table.view(np.uint32).tolist()
     assert not b.token_table.flags.writeable
 
-    m = json.loads((out / "zo-edge.json").read_text())
-    m["token_embedding"]["fill"]["seed"] = "eleven"
-    (out / "zo-edge.json").write_text(json.dumps(m))
-    with pytest.raises(UserError, match="fill.seed"):
-        Bundle.load(out)
+    good = (out / "zo-edge.json").read_text()
+    for edit, needle in ((lambda e: e["fill"].__setitem__("seed", "eleven"), "fill.seed"),
+                         (lambda e: e["fill"].__setitem__("generator", "torch"), "generator"),
+                         (lambda e: e.__setitem__("ids", "../../etc/passwd"), "ids"),
+                         (lambda e: e.__setitem__("shape", [vocab]), "shape")):
+        m = json.loads(good)
+        edit(m["token_embedding"])
+        (out / "zo-edge.json").write_text(json.dumps(m))
+        with pytest.raises(UserError, match=needle):
+            Bundle.load(out)
 
 
 def _teacher(tiny_sd1_dir):
