@@ -3,7 +3,7 @@ bundles, the batch of two candidates a zo-edge step runs), bundle sizes, and the
 written with the prompt-following results into one results file (README table ``shapes768``).
 
     python benchmarks/bench_shapes768.py --model shapes-768 --source work/shapes768-diffusers \\
-        --prompts docs/results/prompts-768.json --out docs/results/shapes768.json
+        --prompts prompts-768.json [--scratch work/shapes768-scratch] --out docs/results/shapes768.json
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="shapes")
     ap.add_argument("--source", required=True, help="the recipe's diffusers folder (its zo_edge_recipe.json)")
     ap.add_argument("--prompts", required=True, help="`zo-edge bench prompts --out` of --model")
+    ap.add_argument("--scratch", help="a `train_shapes768 --student scratch` output, recorded beside the recipe's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", required=True)
@@ -68,11 +69,18 @@ def main(argv=None) -> int:
         ap.error(f"--source {args.source} has no zo_edge_recipe.json (not built by train_shapes768)")
     recipe = json.loads(recipe_file.read_text())
     recipe.pop("loss_history", None)
+    scratch = None
+    if args.scratch:
+        scratch_file = Path(args.scratch) / "zo_edge_recipe.json"
+        if not scratch_file.is_file():
+            ap.error(f"--scratch {args.scratch} has no zo_edge_recipe.json")
+        scratch = json.loads(scratch_file.read_text())
     report = {
         "what": "shapes-768: the shapes model with a 768-wide text encoder (zo_edge.models.train_shapes768)",
         "machine": machine_info(), "threads": args.threads,
         "command": "python benchmarks/bench_shapes768.py " + " ".join(argv or __import__("sys").argv[1:]),
         "recipe": recipe,
+        "scratch_distillation": scratch,
         "pass_cost": {name: pass_costs(resolve_model(m), args.threads, args.repeats)
                       for name, m in (("shapes-768", args.model), ("shapes", args.baseline))},
         "prompts": json.loads(Path(args.prompts).read_text()),
