@@ -51,7 +51,7 @@ def sub(*args: str, threads: int) -> dict:
 # ------------------------------------------------------------------ hidden sub-commands (own process)
 
 def _build(out: str, size: str) -> dict:
-    from zo_edge.convert.tiny import build_pipeline
+    from zo_edge.testing import build_pipeline
     t = time.perf_counter()
     build_pipeline(out, family="sd1", size=size, seed=0)
     return {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
@@ -66,9 +66,11 @@ def _export(src: str, out: str) -> dict:
 
 def _convert(src: str, out: str, weights: str, export_dir: str, fuse: str, n_calib: str) -> dict:
     from zo_edge.convert import convert_pipeline
+    from zo_edge.models.calibration import SHAPES_WORLD
     t = time.perf_counter()
     m = convert_pipeline(src, out, weights=weights, overwrite=True, export_dir=export_dir,
-                         fuse=None if fuse == "auto" else fuse == "on", calibration_samples=int(n_calib))
+                         fuse=None if fuse == "auto" else fuse == "on", calibration_samples=int(n_calib),
+                         data=SHAPES_WORLD)
     return {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "stages": m["build"]["stages"],
             "accuracy": m["accuracy"], "fuse": m["quantization"]["fuse"]}
 

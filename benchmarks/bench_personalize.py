@@ -127,12 +127,13 @@ def main():
 
     if not args.bundle or not args.source:
         from zo_edge.convert import convert_pipeline
-        from zo_edge.convert.tiny import build_pipeline
+        from zo_edge.models.calibration import SHAPES_WORLD
+        from zo_edge.testing import build_pipeline
 
         work = Path(tempfile.mkdtemp(prefix="zo-bench-"))
         print(f"building SD1.5-shaped random-weight pipeline and INT8 bundle in {work}", file=sys.stderr)
         args.source = str(build_pipeline(work / "sd15", family="sd1", size="sd15"))
-        convert_pipeline(args.source, work / "sd15-int8", weights="int8")
+        convert_pipeline(args.source, work / "sd15-int8", weights="int8", data=SHAPES_WORLD)
         args.bundle = str(work / "sd15-int8")
 
     skip = set(filter(None, args.skip.split(",")))

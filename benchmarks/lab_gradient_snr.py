@@ -112,13 +112,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from zo_runtime.outputs import write_json
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     results = []
     for subject in args.subjects.split(","):
         t0 = time.time()
         grads, ts, theta0 = per_sample_gradients(Path(args.source), subject, args.samples)
         toward = None
         if args.ti_steps:
-            from zo_edge.convert.textual_inversion import textual_inversion
+            from zo_edge.eval.textual_inversion import textual_inversion
             from zo_edge.models import world
 
             subj = world.Subject.parse(subject)
@@ -131,12 +135,10 @@ def main() -> None:
                         "ti_displacement_norm": None if toward is None else float(np.linalg.norm(toward)),
                         "init_norm": float(np.linalg.norm(theta0))})
         print(subject, json.dumps(rows), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out = {"samples": args.samples, "threads": args.threads, "ti_steps": args.ti_steps, "bands": BANDS,
-           "machine": {"cpu": platform.machine(), "python": sys.version.split()[0], "commit": commit},
-           "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+        out = {"samples": args.samples, "threads": args.threads, "ti_steps": args.ti_steps, "bands": BANDS,
+               "machine": {"cpu": platform.machine(), "python": sys.version.split()[0], "commit": commit},
+               "results": results}
+        write_json(args.out, out, what="results")      # after every subject: a stopped run keeps what it measured
     print("wrote", args.out)
 
 

@@ -84,8 +84,70 @@ def _shapes768(r: dict, arg=None) -> str:
     return "\n".join(lines)
 
 
+def _gradient_snr(report: dict, _arg=None) -> str:
+    """benchmarks/lab_gradient_snr.py: per subject and timestep band, the mean gradient's share of a
+    sample gradient's energy, its alignment with the whole range's mean, and with where TI went."""
+    lines = ["| subject | timesteps | samples | signal share | cos(band mean, all-t mean) | cos(descent, TI's move) |",
+             "|---|---|---|---|---|---|"]
+    for res in report["results"]:
+        for b in res["bands"]:
+            toward = f"{b['toward_ti']:+.2f}" if "toward_ti" in b else ""
+            lines.append(f"| {res['subject']} | [{b['band'][0]}, {b['band'][1]}) | {b['samples']} | {b['signal']:.3f} | "
+                         f"{b['align']:+.2f} | {toward} |")
+    return "\n".join(lines)
+
+
+def _sdxl(results: dict, _arg=None) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "bench_sdxl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.table(results)
+
+
+def _sdxl_convert(results: dict, _arg=None) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "bench_sdxl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.convert_table(results)
+
+
+def _zo_signal(report: dict, _arg=None) -> str:
+    """bench_zo_signal.py results: correlation with FP32's directional derivative per precision x backend and
+    mu, and the mu personalize takes for it (zo_runtime.precision)."""
+    from zo_runtime.precision import MIN_CORR, table_from
+
+    rows = report["rows"]
+    mus = sorted({r["mu"] for r in rows})
+    chosen = table_from(rows)
+    head = ("| UNet precision | bundle target | backend | " + " | ".join(f"corr. at mu = {m:g}" for m in mus)
+            + f" | draws | s / draw | personalize's mu (corr. >= {MIN_CORR}) |")
+    lines = [head, "|" + "---|" * (len(mus) + 6)]
+    seen = []
+    for r in rows:
+        key = (r["precision"], r["target"], r["backend"])
+        if key in seen:
+            continue
+        seen.append(key)
+        same = {x["mu"]: x for x in rows if (x["precision"], x["target"], x["backend"]) == key}
+        mu = chosen[(r["precision"], r["backend"])][0]
+        lines.append(f"| {r['precision']} | {r['target']} | {r['backend']} | "
+                     + " | ".join(f"{same[m]['corr']:.3f}" if m in same else "-" for m in mus)
+                     + f" | {r['draws']} | {max(x['seconds_per_draw'] for x in same.values()):.2f} | "
+                     + (("none (no signal)" if mu is None else f"{mu:g}"
+                         + ("" if same.get(mu, {}).get("corr", 0) >= MIN_CORR else " (weak)"))) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
+    "sdxl": _sdxl,
+    "sdxl-convert": _sdxl_convert,
+    "zo_signal": _zo_signal,
     "demo": _demo,
+    "gradient_snr": _gradient_snr,
     "screen": _screen,
     "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),

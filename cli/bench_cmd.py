@@ -52,8 +52,12 @@ def _int_list(text: str, flag: str) -> list[int]:
               help="Run on a Ray cluster (auto, HOST:PORT) instead: one node, or TMPDIR on a shared filesystem.")
 @click.option("--out", type=click.Path(), default="quality.json", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG: subject fidelity vs UNet passes.")
+@click.option("--train-model", default=None,
+              help="Train the ZO methods on this bundle instead (e.g. the model converted with --target qnn); "
+                   "tokens are still scored by generating on --model.")
+@click.option("--provider", default="cpu", show_default=True, help="Execution provider the ZO methods train on.")
 def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k, points, threads, workers, ray_address,
-            out, plot_path):
+            out, plot_path, train_model, provider):
     """Personalization quality on held-out shapes subjects at equal UNet-pass budgets, over seeds."""
     from zo_edge.models import quality as q
 
@@ -69,10 +73,14 @@ def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k,
         raise UserError("method 'ti' needs --source, the FP32 diffusers folder of the model" + (
             " (for shapes-768: python -m zo_edge.models.train_shapes768 --out DIR)" if model == "shapes-768" else ""))
     budgets = _int_list(passes, "--passes")
+    if provider != "cpu" or train_model:  # a provider or bundle that cannot train: one line now, not per run
+        from zo_runtime.bundle import Bundle
+        Bundle.load(resolve_model(train_model or model), provider=provider, verify=False)
     report = q.quality_benchmark(resolve_model(model), source, subs, meths, budgets, out, seeds=seeds,
                                  inits=q.INIT_PROTOCOLS if inits == "both" else (inits,), ti_steps=ti_steps, k=k,
                                  points=points, threads=threads, workers=workers, ray=ray_address,
-                                 log=lambda m: click.echo(m, err=True))
+                                 log=lambda m: click.echo(m, err=True),
+                                 train_bundle=resolve_model(train_model) if train_model else None, provider=provider)
     click.echo(q.format_table(report["summary"]))
     if plot_path:
         q.plot(report, plot_path)
@@ -146,8 +154,8 @@ def dreambooth(model, metrics_dir, dataset, subjects, classes, steps, images_per
     """The paper's DreamBooth protocol: personalize -> generate -> evaluate per subject, resumable."""
     import functools
 
-    from zo_runtime import dreambooth as db
-    from zo_runtime import metrics
+    from zo_edge.eval import dreambooth as db
+    from zo_edge.eval import metrics
     from zo_runtime.bundle import Bundle
     from zo_runtime.personalize import PersonalizeConfig, Trainer
     from zo_runtime.pipeline import Pipeline, save_png

@@ -57,7 +57,7 @@ def format_scores(res: dict) -> str:
 def evaluate(metrics_dir, references, generated, prompts_file, placeholder, class_word, out_file, provider,
              batch_size):
     """Score generated images: CLIP-I, CLIP-T, DINO, DINO-inter (torch-free)."""
-    from zo_runtime.metrics import evaluate as run_evaluate
+    from zo_edge.eval.metrics import evaluate as run_evaluate
 
     res = run_evaluate(metrics_dir, references, generated, prompts_file, placeholder=placeholder,
                        class_word=class_word, provider=provider, batch_size=batch_size)

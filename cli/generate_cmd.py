@@ -34,9 +34,9 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
              seed, height, width, out, out_dir, make_grid, provider, threads, low_memory, overwrite):
     """Generate images; learned tokens are injected through the text encoder's inputs_embeds."""
     from zo_runtime.bundle import Bundle
-    from zo_runtime.embeddings import load_embeddings
     from zo_runtime.outputs import check_output, check_writable_dir
-    from zo_runtime.pipeline import IMAGE_FORMATS, Pipeline, check_sampling, grid, save_image
+    from zo_runtime.pipeline import IMAGE_FORMATS, check_sampling, grid, save_image
+    from zo_runtime.sdxl import load_embeddings_for, make_pipeline
 
     prompts = read_prompts(prompts_file) if prompts_file else [prompt] if prompt else None
     if not prompts:
@@ -75,11 +75,11 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
     check_sampling(bundle, steps, guidance, seed, height, width)
     loaded = {}
     for path in embeddings:
-        for name, vecs in load_embeddings(path, expected_dim=bundle.embedding_dim).items():
+        for name, vecs in load_embeddings_for(bundle, path).items():
             if name in loaded:
                 raise UserError(f"placeholder {name!r} is defined by two embedding files")
             loaded[name] = vecs
-    pipe = Pipeline(bundle, embeddings=loaded, scheduler=scheduler, low_memory=low_memory)
+    pipe = make_pipeline(bundle, embeddings=loaded, scheduler=scheduler, low_memory=low_memory)
     for text in dict.fromkeys(prompts):
         pipe.check_prompt(text)
         if model in SHAPES_MODELS:

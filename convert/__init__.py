@@ -7,7 +7,7 @@ Heavy imports (torch, optimum, onnxruntime.quantization) happen only when a func
 """
 from __future__ import annotations
 
-__all__ = ["convert_pipeline", "inspect_source", "read_manifest", "verify_files", "build_pipeline"]
+__all__ = ["convert_pipeline", "inspect_source", "read_manifest", "verify_files"]
 
 
 def __getattr__(name):
@@ -17,10 +17,10 @@ def __getattr__(name):
     if name == "inspect_source":
         from .source import inspect_source
         return inspect_source
-    if name in ("read_manifest", "verify_files"):
-        from . import manifest
-        return getattr(manifest, name)
-    if name == "build_pipeline":
-        from .tiny import build_pipeline
-        return build_pipeline
+    if name == "read_manifest":  # the runtime's reader: one reader for every manifest
+        from zo_runtime.manifest import read_bundle_manifest
+        return read_bundle_manifest
+    if name == "verify_files":
+        from .manifest import verify_files
+        return verify_files
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,31 +1,31 @@
-"""Calibration and held-out inputs made from the model's own data.
+"""Calibration and held-out inputs for the four graphs, made by running the FP32 graphs on
+prompts and images that the caller supplies (:class:`CalibrationData`; the ``convert`` command
+passes ``zo_edge.models.calibration.SHAPES_WORLD``: shapes-world captions, everyday prompts and
+procedural renders).
 
-* text encoder: real prompts (shapes-world captions and everyday prompts, plus the empty prompt
-  used for classifier-free guidance), tokenized with the pipeline's own tokenizer; the held-out set
-  also holds a prompt whose placeholder row is a fresh random vector, as personalization makes.
-* VAE encoder: procedural images from ``zo_edge.models.world.render`` at the model resolution.
+* text encoder: the prompts plus the empty prompt used for classifier-free guidance, tokenized
+  with the pipeline's own tokenizer; the held-out set also holds a prompt whose placeholder row
+  is a fresh random vector, as personalization makes.
+* VAE encoder: the images at the model resolution.
 * VAE decoder: latents sampled from the FP32 VAE encoder's distribution on those images.
 * UNet: those latents (times the VAE scaling factor) noised to timesteps spread over the whole
   schedule plus the training range 500-900, with FP32 text-encoder states for the prompts.
 
-Held-out inputs use other seeds, prompts, shapes and images than the calibration inputs.
+Held-out inputs ask the data for its held-out prompts and images, with other seeds.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Protocol
 
 import numpy as np
+
+from zo_runtime.bundle import timestep_feed
 
 from .graphs import io_spec, session
 from .surgery import text_feeds
 
-EVERYDAY = ("a photo of a dog", "a painting of a lighthouse at sunset", "a cup of coffee on a wooden table",
-            "portrait of an old man, studio lighting", "a city street in the rain at night",
-            "a bowl of fruit, still life", "a mountain lake with pine trees", "a cat wearing a tiny hat",
-            "an astronaut riding a horse", "a watercolor of a red barn in winter")
-HELD_OUT_EVERYDAY = ("a close-up photo of a sunflower", "a toy robot on a shelf", "a sailing boat on a calm sea",
-                     "a plate of pasta, food photography")
 TRAINING_RANGE = (500, 900)
 BANDS = ((0, 250), (250, 500), (500, 900), (900, 1000))
 
@@ -45,6 +45,20 @@ class FeedsReader:
 
     def __len__(self):
         return len(self.feeds)
+
+
+class CalibrationData(Protocol):
+    """Where calibration and held-out prompts and images come from; deterministic in ``seed``.
+    ``held_out`` asks for other prompts and images than calibration uses. ``description`` says
+    what they are (keys ``text_encoder`` and ``vae_encoder``), for the manifest."""
+
+    description: Mapping[str, str]
+
+    def prompts(self, n: int, seed: int, held_out: bool) -> list[str]: ...
+
+    def images(self, n: int, size: int, seed: int, held_out: bool) -> list[np.ndarray]:
+        """n RGB images, float32 [3, size, size] in [-1, 1]."""
+        ...
 
 
 @dataclass
@@ -68,47 +82,6 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> np.ndarray:
                                 return_tensors="np").input_ids, dtype=np.int64)
 
 
-def world_prompts(n: int, seed: int, held_out: bool) -> list[str]:
-    from zo_edge.models import world
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        if held_out and k % 2 == 0:
-            s = world.HELD_OUT[rng.integers(len(world.HELD_OUT))]
-            subj = world.Subject(*s)
-            out.append(world.caption(subj, world.BACKGROUNDS[rng.integers(len(world.BACKGROUNDS))]))
-        elif not held_out and k % 3 == 2:
-            out.append(EVERYDAY[(k // 3) % len(EVERYDAY)])
-        elif held_out:
-            out.append(HELD_OUT_EVERYDAY[(k // 2) % len(HELD_OUT_EVERYDAY)])
-        else:
-            subj, bg = world.sample(rng)
-            out.append(world.caption(subj, bg))
-    return out
-
-
-def world_images(n: int, size: int, seed: int, held_out: bool) -> list[np.ndarray]:
-    """n procedural RGB images, float32 [3, size, size] in [-1, 1]."""
-    from PIL import Image
-
-    from zo_edge.models import world
-    rng = np.random.default_rng(seed)
-    base = min(size, 128)
-    out = []
-    for k in range(n):
-        if held_out:
-            shape, colour, pattern = world.HELD_OUT[k % len(world.HELD_OUT)]
-            bg = world.BACKGROUNDS[(k + 2) % len(world.BACKGROUNDS)]
-        else:
-            subj, bg = world.sample(rng)
-            shape, colour, pattern = subj.shape, subj.colour, subj.pattern
-        img = world.render(shape, colour, pattern, bg, seed=int(seed * 1000 + k), size=base)
-        if base != size:
-            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
-        out.append((img.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0))
-    return out
-
-
 def calibration_timesteps(n: int, num_train_timesteps: int, rng: np.random.Generator) -> list[int]:
     """Half stratified over the whole schedule, half stratified over the training range 500-900."""
     T = num_train_timesteps
@@ -129,27 +102,18 @@ def heldout_timesteps(per_band: int, num_train_timesteps: int, rng: np.random.Ge
     return [min(max(t, 0), T - 1) for t in ts]
 
 
-def timestep_feed(spec: dict, t: int, batch: int) -> np.ndarray:
-    """The UNet ``timestep`` input as the graph declares it (float scalar or int64 [B] ...)."""
-    ts = next(i for i in spec["inputs"] if i["name"] == "timestep")
-    dt = np.dtype(ts["dtype"])
-    if ts["rank"] == 0:
-        return np.array(t, dtype=dt)
-    return np.full((batch,), t, dtype=dt)
-
-
-def make_inputs(info, fp32: dict[str, Path], table: np.ndarray, tokenizer, n: int, seed: int,
+def make_inputs(info, fp32: dict[str, Path], table: np.ndarray, tokenizer, data: CalibrationData, n: int, seed: int,
                 held_out: bool = False, per_band: int = 2) -> InputSet:
     """Build feeds for all four graphs by running the FP32 graphs ``fp32`` (graph -> model.onnx)
-    on prompts and procedural images. Calibration: ``n`` samples per graph. Held-out: ``n`` for the
-    text encoder and VAEs, ``per_band`` per timestep band for the UNet."""
+    on the prompts and images of ``data``. Calibration: ``n`` samples per graph. Held-out: ``n``
+    for the text encoder and VAEs, ``per_band`` per timestep band for the UNet."""
     rng = np.random.default_rng(seed + (7919 if held_out else 0))
     res, C = info.resolution, info.latent_channels
     out = InputSet()
 
     # text encoder
     n_text = max(n, 2)
-    prompts = world_prompts(n_text, seed + (1 if held_out else 0), held_out)
+    prompts = list(data.prompts(n_text, seed + (1 if held_out else 0), held_out))
     prompts[0 if not held_out else -1] = ""  # the unconditional prompt, as classifier-free guidance runs it
     ids = tokenize(tokenizer, prompts, info.max_length)
     te_spec = io_spec(fp32["text_encoder"])
@@ -169,9 +133,9 @@ def make_inputs(info, fp32: dict[str, Path], table: np.ndarray, tokenizer, n: in
     states = [te.run(["last_hidden_state"], f)[0] for f in te_feeds]
     del te
 
-    # VAE encoder on procedural images
+    # VAE encoder on the images
     n_img = max(n, 1)
-    images = world_images(n_img, res, seed + (2 if held_out else 0), held_out)
+    images = data.images(n_img, res, seed + (2 if held_out else 0), held_out)
     out.feeds["vae_encoder"] = [{"sample": im[None]} for im in images]
     enc = session(fp32["vae_encoder"])
     enc_out = enc.get_outputs()[0].name
@@ -193,7 +157,7 @@ def make_inputs(info, fp32: dict[str, Path], table: np.ndarray, tokenizer, n: in
         x0 = latents[k % len(latents)] * info.vae_scaling_factor
         eps = rng.standard_normal(x0.shape).astype(np.float32)
         xt = (np.sqrt(ab[t]) * x0 + np.sqrt(1.0 - ab[t]) * eps).astype(np.float32)
-        unet_feeds.append({"sample": xt, "timestep": timestep_feed(unet_spec, t, 1),
+        unet_feeds.append({"sample": xt, "timestep": timestep_feed(unet_spec["inputs"], t, 1),
                            "encoder_hidden_states": states[k % len(states)].astype(np.float32)})
     out.feeds["unet"] = unet_feeds
     out.unet_timesteps = ts

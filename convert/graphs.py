@@ -3,6 +3,7 @@ interface, pruning dead nodes, and ONNX Runtime sessions."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,17 @@ def save_model(model: onnx.ModelProto, path: str | Path, external: bool | None =
         return [path, data]
     onnx.save_model(model, str(path))
     return [path]
+
+
+def copy_graph(src: str | Path, dst: str | Path) -> None:
+    """Copy an ONNX graph with its external data, normalizing the data file to ``<dst name>_data``:
+    a single-file graph is copied byte for byte, one with external data is saved again."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if len(graph_files(src)) == 1:
+        shutil.copyfile(src, dst)
+    else:
+        save_model(onnx.load(str(src)), dst, external=True)
 
 
 def graph_files(path: str | Path) -> list[Path]:

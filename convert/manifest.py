@@ -1,6 +1,7 @@
-"""The bundle manifest ``zo-edge.json`` (docs/bundle.md): writing, checking, printing. Reading is
-``zo_runtime.manifest`` (one reader for every manifest); nothing here needs onnx until a graph is
-described, so ``zo-edge info`` runs in a runtime-only install."""
+"""The bundle manifest ``zo-edge.json`` (docs/bundle.md): writing and printing. Its name, format and
+version, and reading and checking it, are ``zo_runtime.manifest`` (one place for every manifest's
+rules); nothing here needs onnx until a graph is described, so ``zo-edge info`` runs in a
+runtime-only install."""
 from __future__ import annotations
 
 import json
@@ -8,13 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
-from zo_runtime import manifest as _reader
-from zo_runtime.bundle import MANIFEST, check_manifest
 from zo_runtime.errors import UserError
-from zo_runtime.manifest import FORMAT_VERSION, sha256_file
+from zo_runtime.manifest import BUNDLE_MANIFEST, file_problems, sha256_file
 
-FORMAT = "zo-edge-bundle"
-GRAPH_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+GRAPH_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 
 def check_bundle_out(out: Path, overwrite: bool) -> None:
@@ -25,7 +23,7 @@ def check_bundle_out(out: Path, overwrite: bool) -> None:
             raise UserError(f"{out} already exists; pass --overwrite to replace it")
         if not out.is_dir():
             raise UserError(f"{out} exists and is not a folder; refusing to replace it")
-        if (out / MANIFEST).is_file() or not any(out.iterdir()):
+        if (out / BUNDLE_MANIFEST).is_file() or not any(out.iterdir()):
             return
         raise UserError(f"{out} exists and is not a zo-edge bundle; refusing to replace it")
 
@@ -51,7 +49,7 @@ def replace_dir(new: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def file_table(root: Path, manifest_name: str = MANIFEST) -> dict:
+def file_table(root: Path, manifest_name: str = BUNDLE_MANIFEST) -> dict:
     """Every file under ``root`` except the manifest: relative posix path -> sha256 + bytes."""
     out = {}
     for p in sorted(root.rglob("*")):
@@ -77,24 +75,13 @@ def graph_entry(root: Path, graph: str, precision: str, extra: dict | None = Non
 def write_manifest(root: Path, manifest: dict) -> dict:
     """Fill ``files`` from what is on disk now and write ``zo-edge.json``; returns the manifest."""
     manifest["files"] = file_table(root)
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    (root / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
-
-
-def read_manifest(bundle: str | Path) -> dict:
-    """Load and check a bundle's manifest (every path inside the bundle and listed in ``files``);
-    UserError (one line) when it is not a bundle."""
-    b = Path(bundle).expanduser()
-    m = _reader.read_manifest(b, MANIFEST, FORMAT, "zo-edge bundle", "run `zo-edge convert` first")
-    if not isinstance(m.get("family"), str):
-        raise UserError(f"{b / MANIFEST} has no 'family' entry")
-    check_manifest(b, m)
-    return m
 
 
 def verify_files(bundle: str | Path, manifest: dict) -> list[str]:
     """Problems found checking every listed file's size and sha256 (empty list: all good)."""
-    return _reader.file_problems(Path(bundle), manifest["files"])
+    return file_problems(Path(bundle), manifest["files"])
 
 
 def _mb(n: int) -> str:
@@ -124,7 +111,9 @@ def format_info(manifest: dict, bundle: str | Path | None = None) -> list[str]:
     lines.append(f"schedule    {m.get('prediction_type')}, {ns.get('num_train_timesteps')} steps, "
                  f"{ns.get('beta_schedule')} {ns.get('beta_start')}..{ns.get('beta_end')}")
     q = _d(m.get("quantization"))
-    lines.append(f"weights     {q.get('weights')}  fuse={q.get('fuse')}  provider={q.get('provider')}")
+    t = _d(m.get("target"))
+    lines.append(f"weights     {q.get('weights')}  fuse={q.get('fuse')}  target={t.get('name', 'cpu')}"
+                 + (f" (standard ONNX ops, batch {t.get('batch') or 'dynamic'})" if t.get("name", "cpu") != "cpu" else ""))
     lines.append("graphs:")
     for g in GRAPH_ORDER:
         e = m["graphs"].get(g)

@@ -2,7 +2,7 @@
 
 ``zo-edge convert-metrics --clip ./clip-vit-base-patch32 --dino ./dinov2-base OUT`` reads LOCAL
 Hugging Face folders (no download) and writes a metrics bundle that the torch-free runtime
-(``zo_runtime.metrics``) reads::
+(``zo_edge.eval.metrics``) reads::
 
     OUT/
       metrics.json                  the manifest (below)
@@ -44,12 +44,10 @@ import warnings
 from pathlib import Path
 
 from zo_runtime.errors import UserError
+from zo_runtime.manifest import FORMAT_VERSION, METRICS_FORMAT, METRICS_MANIFEST
 
 from .manifest import file_table, replace_dir
 
-MANIFEST = "metrics.json"
-FORMAT = "zo-edge-metrics"
-FORMAT_VERSION = 1
 OPSET = 17
 SUPPORTED_PROCESSORS = ("CLIPImageProcessor", "BitImageProcessor")
 CLIP_MODEL_TYPES = ("clip",)
@@ -359,7 +357,7 @@ def export_metrics(out_dir: str | Path, clip_dir: str | Path | None = None, dino
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        manifest: dict = {"format": FORMAT, "format_version": FORMAT_VERSION,
+        manifest: dict = {"format": METRICS_FORMAT, "format_version": FORMAT_VERSION,
                           "created_by": f"zo-edge {__version__}", "opset": OPSET}
         if clip_dir is not None:
             log(f"exporting CLIP from {clip_dir}")
@@ -367,8 +365,8 @@ def export_metrics(out_dir: str | Path, clip_dir: str | Path | None = None, dino
         if dino_dir is not None:
             log(f"exporting DINOv2 from {dino_dir}")
             manifest["dino"] = export_dino(Path(dino_dir), tmp)
-        manifest["files"] = file_table(tmp, MANIFEST)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        manifest["files"] = file_table(tmp, METRICS_MANIFEST)
+        (tmp / METRICS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if out.exists() and not (out.is_dir() and (overwrite or not any(out.iterdir()))):
             raise UserError(f"{str(out)!r} appeared while this command ran; refusing to replace it")
         replace_dir(tmp, out, overwrite=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import tempfile
 import threading
@@ -21,14 +20,19 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from zo_runtime.bundle import FILL_GENERATORS, TOKEN_FILL_FILE, fill_table, trim_table
+from zo_runtime.bundle import TOKEN_FILL_FILE, fill_table, trim_table
+from zo_runtime.manifest import FILL_GENERATORS
 from zo_runtime.errors import UserError
+from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
+from zo_runtime.sysinfo import peak_rss_mb
 
 from . import accuracy as acc_mod
+from .calibrate import CalibrationData
 from .export import GRAPHS, export_onnx
-from .graphs import graph_files, save_model, session
-from .manifest import FORMAT, FORMAT_VERSION, check_bundle_out, graph_entry, replace_dir, write_manifest
+from .graphs import copy_graph, save_model, session
+from .manifest import check_bundle_out, graph_entry, replace_dir, write_manifest
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only_int8
+from .portable import PORTABLE_OPSET, TARGET_WEIGHTS, TARGETS
 from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
 
@@ -47,8 +51,8 @@ def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the process's lifetime peak is the best we have
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (OSError, AttributeError, ValueError):  # not Linux: the process's lifetime peak is the best we have
+        return int(peak_rss_mb() * 2 ** 20)
 
 
 class Stages:
@@ -93,38 +97,71 @@ class Stages:
         return round(time.perf_counter() - self.t0, 3)
 
 
-def _copy_graph(src: Path, dst: Path) -> None:
-    """Copy an ONNX graph with its external data, normalizing the data file to model.onnx_data."""
-    files = graph_files(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if len(files) == 1:
-        shutil.copyfile(src, dst)
-    else:
-        save_model(onnx.load(str(src)), dst, external=True)
+def batch_feeds_if(feeds: list[dict], batch: int | None) -> list[dict]:
+    if not batch:
+        return feeds
+    from .portable import batch_feeds
+    return batch_feeds(feeds, batch)
 
 
-def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: str = "int8",
+def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: str | None = None,
                      text_encoder_fp32: bool = False, overwrite: bool = False, calibration_samples: int = 8,
                      provider: str = "cpu", fuse: bool | None = None, per_channel: bool = False,
                      heldout_samples: int = 4, heldout_per_band: int = 2, seed: int = 0,
                      export_dir: str | os.PathLike | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict:
+                     progress: Callable[[str], None] | None = None, target: str = "cpu",
+                     batch: int | None = None, *, data: CalibrationData) -> dict:
     """Convert the diffusers Stable Diffusion folder ``src`` (SD1.x / SD2.x) into a bundle at ``out``.
 
-    ``weights``: ``int8`` (static QDQ, default), ``int4`` (UNet MatMuls 4-bit weight-only, rest INT8)
-    or ``fp32``. ``text_encoder_fp32`` keeps the text encoder FP32. ``fuse``: apply the CPU-safe
+    ``target`` (convert/portable.py): ``cpu`` (onnxruntime CPU fusions, dynamic shapes), ``portable``
+    (standard ONNX ops, finite masks, opset 20) or ``qnn`` (portable, fixed shapes, QDQ for Qualcomm's
+    HTP). ``batch``: fix the text encoder's and UNet's batch to this (portable: optional; qnn: 1 when
+    None); the VAE graphs get batch 1.
+    ``weights`` (None: the target's default): cpu: ``int8`` (static QDQ, default), ``int8w``, ``int4``
+    (UNet MatMuls 4-bit weight-only, rest INT8) or ``fp32``; portable: ``int8w`` (default), ``fp32``,
+    ``int8``; qnn: ``a16w8`` (16-bit activations, 8-bit weights, default) or ``a8w8``. ``text_encoder_fp32`` keeps the text encoder FP32. ``fuse``: apply the CPU-safe
     onnxruntime.transformers fusions to the UNet (None: the measured default for ``weights``).
     ``calibration_samples``: calibration inputs per graph. ``heldout_samples`` / ``heldout_per_band``:
     accuracy-report inputs (per UNet timestep band). ``export_dir``: reuse an existing Optimum
     export of ``src`` (skips the export stage). ``progress``: called with one line per stage event.
+    ``data``: the prompts and images calibration and the held-out check run the FP32 graphs on
+    (:class:`~zo_edge.convert.calibrate.CalibrationData`, e.g. ``zo_edge.models.calibration.SHAPES_WORLD``).
 
-    Returns the manifest written to ``out/zo-edge.json``. Bad input raises UserError.
+    Returns the manifest written to ``out/zo-edge.json``. Bad input raises UserError. An SDXL folder
+    goes to :func:`convert.sdxl.convert_sdxl` (same arguments).
     """
-    if weights not in WEIGHTS:
-        raise UserError(f"unknown --weights {weights!r}; one of {', '.join(WEIGHTS)}")
+    from .sdxl import is_sdxl_source
+    if is_sdxl_source(src):
+        if target != "cpu" or batch is not None:
+            raise UserError("SDXL converts for the CPU target only (--target portable / qnn and --batch are SD 1.x / 2.x)")
+        weights = weights or "int8"
+        from .sdxl import convert_sdxl
+        return convert_sdxl(src, out, weights=weights, text_encoder_fp32=text_encoder_fp32, overwrite=overwrite,
+                            calibration_samples=calibration_samples, provider=provider, fuse=fuse,
+                            per_channel=per_channel, heldout_samples=heldout_samples,
+                            heldout_per_band=heldout_per_band, seed=seed, export_dir=export_dir, progress=progress,
+                            data=data)
+    if target not in TARGETS:
+        raise UserError(f"unknown --target {target!r}; one of {', '.join(TARGETS)}")
+    if weights is None:
+        weights = TARGET_WEIGHTS[target][0]
+    if weights not in TARGET_WEIGHTS[target]:
+        known = weights in WEIGHTS or any(weights in w for w in TARGET_WEIGHTS.values())
+        raise UserError(f"{'--weights ' + repr(weights) + ' is not made for' if known else 'unknown --weights ' + repr(weights) + ' for'} "
+                        f"--target {target}; one of {', '.join(TARGET_WEIGHTS[target])}")
+    if target != "cpu" and fuse:
+        raise UserError(f"--fuse makes onnxruntime CPU kernels (com.microsoft ops); --target {target} takes standard "
+                        "ONNX ops only")
+    if batch is not None and (target == "cpu" or isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise UserError("--batch (fixed shapes) needs --target portable or qnn and a value >= 1" if target == "cpu"
+                        else f"--batch must be an integer >= 1, got {batch!r}")
+    if target == "qnn" and batch is None:
+        batch = 1
+    if target == "qnn" and text_encoder_fp32:
+        raise UserError("--text-encoder-fp32 does not go with --target qnn: HTP runs quantized graphs")
     if provider not in PROVIDERS:
         raise UserError(f"unknown --provider {provider!r}; supported: {', '.join(PROVIDERS)}")
-    if weights != "fp32" and calibration_samples < 1:
+    if weights not in ("fp32", "int8w") and calibration_samples < 1:
         raise UserError("--calibration-samples must be at least 1")
     if heldout_samples < 1 or heldout_per_band < 1:
         raise UserError("held-out sample counts must be at least 1")
@@ -138,16 +175,17 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
         missing = [g for g in GRAPHS if not (ed / g / "model.onnx").is_file()]
         if missing:
             raise UserError(f"export folder {ed} lacks {', '.join(missing)}")
-    fuse = DEFAULT_FUSE[weights] if fuse is None else bool(fuse)
+    fuse = (DEFAULT_FUSE[weights] if target == "cpu" else False) if fuse is None else bool(fuse)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     st = Stages(progress)
     st.say(f"converting {info.path} ({info.family}, {info.prediction_type}, {info.resolution} px) "
-           f"-> {out}  weights={weights}{' text-encoder=fp32' if text_encoder_fp32 else ''} fuse={fuse}")
+           f"-> {out}  target={target} weights={weights}{' text-encoder=fp32' if text_encoder_fp32 else ''} fuse={fuse}"
+           f"{f' batch={batch}' if batch else ''}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zo-convert-", dir=out.parent))
     try:
         manifest = _build(info, tmp, weights, text_encoder_fp32, calibration_samples, provider, fuse, per_channel,
-                          heldout_samples, heldout_per_band, seed, export_dir, st)
+                          heldout_samples, heldout_per_band, seed, export_dir, st, data, target, batch)
         check_bundle_out(out, overwrite)
         replace_dir(tmp / "bundle", out, overwrite)
         st.say(f"bundle written to {out} in {st.total:.1f} s")
@@ -184,7 +222,8 @@ def trim_token_table(bundle: Path, table_path: Path, fill_spec: Path) -> dict:
 
 
 def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: int, provider: str, fuse: bool,
-           per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, st: Stages) -> dict:
+           per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, st: Stages,
+           data: CalibrationData, target: str = "cpu", batch: int | None = None) -> dict:
     from zo_edge import __version__
 
     from .calibrate import load_tokenizer, make_inputs, tokenize
@@ -193,7 +232,9 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
     bundle.mkdir()
     # -- export
     if export_dir is None:
-        exported = st.run("export", "optimum main_export(task=text-to-image)", export_onnx, info.path, tmp / "export")
+        opset = None if target == "cpu" else PORTABLE_OPSET
+        exported = st.run("export", f"optimum main_export(task=text-to-image{f', opset={opset}' if opset else ''})",
+                          export_onnx, info.path, tmp / "export", opset)
     else:
         exported = {g: Path(export_dir) / g / "model.onnx" for g in GRAPHS}
         st.say(f"[export] reusing {export_dir}")
@@ -219,8 +260,29 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
     reference = {"text_encoder": te_fp32_path, "unet": exported["unet"],
                  "vae_encoder": exported["vae_encoder"], "vae_decoder": exported["vae_decoder"]}
 
+    # -- portable: standard ops, finite masks, fixed shapes (every target but cpu)
+    sources = dict(reference)  # the FP32 graphs quantization starts from
+    target_info: dict = {"name": target}
+    graph_batch = {g: (batch if g in ("text_encoder", "unet") else 1) if batch else None for g in GRAPHS}
+    if target != "cpu":
+        from .portable import MASK_VALUE, fixed_shapes, make_portable
+
+        def portable():
+            done = {}
+            for g in GRAPHS:
+                dst = tmp / "portable" / g / "model.onnx"
+                done[g] = make_portable(reference[g], dst, fixed_shapes(g, info, batch) if batch else None)
+                sources[g] = dst
+            return done
+        steps = st.run("portable", "standard ONNX ops, finite masks" + (f", fixed shapes (batch {batch})" if batch else ""),
+                       portable)
+        target_info.update({"opset": PORTABLE_OPSET, "standard_ops_only": True, "mask_value": MASK_VALUE,
+                            "finite_masks": {g: d["finite_masks"] for g, d in steps.items()},
+                            "fixed_shapes": bool(batch), "batch": batch})
+        st.say(f"[portable] masks made finite: {target_info['finite_masks']}")
+
     # -- optimize: CPU-safe fusions on the UNet
-    unet_src = exported["unet"]
+    unet_src = sources["unet"]
     fusion_counts: dict = {}
     if fuse:
         from .optimize import fuse_unet, unpack_self_attention
@@ -248,7 +310,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             st.say("[calibrate] skipped (weight-only: activations stay float)")
         else:
             calib = st.run("calibrate", f"{n_calib} samples per graph from the model's own data", make_inputs,
-                           info, reference, table, tokenizer, n_calib, seed, False)
+                           info, reference, table, tokenizer, data, n_calib, seed, False)
             st.say(f"[calibrate] UNet timesteps {sorted(calib.unet_timesteps)}")
 
         def quantize():
@@ -260,30 +322,39 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             if weights == "int8w":
                 for g in GRAPHS:
                     if g == "text_encoder" and te_fp32:
-                        _copy_graph(te_fp32_path, dst[g])
+                        copy_graph(sources[g], dst[g])
                         precision[g] = "fp32"
                         continue
-                    src_g = {"unet": unet_src, "text_encoder": te_fp32_path}.get(g, reference[g])
+                    src_g = unet_src if g == "unet" else sources[g]
                     recipes[g] = quantize_weight_only_int8(src_g, dst[g])
                     precision[g] = "int8w"
                 return
+            if target == "qnn":
+                from .portable import batch_feeds, personalization_calibration, quantize_qnn
+                feeds, ranges = personalization_calibration(calib.feeds, reference["text_encoder"], table, seed)
+                for g in GRAPHS:
+                    recipes[g] = quantize_qnn(sources[g], dst[g], batch_feeds(feeds[g], graph_batch[g]), weights,
+                                              ranges if g == "text_encoder" else None)
+                    precision[g] = weights
+                return
+            feeds = {g: batch_feeds_if(calib.feeds[g], graph_batch[g]) for g in GRAPHS}
             if te_fp32:
-                _copy_graph(te_fp32_path, dst["text_encoder"])
+                copy_graph(sources["text_encoder"], dst["text_encoder"])
                 precision["text_encoder"] = "fp32"
             else:
-                recipes["text_encoder"] = quantize_int8(te_fp32_path, dst["text_encoder"], calib.feeds["text_encoder"],
-                                                        per_channel=per_channel)
+                recipes["text_encoder"] = quantize_int8(sources["text_encoder"], dst["text_encoder"],
+                                                        feeds["text_encoder"], per_channel=per_channel)
                 precision["text_encoder"] = "int8"
             for g in ("vae_encoder", "vae_decoder"):
-                recipes[g] = quantize_int8(reference[g], dst[g], calib.feeds[g], per_channel=per_channel)
+                recipes[g] = quantize_int8(sources[g], dst[g], feeds[g], per_channel=per_channel)
                 precision[g] = "int8"
             if weights == "int8":
-                recipes["unet"] = quantize_int8(unet_src, dst["unet"], calib.feeds["unet"], per_channel=per_channel)
+                recipes["unet"] = quantize_int8(unet_src, dst["unet"], feeds["unet"], per_channel=per_channel)
                 precision["unet"] = "int8"
             else:
                 conv8 = q / "unet_conv8" / "model.onnx"
                 conv8.parent.mkdir(parents=True)
-                r8 = quantize_int8(unet_src, conv8, calib.feeds["unet"], op_types=("Conv", "Gemm"),
+                r8 = quantize_int8(unet_src, conv8, feeds["unet"], op_types=("Conv", "Gemm"),
                                    per_channel=per_channel)
                 r4 = quantize_int4(conv8, dst["unet"])
                 recipes["unet"] = {"matmul": r4, "conv_gemm": r8}
@@ -294,15 +365,24 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
 
         def copy_fp32():
             for g in GRAPHS:
-                _copy_graph(unet_src if g == "unet" else reference[g], bundle / g / "model.onnx")
+                copy_graph(unet_src if g == "unet" else sources[g], bundle / g / "model.onnx")
                 precision[g] = "fp32"
         st.run("quantize", "weights fp32: graphs copied unchanged", copy_fp32)
 
+    if target != "cpu":  # the promise of the portable targets, checked on what is shipped
+        from .portable import nonstandard_ops
+        for g in GRAPHS:
+            odd = nonstandard_ops(onnx.load(str(bundle / g / "model.onnx"), load_external_data=False))
+            if odd:
+                raise RuntimeError(f"--target {target}: the {g} graph ended up with non-standard ops {odd}")
+
     # -- verify: every graph loads; accuracy vs the FP32 export on held-out inputs
-    changed = {g: precision[g] != "fp32" or (g == "unet" and fuse) for g in GRAPHS}
+    changed = {g: precision[g] != "fp32" or (g == "unet" and fuse) or target != "cpu" for g in GRAPHS}
 
     def verify():
-        held = make_inputs(info, reference, table, tokenizer, n_held, seed + 1000, True, per_band)
+        held = make_inputs(info, reference, table, tokenizer, data, n_held, seed + 1000, True, per_band)
+        for g in GRAPHS:
+            held.feeds[g] = batch_feeds_if(held.feeds[g], graph_batch[g])
         report = {}
         for g in GRAPHS:
             if changed[g]:
@@ -340,14 +420,14 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                  "per_channel": per_channel,
                  "calibration": None if weights in ("fp32", "int8w") else {
                      "samples": n_calib, "seed": seed,
-                     "text_encoder": "shapes-world captions + everyday prompts + empty prompt",
-                     "vae_encoder": "zo_edge.models.world renders at the model resolution",
+                     "text_encoder": data.description["text_encoder"],
+                     "vae_encoder": data.description["vae_encoder"],
                      "vae_decoder": "latents sampled from the FP32 VAE encoder on those renders",
                      "unet": "noised scaled latents; timesteps over the whole schedule + 500-900",
                      "unet_timesteps": sorted(int(t) for t in calib.unet_timesteps)},
                  "graphs": recipes}
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"zo-edge {__version__}",
+            "format": BUNDLE_FORMAT, "format_version": FORMAT_VERSION, "created_by": f"zo-edge {__version__}",
             "family": info.family,
             "source": {"path": str(info.path), "pipeline_class": info.pipeline_class or "StableDiffusionPipeline"},
             "resolution": info.resolution, "vae_scale_factor": info.vae_scale_factor,
@@ -359,7 +439,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             "text_encoder_surgery": {"removed_initializer": surgery.table_name,
                                      "input_ids_kept": surgery.kept_input_ids, "parity_max_abs_diff": parity},
             "tokenizer": "tokenizer", "scheduler_config": "scheduler/scheduler_config.json",
-            "quantization": quant, "accuracy": accuracy,
+            "quantization": quant, "accuracy": accuracy, "target": target_info,
             "build": {"seconds": None, "stages": st.records},
         }
         return manifest

@@ -36,7 +36,7 @@ import onnx
 from zo_runtime.errors import UserError
 
 from .calibrate import FeedsReader
-from .graphs import WEIGHT_ONLY_KEY, needs_external_data, prune, save_model
+from .graphs import WEIGHT_ONLY_KEY, copy_graph, needs_external_data, prune, save_model
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization",
@@ -114,15 +114,10 @@ def preprocess(src: Path, dst: Path) -> str:
                           external_data_location=dst.name + "_data" if big else None)
         return "shapes-only" if big else "full"
     except Exception:  # noqa: BLE001 - pre-processing is an optimization; fall back to the raw graph
-        _copy_graph(src, dst)
+        copy_graph(src, dst)
         return "skipped"
     finally:
         logging.disable(logging.NOTSET)
-
-
-def _copy_graph(src: Path, dst: Path) -> None:
-    m = onnx.load(str(src))
-    save_model(m, dst)
 
 
 def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, per_channel: bool = False,

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from zo_runtime.errors import UserError
+from zo_runtime.manifest import BUNDLE_MANIFEST
 
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 COMPONENT = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
@@ -505,7 +506,7 @@ def rebuild_source(bundle: str | Path, out: str | Path, dtype: str = "float16", 
                 "the bundle was converted from are not recoverable",
         "dtype": dtype,
         "compute_dtype": "float32 (load with torch_dtype=torch.float32)",
-        "bundle_files_sha256": {**{"zo-edge.json": sha256_file(bundle / "zo-edge.json")},
+        "bundle_files_sha256": {**{BUNDLE_MANIFEST: sha256_file(bundle / BUNDLE_MANIFEST)},
                                 **{k: sha256_file(bundle / k) for k in sorted(_bundle_files(bundle))}},
         "parameters": report,
     }
@@ -529,7 +530,7 @@ def rebuild_source(bundle: str | Path, out: str | Path, dtype: str = "float16", 
 
 
 def _bundle_files(bundle: Path) -> list[str]:
-    m = json.loads((bundle / "zo-edge.json").read_text())
+    m = json.loads((bundle / BUNDLE_MANIFEST).read_text())
     return list(m.get("files", {}))
 
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from zo_runtime.errors import UserError
-from zo_runtime.manifest import inside, listed
+from zo_runtime.manifest import inside, listed, read_bundle_manifest
 
-from .manifest import GRAPH_ORDER, check_bundle_out, graph_entry, read_manifest, replace_dir, write_manifest
+from .manifest import GRAPH_ORDER, check_bundle_out, graph_entry, replace_dir, write_manifest
 
 
 def _graph_files(m: dict) -> set[str]:
@@ -44,7 +44,7 @@ def requantize_bundle(src: str | Path, out: str | Path, overwrite: bool = False,
     from .quantize import quantize_weight_only_int8
 
     src, out = Path(src), Path(out)
-    m = read_manifest(src)
+    m = read_bundle_manifest(src)
     q = m.get("quantization")
     if not isinstance(q, dict) or q.get("weights") != "fp32":
         raise UserError(f"{src} is not an fp32 bundle (weights {q.get('weights') if isinstance(q, dict) else None!r}); "

@@ -155,7 +155,7 @@ def run_job(job: dict) -> dict:
 
     t0 = time.time()
     if job["fields"] is None:
-        from zo_edge.convert.textual_inversion import textual_inversion
+        from zo_edge.eval.textual_inversion import textual_inversion
         from zo_runtime.data import list_images, load_image
 
         images = np.stack([load_image(f, bundle.resolution) for f in list_images(str(refs_dir))])
@@ -165,7 +165,10 @@ def run_job(job: dict) -> dict:
     else:
         from zo_runtime.personalize import PersonalizeConfig, Trainer
 
-        cfg = PersonalizeConfig(model=job["bundle"], images=str(refs_dir), token=TOKEN, init=init,
+        # training may run on another bundle and provider (e.g. a --target qnn bundle on the HTP); the token
+        # is scored on ``bundle`` (the same model's CPU bundle) either way
+        cfg = PersonalizeConfig(model=job.get("train_bundle") or job["bundle"], images=str(refs_dir), token=TOKEN,
+                                init=init, provider=job.get("provider", "cpu"),
                                 out=str(work / "token.safetensors"), run_dir=str(work / "run"), steps=job["steps"],
                                 seed=seed, threads=job["threads"], checkpoint_every=job["steps"], overwrite=True,
                                 **job["fields"])
@@ -225,7 +228,8 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
                       budgets: list[int], out: str, seeds: int = 3, inits: tuple[str, ...] = INIT_PROTOCOLS,
                       ti_steps: int = 1000, ti_lr: float = 5e-3, k: int = 4, n_refs: int = 5, points: int = 4,
                       gen_steps: int = 25, guidance: float = 7.5, threads: int = 1, workers: int = 1,
-                      ray: str | None = None, log=print) -> dict:
+                      ray: str | None = None, log=print, train_bundle: str | None = None,
+                      provider: str = "cpu") -> dict:
     """Every method × subject × seed × init word, each run in its own process on personalize-many's
     runner (``workers`` at once, give each ``threads`` = cores / workers; or Ray tasks on the cluster
     at ``ray``). A run that fails is listed under ``failed`` and the others go on. Writes the report
@@ -235,7 +239,7 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
     jobs = plan_jobs(methods, subjects, list(range(seeds)), list(inits), budgets, ti_steps, points)
     work = Path(tempfile.mkdtemp(prefix="zo-quality-"))
     common = dict(bundle=bundle, source=source, ti_lr=ti_lr, k=k, n_refs=n_refs, gen_steps=gen_steps,
-                  guidance=guidance, threads=threads)
+                  guidance=guidance, threads=threads, train_bundle=train_bundle, provider=provider)
     for i, job in enumerate(jobs):
         job.update(common, work=str(work / f"job{i:04d}"))
     runs: list[dict | None] = [None] * len(jobs)
@@ -243,6 +247,7 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
                 "generic_init": GENERIC_INIT, "ti_steps": ti_steps, "k": k, "n_refs": n_refs,
                 "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "workers": workers,
                 "threads": threads, "subjects": [str(s) for s in subjects], "methods": methods,
+                "train_bundle": train_bundle, "provider": provider,
                 "machine": machine_info()}
     t0 = time.time()
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zo_edge.convert.clip_vocab import write_clip_tokenizer
 from zo_edge.models import world
+from zo_edge.models.clip_vocab import write_clip_tokenizer
 
 RESOLUTION = 32
 

@@ -23,13 +23,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_sd1_dir(tmp_path_factory):
-    from zo_edge.convert.tiny import build_pipeline
+    from zo_edge.testing import build_pipeline
     return build_pipeline(tmp_path_factory.mktemp("tiny_sd1") / "pipeline", family="sd1", size="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2_dir(tmp_path_factory):
-    from zo_edge.convert.tiny import build_pipeline
+    from zo_edge.testing import build_pipeline
     return build_pipeline(tmp_path_factory.mktemp("tiny_sd2") / "pipeline", family="sd2", size="tiny", seed=0)
 
 
@@ -44,22 +44,25 @@ def tiny_sd1_export(tiny_sd1_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle_fp32(tiny_sd1_dir, tiny_sd1_export, tmp_path_factory):
     from zo_edge.convert import convert_pipeline
+    from zo_edge.models.calibration import SHAPES_WORLD
     out = tmp_path_factory.mktemp("bundles") / "tiny_sd1_fp32"
-    convert_pipeline(tiny_sd1_dir, out, weights="fp32", export_dir=tiny_sd1_export)
+    convert_pipeline(tiny_sd1_dir, out, weights="fp32", export_dir=tiny_sd1_export, data=SHAPES_WORLD)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle_int8(tiny_sd1_dir, tiny_sd1_export, tmp_path_factory):
     from zo_edge.convert import convert_pipeline
+    from zo_edge.models.calibration import SHAPES_WORLD
     out = tmp_path_factory.mktemp("bundles") / "tiny_sd1_int8"
-    convert_pipeline(tiny_sd1_dir, out, weights="int8", export_dir=tiny_sd1_export)
+    convert_pipeline(tiny_sd1_dir, out, weights="int8", export_dir=tiny_sd1_export, data=SHAPES_WORLD)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle_int8w(tiny_sd1_dir, tiny_sd1_export, tmp_path_factory):
     from zo_edge.convert import convert_pipeline
+    from zo_edge.models.calibration import SHAPES_WORLD
     out = tmp_path_factory.mktemp("bundles") / "tiny_sd1_int8w"
-    convert_pipeline(tiny_sd1_dir, out, weights="int8w", export_dir=tiny_sd1_export)
+    convert_pipeline(tiny_sd1_dir, out, weights="int8w", export_dir=tiny_sd1_export, data=SHAPES_WORLD)
     return out

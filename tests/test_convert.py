@@ -11,6 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from zo_edge.models.calibration import SHAPES_WORLD
 from zo_runtime.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -223,7 +224,7 @@ def test_int8_activation_matmuls_stay_float(tiny_sd1_dir, tiny_sd1_export, tmp_p
     from zo_edge.convert import convert_pipeline
     out = tmp_path / "unfused"
     m = convert_pipeline(tiny_sd1_dir, out, weights="int8", fuse=False, export_dir=tiny_sd1_export,
-                         calibration_samples=2, heldout_samples=1, heldout_per_band=1)
+                         calibration_samples=2, heldout_samples=1, heldout_per_band=1, data=SHAPES_WORLD)
     assert m["quantization"]["fuse"] is False and m["graphs"]["unet"]["fused"] is False
     assert m["quantization"]["graphs"]["unet"]["excluded"]["activation_matmuls"] > 0
     model = onnx.load(str(out / "unet/model.onnx"))
@@ -296,7 +297,8 @@ def test_int4_bundle(tiny_sd1_dir, tiny_sd1_export, tmp_path):
     pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBits quantizer needs onnx-ir")
     from zo_edge.convert import convert_pipeline
     out = tmp_path / "int4"
-    m = convert_pipeline(tiny_sd1_dir, out, weights="int4", export_dir=tiny_sd1_export, calibration_samples=4)
+    m = convert_pipeline(tiny_sd1_dir, out, weights="int4", export_dir=tiny_sd1_export, calibration_samples=4,
+                         data=SHAPES_WORLD)
     assert m["graphs"]["unet"]["precision"] == "int4"
     assert m["quantization"]["weights"] == "int4"
     unet_ops = {n.op_type for n in onnx.load(str(out / "unet/model.onnx")).graph.node}
@@ -345,7 +347,7 @@ def _fake_source(tmp_path, src, drop=None, edit=None):
 
 
 def _one_line_error(r):
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, r.output
     assert "error" in lines[0]
@@ -377,7 +379,7 @@ def test_bad_inputs_one_line_errors(tiny_sd1_dir, tmp_path):
                                                                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
     assert "SDXL" in _one_line_error(cli("convert", src, out))
     r = cli("convert", tiny_sd1_dir, out, "--weights", "int3")
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     assert "not a zo-edge bundle" in _one_line_error(cli("info", tmp_path / "empty"))
     assert "does not exist" in _one_line_error(cli("info", tmp_path / "nope"))
     assert not out.exists() and leftovers(tmp_path) == []
@@ -417,15 +419,42 @@ def test_overwrite_replaces_only_at_the_end(tiny_bundle_int8, tiny_sd1_dir, tiny
         raise RuntimeError("simulated failure in verify")
     monkeypatch.setattr(pipeline.acc_mod, "graph_accuracy", boom)
     with pytest.raises(RuntimeError, match="simulated"):
-        convert_pipeline(tiny_sd1_dir, out, weights="fp32", fuse=True, overwrite=True, export_dir=tiny_sd1_export)
+        convert_pipeline(tiny_sd1_dir, out, weights="fp32", fuse=True, overwrite=True, export_dir=tiny_sd1_export,
+                         data=SHAPES_WORLD)
     assert (out / "zo-edge.json").read_bytes() == before  # old bundle intact
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
-    m = convert_pipeline(tiny_sd1_dir, out, weights="fp32", fuse=False, overwrite=True, export_dir=tiny_sd1_export)
+    m = convert_pipeline(tiny_sd1_dir, out, weights="fp32", fuse=False, overwrite=True, export_dir=tiny_sd1_export,
+                         data=SHAPES_WORLD)
     assert manifest(out)["quantization"]["weights"] == "fp32" == m["quantization"]["weights"]
     assert leftovers(tmp_path) == []
     from zo_edge.convert.manifest import verify_files
     assert verify_files(out, m) == []
+
+
+def test_calibration_runs_on_the_data_it_is_given(tiny_sd1_dir, tiny_sd1_export, tmp_path):
+    """convert knows no data of its own: calibration and the held-out check ask the caller's data
+    for prompts and images, and the manifest records the data's own description."""
+    from zo_edge.convert import convert_pipeline
+
+    class Recorded:
+        description = {"text_encoder": "my prompts", "vae_encoder": "my images"}
+        calls = []
+
+        def prompts(self, n, seed, held_out):
+            self.calls.append(("prompts", n, held_out))
+            return SHAPES_WORLD.prompts(n, seed, held_out)
+
+        def images(self, n, size, seed, held_out):
+            self.calls.append(("images", n, held_out))
+            return SHAPES_WORLD.images(n, size, seed, held_out)
+
+    data = Recorded()
+    m = convert_pipeline(tiny_sd1_dir, tmp_path / "b", weights="int8", fuse=False, export_dir=tiny_sd1_export,
+                         calibration_samples=2, heldout_samples=1, heldout_per_band=1, data=data)
+    assert data.calls == [("prompts", 2, False), ("images", 2, False), ("prompts", 2, True), ("images", 1, True)]
+    cal = m["quantization"]["calibration"]
+    assert cal["text_encoder"] == "my prompts" and cal["vae_encoder"] == "my images"
 
 
 def test_interrupted_convert_leaves_no_bundle(tiny_sd1_dir, tiny_sd1_export, tmp_path, monkeypatch):
@@ -436,17 +465,21 @@ def test_interrupted_convert_leaves_no_bundle(tiny_sd1_dir, tiny_sd1_export, tmp
     monkeypatch.setattr(pipeline, "quantize_int8", interrupt)
     out = tmp_path / "bundle"
     with pytest.raises(KeyboardInterrupt):
-        convert_pipeline(tiny_sd1_dir, out, weights="int8", export_dir=tiny_sd1_export)
+        convert_pipeline(tiny_sd1_dir, out, weights="int8", export_dir=tiny_sd1_export, data=SHAPES_WORLD)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
 
 def test_timestep_feed_follows_graph():
-    from zo_edge.convert.calibrate import timestep_feed
-    f = timestep_feed({"inputs": [{"name": "timestep", "dtype": "float32", "rank": 0}]}, 500, 3)
+    """One timestep_feed (zo_runtime.bundle) for the runtime and calibration alike."""
+    from zo_runtime.bundle import timestep_feed
+    f = timestep_feed([{"name": "sample", "dtype": "float32", "rank": 4},
+                       {"name": "timestep", "dtype": "float32", "rank": 0}], 500, 3)
     assert f.shape == () and f.dtype == np.float32
-    f = timestep_feed({"inputs": [{"name": "timestep", "dtype": "int64", "rank": 1}]}, 500, 3)
-    assert f.shape == (3,) and f.dtype == np.int64
+    f = timestep_feed([{"name": "timestep", "dtype": "int64", "rank": 1}], 500, 3)
+    assert f.shape == (3,) and f.dtype == np.int64 and (f == 500).all()
+    f = timestep_feed([{"name": "sample", "dtype": "float32", "rank": 4}], 500, 3)  # undeclared: float scalar
+    assert f.shape == () and f.dtype == np.float32
 
 
 def test_external_data_path(tiny_sd1_dir, tiny_sd1_export, tmp_path, monkeypatch):
@@ -456,7 +489,7 @@ def test_external_data_path(tiny_sd1_dir, tiny_sd1_export, tmp_path, monkeypatch
     monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD", 1_000_000)
     out = tmp_path / "ext"
     m = convert_pipeline(tiny_sd1_dir, out, weights="int8", fuse=True, export_dir=tiny_sd1_export,
-                         calibration_samples=2, heldout_samples=1, heldout_per_band=1)
+                         calibration_samples=2, heldout_samples=1, heldout_per_band=1, data=SHAPES_WORLD)
     assert (out / "unet/model.onnx_data").is_file()
     assert m["graphs"]["unet"]["external_data"] == "unet/model.onnx_data"
     assert "unet/model.onnx_data" in m["files"]

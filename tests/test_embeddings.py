@@ -118,7 +118,7 @@ def test_a1111_emb_params(tmp_path):
 
 def test_sdxl_refused(tmp_path):
     save_file({"clip_l": _vecs(2, 768), "clip_g": _vecs(2, 1280)}, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(UserError, match="SDXL embeddings are not supported yet"):
+    with pytest.raises(UserError, match="is an SDXL embedding.*use it with an SDXL bundle"):
         load_embeddings(tmp_path / "xl.safetensors")
 
 
@@ -208,7 +208,7 @@ def tiny_pipe(tmp_path_factory):
     diffusers = pytest.importorskip("diffusers")
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from zo_edge.convert.clip_vocab import write_clip_tokenizer
+    from zo_edge.models.clip_vocab import write_clip_tokenizer
 
     torch.manual_seed(0)
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))
@@ -229,7 +229,7 @@ def tiny_pipe(tmp_path_factory):
 
 @pytest.mark.slow
 def test_diffusers_loads_our_file(tiny_pipe, tmp_path):
-    from zo_edge.convert.clip_vocab import write_clip_tokenizer
+    from zo_edge.models.clip_vocab import write_clip_tokenizer
     from zo_runtime.tokenizer import CLIPTokenizer as RuntimeTokenizer
 
     pipe = tiny_pipe

@@ -132,7 +132,7 @@ def test_cli_writes_png_with_metadata_and_grid(tiny_bundle_int8, tmp_path):
 def test_cli_bad_input(tiny_bundle_int8, tmp_path, extra, needle):
     r = CliRunner().invoke(cli, ["generate", "--model", str(tiny_bundle_int8), "a prompt", "--out",
                                  str(tmp_path / "x.png"), *extra])
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     assert needle in r.output.strip().splitlines()[-1]
 
 
@@ -141,13 +141,13 @@ def test_cli_embedding_problems(tiny_bundle_int8, tmp_path):
     save_embedding(wrong, "<w>", np.zeros((1, 7), np.float32))
     r = CliRunner().invoke(cli, ["generate", "--model", str(tiny_bundle_int8), "--embedding", str(wrong),
                                  "a <w>", "--out", str(tmp_path / "x.png")])
-    assert r.exit_code != 0 and "7" in r.output
+    assert r.exit_code == 2 and "7" in r.output
     pickle = tmp_path / "learned_embeds.bin"
     import torch
     torch.save({"<w>": torch.zeros(1, 4)}, pickle)
     r = CliRunner().invoke(cli, ["generate", "--model", str(tiny_bundle_int8), "--embedding", str(pickle),
                                  "a <w>", "--out", str(tmp_path / "x.png")])
-    assert r.exit_code != 0 and "pickle" in r.output.lower()
+    assert r.exit_code == 2 and "pickle" in r.output.lower()
     assert not (tmp_path / "x.png").exists()
 
 

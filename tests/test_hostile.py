@@ -263,6 +263,8 @@ LOAD_CASES = {  # name: (tamper(bundle, sentinel), words of the error line)
     "version-string": (_set("format_version", "1"), "format_version"),
     "version-bool": (_set("format_version", True), "format_version"),
     "version-missing": (_drop("format_version"), "format_version"),
+    "version-zero": (_set("format_version", 0), "format_version"),
+    "family-missing": (_drop("family"), "family"),
     "format-wrong": (_set("format", "zo-edge-metrics"), "format"),
     "not-json": (_raw_manifest(b"{not json"), "not valid JSON"),
     "bad-utf8": (_raw_manifest(b'{"format": "\xff\xfe"}'), "not valid JSON"),

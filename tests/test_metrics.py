@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from zo_runtime import dreambooth as db
-from zo_runtime import metrics as M
+from zo_edge.eval import dreambooth as db
+from zo_edge.eval import metrics as M
 from zo_runtime.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def models(tmp_path_factory):
     torch = pytest.importorskip("torch")
     tr = pytest.importorskip("transformers")
-    from zo_edge.convert.clip_vocab import write_clip_tokenizer
+    from zo_edge.models.clip_vocab import write_clip_tokenizer
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("metric_models")
@@ -168,7 +168,7 @@ def test_runtime_is_torch_free(bundle_dir, tmp_path):
         "import sys\n"
         "for name in ('torch', 'transformers'):\n"
         "    sys.modules[name] = None  # any import of them fails\n"
-        "import zo_runtime.metrics as m, zo_runtime.dreambooth\n"
+        "import zo_edge.eval.metrics as m, zo_edge.eval.dreambooth\n"
         f"b = m.MetricsBundle.load({str(bundle_dir)!r})\n"
         f"x = b.clip_image([{str(tmp_path / 'a.png')!r}]); t = b.clip_text(['a dog']); d = b.dino([{str(tmp_path / 'a.png')!r}])\n"
         "assert x.shape == (1, 16) and t.shape == (1, 16) and d.shape == (1, 32)\n"
@@ -176,7 +176,7 @@ def test_runtime_is_torch_free(bundle_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
-    r = subprocess.run([sys.executable, "-c", "import sys, zo_runtime.metrics, zo_runtime.dreambooth; "
+    r = subprocess.run([sys.executable, "-c", "import sys, zo_edge.eval.metrics, zo_edge.eval.dreambooth; "
                         "print(sorted(k for k in ('torch', 'transformers') if k in sys.modules))"],
                        capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
@@ -339,7 +339,7 @@ def _cli(args):
 
 
 def _one_error_line(r):
-    assert r.exit_code != 0
+    assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("zo-edge: error: "), r.output
     return lines[0]

@@ -490,3 +490,59 @@ def test_average_of_iterates_is_closer_to_the_optimum_than_the_last_iterate():
         last.append(np.linalg.norm(theta - opt_theta))
         avg.append(np.linalg.norm(optim.averaged_params(state) - opt_theta))
     assert np.median(avg) < 0.5 * np.median(last)
+
+
+def test_momentum_guided_directions_beat_gaussian_and_guided_under_sample_noise():
+    """Each step's loss is tilted by a fresh random slope (the sample noise of a diffusion loss): the
+    last few estimates are mostly that noise, their average over many steps is the mean gradient.
+    Probing along the average (momentum-guided) reaches a lower expected loss at an equal budget of
+    passes than isotropic probes, and than probes guided by the last estimates (mean over seeds;
+    measured 0.64 against 1.00 and 1.48)."""
+    d = 64
+    w = np.zeros(d)
+    w[:2] = [3.0, -2.0]
+    mask = np.arange(d) < 2
+
+    def run(sampler, seed):
+        rng = np.random.default_rng(seed)
+        expected = lambda th: 0.5 * np.sum((th - w) ** 2 * mask)
+        rge, opt = optim.RGE(n=2, mu=1e-3, sampler=sampler), optim.adam(lr=2e-2)
+        theta = np.zeros(d, np.float32)
+        s_state, o_state = sampler.init(theta), opt.init(theta)
+        for _ in range(300):
+            tilt = rng.standard_normal(d)
+            z = rge.directions(rng, theta.shape, s_state)
+            losses = [expected(c.astype(np.float64)) + tilt @ c for c in rge.candidates(theta, z)]
+            g = rge.estimate(losses, z)
+            s_state = sampler.update(s_state, g)
+            upd, o_state = opt.update(g, o_state, theta)
+            theta = optim.apply_updates(theta, upd)
+        return expected(theta.astype(np.float64))
+
+    gauss = np.mean([run(optim.gaussian(), s) for s in range(8)])
+    recent = np.mean([run(optim.guided(k=4, alpha=0.5), s) for s in range(8)])
+    momentum = np.mean([run(optim.momentum_guided(beta=0.99, alpha=0.5), s) for s in range(8)])
+    assert momentum < 0.8 * gauss and momentum < 0.6 * recent
+
+
+def test_momentum_guided_covariance_and_state():
+    rng = np.random.default_rng(4)
+    d = 8
+    s = optim.momentum_guided(beta=0.5, alpha=0.25)
+    state = s.init(np.zeros(d, np.float32))
+    z0 = s.sample(rng, state, 3, (d,))                      # no estimate yet: isotropic
+    assert z0.shape == (3, d)
+    g = np.zeros(d, np.float32)
+    g[2] = 4.0
+    state = s.update(state, g)
+    np.testing.assert_allclose(state.mean, 0.5 * g)
+    state = s.update(state, g)                               # now Σ⁻¹ĝ: along u divided by α + (1 − α) d = 6.25
+    np.testing.assert_allclose(state.mean, 0.25 * g + 0.5 * g / 6.25, rtol=1e-6)
+    z = s.sample(rng, state, 20000, (d,)).astype(np.float64)
+    cov = z.T @ z / len(z)
+    expect = 0.25 * np.eye(d)
+    expect[2, 2] += 0.75 * d                                 # Σ = αI + (1 − α) d uuᵀ, tr Σ = d
+    np.testing.assert_allclose(cov, expect, atol=0.15)
+    for bad in (dict(beta=1.0), dict(alpha=0.0), dict(alpha=1.5)):
+        with pytest.raises(ValueError):
+            optim.momentum_guided(**bad)

@@ -44,6 +44,7 @@ def test_trimmed_bundle_loads_the_full_table(tiny_sd1_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from zo_edge.convert import convert_pipeline
+    from zo_edge.models.calibration import SHAPES_WORLD
 
     src = tmp_path / "src"
     shutil.copytree(tiny_sd1_dir, src)
@@ -59,7 +60,7 @@ def test_trimmed_bundle_loads_the_full_table(tiny_sd1_dir, tmp_path):
     (src / "text_encoder" / "zo_edge_token_fill.json").write_text(
         json.dumps({"generator": "seeded_rows", "seed": 11, "std": 0.02}))
     out = tmp_path / "bundle"
-    convert_pipeline(src, out, weights="int8w")
+    convert_pipeline(src, out, weights="int8w", data=SHAPES_WORLD)
     b = Bundle.load(out)
     emb = b.manifest["token_embedding"]
     assert emb["stored_rows"] == 3 and emb["shape"] == [vocab, dim]

@@ -71,7 +71,7 @@ def test_shipped_source_matches_the_bundle_per_component(shipped):
 
 
 def test_textual_inversion_runs_on_the_shipped_source():
-    from zo_edge.convert.textual_inversion import textual_inversion
+    from zo_edge.eval.textual_inversion import textual_inversion
     from zo_edge.models import world
     subject = world.Subject("star", "red", "striped")
     images = np.stack(world.reference_images(subject, n=2, seed=0))

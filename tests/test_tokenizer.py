@@ -1,5 +1,5 @@
 """zo_runtime.tokenizer against transformers' slow CLIPTokenizer (its no-ftfy path) on the real
-CLIP vocabulary written by zo_edge.convert.clip_vocab."""
+CLIP vocabulary written by zo_edge.models.clip_vocab."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from zo_edge.convert.clip_vocab import write_clip_tokenizer
+from zo_edge.models.clip_vocab import write_clip_tokenizer
 from zo_runtime.errors import UserError
 from zo_runtime.tokenizer import CLIPTokenizer
 

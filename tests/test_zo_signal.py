@@ -49,11 +49,11 @@ def test_requantize_fp32_bundle_to_int8w(tiny_bundle_fp32, tmp_path):
     ref, got = directional(tiny_bundle_fp32), directional(out)
     assert np.corrcoef(got[:, 0], ref[:, 0])[0, 1] > 0.95
     r = CliRunner().invoke(main, ["requantize", str(out), str(tmp_path / "again")])
-    assert r.exit_code != 0 and "not an fp32 bundle" in r.output
+    assert r.exit_code == 2 and "not an fp32 bundle" in r.output
     r = CliRunner().invoke(main, ["requantize", str(tiny_bundle_fp32), str(out)])
-    assert r.exit_code != 0 and "exists" in r.output
+    assert r.exit_code == 2 and "exists" in r.output
     mine = tmp_path / "my-files"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     r = CliRunner().invoke(main, ["requantize", str(tiny_bundle_fp32), str(mine), "--overwrite"])
-    assert r.exit_code != 0 and "not a zo-edge bundle" in r.output and (mine / "notes.txt").exists()
+    assert r.exit_code == 2 and "not a zo-edge bundle" in r.output and (mine / "notes.txt").exists()

@@ -5,38 +5,27 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
+from . import providers as _providers
 from .errors import UserError
-from .manifest import file_problems, inside, listed, read_manifest, sha256_file, verify_files  # noqa: F401 (re-exported)
+from .manifest import (file_problems, inside, listed, read_bundle_manifest, read_manifest,  # noqa: F401 (re-exported)
+                       sha256_file, verify_files)
 
-MANIFEST = "zo-edge.json"
-FORMAT_VERSION = 1
-
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-}
+PROVIDERS = {**_providers.BUILTIN, "qnn": _providers.QNN_EP}
 
 
-def resolve_provider(name: str) -> list[str]:
-    """'cpu' | 'cuda' | 'dml' | ... (or a full ORT provider name) -> the providers list for a session."""
+def resolve_provider(name: str) -> list:
+    """'cpu' | 'cuda' | 'dml' | ... (or a full ORT provider name) -> the providers list for a session of a
+    built-in provider (plugin providers such as qnn are set up on the SessionOptions: zo_runtime.providers)."""
     import onnxruntime as ort
 
-    full = PROVIDERS.get(name.lower(), name)
-    available = ort.get_available_providers()
-    if full not in available:
-        raise UserError(f"execution provider {name!r} ({full}) is not available in this onnxruntime build; "
-                        f"available: {', '.join(available)}")
-    return [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    spec = _providers.check(name)
+    if spec.name == "qnn":
+        raise UserError("--provider qnn runs zo-edge bundles only (its device is chosen per session)")
+    return _providers.configure(spec, ort.SessionOptions())
 
 
 def weight_only_options(opts) -> None:
@@ -44,10 +33,6 @@ def weight_only_options(opts) -> None:
     MatMulNBits (8-bit) with accuracy_level 4 by default, which quantizes activations on the fly and
     turns the loss into a step function of θ (benchmarks/bench_zo_signal.py): ask for float compute."""
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-
-
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-_INT_FIELDS = ("resolution", "vae_scale_factor", "embedding_dim")
 
 
 def seeded_rows(seed: int, rows: int, dim: int, std: float, start: int = 0) -> np.ndarray:
@@ -72,62 +57,7 @@ def seeded_rows(seed: int, rows: int, dim: int, std: float, start: int = 0) -> n
     return out
 
 
-def check_manifest(root: Path, m: dict) -> None:
-    """The fields the runtime reads, with their types, and every path it opens: inside the bundle
-    and listed in ``files``. One UserError line for the first problem."""
-    where = f"{root / MANIFEST}"
-    for key in _INT_FIELDS:
-        v = m.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UserError(f"{where}: {key!r} must be a positive integer, got {v!r}")
-    if not isinstance(m.get("vae_scaling_factor"), (int, float)) or isinstance(m["vae_scaling_factor"], bool):
-        raise UserError(f"{where}: 'vae_scaling_factor' must be a number, got {m.get('vae_scaling_factor')!r}")
-    ns = m.get("noise_schedule")
-    steps = ns.get("num_train_timesteps") if isinstance(ns, dict) else None
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        raise UserError(f"{where}: 'noise_schedule' needs an integer 'num_train_timesteps'")
-    graphs = m.get("graphs")
-    if not isinstance(graphs, dict) or not all(isinstance(g, dict) for g in graphs.values()):
-        raise UserError(f"{where}: 'graphs' must map graph names to entries")
-    for name, g in graphs.items():
-        listed(root, m, g.get("path"), f"{where}: graph {name} path")
-        if "external_data" in g:
-            listed(root, m, g["external_data"], f"{where}: graph {name} external_data")
-        if not isinstance(g.get("inputs"), list) or not all(isinstance(i, dict) and "name" in i for i in g["inputs"]):
-            raise UserError(f"{where}: graph {name} has no valid 'inputs' list")
-    emb = m.get("token_embedding")
-    listed(root, m, emb.get("path") if isinstance(emb, dict) else None, f"{where}: token_embedding path")
-    if isinstance(emb, dict) and "fill" in emb:
-        check_fill(root, m, emb, where)
-    listed(root, m, m.get("scheduler_config"), f"{where}: scheduler_config")
-    tok = inside(root, m.get("tokenizer", "tokenizer"), f"{where}: tokenizer folder")
-    for fname in TOKENIZER_FILES:
-        if (tok / fname).exists() or fname in ("vocab.json", "merges.txt"):
-            listed(root, m, (PurePosixPath(m.get("tokenizer", "tokenizer")) / fname).as_posix(),
-                   f"{where}: tokenizer file")
-
-
 TOKEN_FILL_FILE = "zo_edge_token_fill.json"  # in a diffusers text_encoder folder: how its untrained rows were made
-FILL_GENERATORS = ("seeded_rows",)
-
-
-def check_fill(root: Path, m: dict, emb: dict, where: str) -> None:
-    """A trimmed token table: ``path`` holds the stored rows [K, D], ``ids`` their token ids [K],
-    ``fill`` the generator of every other row, ``shape`` the full table's [vocab, D]."""
-    fill, shape = emb["fill"], emb.get("shape")
-    if not isinstance(fill, dict) or fill.get("generator") not in FILL_GENERATORS:
-        raise UserError(f"{where}: token_embedding.fill needs a 'generator' in {', '.join(FILL_GENERATORS)}")
-    seed, std = fill.get("seed"), fill.get("std")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise UserError(f"{where}: token_embedding.fill.seed must be a non-negative integer, got {seed!r}")
-    if not isinstance(std, (int, float)) or isinstance(std, bool) or not 0 < std < 1e3:
-        raise UserError(f"{where}: token_embedding.fill.std must be a positive number, got {std!r}")
-    if (not isinstance(shape, list) or len(shape) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24 for v in shape)):
-        raise UserError(f"{where}: a trimmed token_embedding needs 'shape' [vocab, dim], got {shape!r}")
-    listed(root, m, emb.get("ids"), f"{where}: token_embedding ids")
-
-
 def fill_table(rows: np.ndarray, ids: np.ndarray, fill: dict, shape: list[int]) -> np.ndarray:
     """The full token table: ``fill``'s generated rows with ``rows`` written at ``ids``."""
     table = seeded_rows(int(fill["seed"]), shape[0], shape[1], float(fill["std"]))
@@ -157,10 +87,9 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0) -> "Bundle":
-        root = Path(path)
-        manifest = read_manifest(root, MANIFEST, "zo-edge-bundle", "model bundle", "run `zo-edge convert` first")
-        check_manifest(root, manifest)
-        resolve_provider(provider)
+        root = Path(path).expanduser()
+        manifest = read_bundle_manifest(root)
+        _providers.check(provider, manifest)
         b = cls(root=root, manifest=manifest, provider=provider, threads=threads)
         if verify:
             b.verify()
@@ -282,24 +211,99 @@ class Bundle:
             if self.graph(name).get("precision") == "int8w":
                 weight_only_options(opts)
             path = listed(self.root, self.manifest, self.graph(name)["path"], f"graph {name} path")
-            providers = resolve_provider(self.provider)
+            spec = _providers.parse(self.provider)
+            providers = _providers.configure(spec, opts)
             try:
-                self._sessions[name] = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+                if providers is None:  # a plugin provider, attached to opts
+                    sess = ort.InferenceSession(str(path), sess_options=opts)
+                else:
+                    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as e:  # noqa: BLE001 (onnxruntime raises its own Fail / InvalidGraph / ...)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"onnxruntime cannot load the {name} graph {path}: {first}") from None
+                where = "" if spec.name == "cpu" else f" on --provider {spec.name} (every node must run there)"
+                raise UserError(f"onnxruntime cannot load the {name} graph {path}{where}: {first}") from None
+            batch = fixed_batch(self.graph(name))
+            self._sessions[name] = FixedBatchSession(sess, batch, name) if batch else sess
         return self._sessions[name]
+
+    @property
+    def target(self) -> str:
+        """What the bundle was converted for: cpu, portable or qnn (convert --target)."""
+        return _providers.bundle_target(self.manifest)
 
     def release(self, name: str) -> None:
         """Drop a session so its weights and arena leave memory (e.g. the VAE encoder before training)."""
         self._sessions.pop(name, None)
 
     def timestep_feed(self, t: float, batch: int) -> np.ndarray:
-        """The UNet ``timestep`` input as the graph wants it: a float scalar or an int64/float vector [batch].
-        ``t`` goes in as given: Euler-type schedulers step through fractional timesteps, which a float graph
-        takes exactly (an int64 graph truncates them, as diffusers' own int64 timestep casts do)."""
-        spec = self.input_spec("unet", "timestep") or {"dtype": "float32", "rank": 0}
-        dtype = np.dtype(spec["dtype"])
-        if spec["rank"] == 0:
-            return np.asarray(t, dtype=dtype)
-        return np.full((batch,), t, dtype=dtype)
+        """The UNet ``timestep`` input as this bundle's graph wants it (:func:`timestep_feed`)."""
+        return timestep_feed(self.graph("unet")["inputs"], t, batch)
+
+
+def timestep_feed(inputs: list[dict], t: float, batch: int) -> np.ndarray:
+    """The UNet ``timestep`` input as the graph declares it in ``inputs`` (its input specs, as the
+    manifest and ``zo_edge.convert.graphs.io_spec`` list them): a float scalar or an int64 / float
+    vector [batch]; a float32 scalar when the graph declares none. ``t`` goes in as given:
+    Euler-type schedulers step through fractional timesteps, which a float graph takes exactly (an
+    int64 graph truncates them, as diffusers' own int64 timestep casts do)."""
+    spec = next((i for i in inputs if i.get("name") == "timestep"), None) or {"dtype": "float32", "rank": 0}
+    dtype = np.dtype(spec["dtype"])
+    if spec["rank"] == 0:
+        return np.asarray(t, dtype=dtype)
+    return np.full((batch,), t, dtype=dtype)
+
+
+def fixed_batch(entry: dict) -> int | None:
+    """The batch a graph was converted with (convert --batch), or None for a dynamic batch."""
+    dims = [i.get("shape") for i in entry.get("inputs", []) if i.get("rank", 0) > 0]
+    firsts = {d[0] for d in dims if isinstance(d, list) and d}
+    if len(firsts) == 1 and isinstance(next(iter(firsts)), int):
+        return int(next(iter(firsts)))
+    return None
+
+
+class FixedBatchSession:
+    """A session over a graph of fixed batch ``batch``: ``run`` splits the feeds into chunks of that
+    batch (the last one padded with copies of its last row), runs each, and joins the outputs, so a
+    caller can pass any batch. Inputs of rank 0 (the UNet's timestep) go to every chunk unchanged.
+    Any other shape that differs from the graph's is one UserError line."""
+
+    def __init__(self, session, batch: int, graph: str):
+        self.session, self.batch, self.graph = session, batch, graph
+        self.shapes = {i.name: i.shape for i in session.get_inputs()}
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, output_names, feeds, run_options=None):
+        rows = None
+        for k, v in feeds.items():
+            want = self.shapes.get(k)
+            if want is None or not want:
+                continue
+            v = np.asarray(v)
+            if v.ndim != len(want) or any(isinstance(d, int) and d != n for d, n in zip(want[1:], v.shape[1:])):
+                raise UserError(f"this bundle has fixed shapes: {self.graph} input {k} is {list(want)}, got "
+                                f"{list(v.shape)} (convert the model again for this size)")
+            if rows is not None and len(v) != rows:
+                raise UserError(f"{self.graph}: inputs disagree on the batch ({rows} vs {len(v)})")
+            rows = len(v)
+        if rows is None or rows == self.batch:
+            return self.session.run(output_names, feeds, run_options)
+        outs = []
+        for start in range(0, rows, self.batch):
+            chunk = {}
+            for k, v in feeds.items():
+                if self.shapes.get(k):
+                    part = np.asarray(v)[start:start + self.batch]
+                    if len(part) < self.batch:
+                        part = np.concatenate([part, np.repeat(part[-1:], self.batch - len(part), axis=0)])
+                    chunk[k] = part
+                else:
+                    chunk[k] = v
+            got = self.session.run(output_names, chunk, run_options)
+            outs.append([o[:min(self.batch, rows - start)] for o in got])
+        return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]

@@ -15,17 +15,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_MAX_PIXELS = 2 * 89_478_485     # PIL's own decompression-bomb error threshold (~179 MP)
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, what: str = "image") -> list[Path]:
+    """The image files at the top level of ``folder`` (by suffix; dot-files such as macOS ``._x.jpg``
+    left out), sorted by name. One UserError line, naming the folder as ``what``, when the folder
+    does not exist or holds no image."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise UserError(f"{what} folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise UserError(f"no images (JPEG, PNG, WebP) in {str(folder)!r}")
+        raise UserError(f"{what} folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 

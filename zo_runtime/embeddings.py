@@ -11,7 +11,8 @@ Read (:func:`load_embeddings`):
 * Automatic1111 saved as safetensors: ``string_to_param.*`` (other A1111 keys ignored), or a
   single ``emb_params`` tensor; the placeholder is the metadata ``name`` if present, else the file
   stem (A1111 itself names an embedding after its file);
-* SDXL (``clip_l`` + ``clip_g``): refused, not supported yet;
+* SDXL (``clip_l`` + ``clip_g``): refused here (an SD 1.x/2.x model); SDXL bundles read them with
+  :func:`zo_runtime.sdxl.load_sdxl_embeddings`;
 * pickles / zip archives (``.bin``, ``.pt``, ``.ckpt``...): refused, with a one-line command that
   converts them on a machine that has torch.
 
@@ -192,7 +193,9 @@ def load_embeddings(path: str | Path, expected_dim: int | None = None) -> dict[s
     if not keys:
         raise UserError(f"{path} holds no tensors")
     if {"clip_l", "clip_g"} <= set(keys):
-        raise UserError(f"{path}: SDXL embeddings are not supported yet (it has clip_l and clip_g tensors)")
+        want = f" (width {int(expected_dim)})" if expected_dim is not None else ""
+        raise UserError(f"{path} is an SDXL embedding (clip_l + clip_g tensors); this model takes SD 1.x/2.x "
+                        f"embeddings{want}: use it with an SDXL bundle")
 
     stem_name = metadata.get("name") or path.stem
     params = [k for k in keys if k.startswith("string_to_param.")]

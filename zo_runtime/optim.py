@@ -87,6 +87,11 @@ class AverageState(NamedTuple):
     average: np.ndarray  # bias-corrected exponential average of the iterates θ₁…θ_k
 
 
+class MomentumGuidedState(NamedTuple):
+    mean: np.ndarray     # [d] exponential average of the gradient estimates
+    count: np.ndarray    # int64 scalar: estimates seen
+
+
 class GradientTransformation(NamedTuple):
     init: Callable[[np.ndarray], Any]
     update: Callable[..., tuple[np.ndarray, Any]]
@@ -154,6 +159,50 @@ def guided(k: int = 4, alpha: float = 0.5) -> DirectionSampler:
         estimates = state.estimates.copy()
         estimates[int(state.count) % k] = g.reshape(-1)
         return GuidedState(estimates, np.int64(int(state.count) + 1))
+
+    return DirectionSampler(init, sample, update)
+
+
+def momentum_guided(beta: float = 0.99, alpha: float = 0.5) -> DirectionSampler:
+    """Guided ES with the guide taken from a long average of the estimates instead of the last few:
+    z ~ N(0, Σ), Σ = α I + (1 − α) d u uᵀ, u the unit direction of m = EMA_β(ĝ) (tr Σ = d). One
+    estimate is mostly noise (its signal share is about n/d of a sample gradient's), so the span of
+    the last k (:func:`guided`) is nearly random; an average over ~1/(1 − β) steps keeps the mean
+    gradient's direction, and a probe along it measures the mean's component with about d times the
+    signal-to-noise of a random probe. The idea of Guided ES (Maheswaranathan et al. 2019, arXiv
+    1806.10230) with momentum as the guide, as in PRGF's prior (Cheng et al. 2019, arXiv 1906.06919).
+    The average is kept of Σ⁻¹ĝ, an estimate of ∇L itself, not of ĝ (which the guide has stretched
+    along u). α = 1 is plain Gaussian."""
+    _unit_interval("momentum-guided beta", beta)
+    _check(0 < alpha <= 1, f"momentum-guided directions need 0 < alpha <= 1, got {alpha}")
+
+    def init(params):
+        return MomentumGuidedState(np.zeros(params.size, np.float32), np.int64(0))
+
+    def sample(rng, state, n, shape):
+        d = int(np.prod(shape))
+        iso = rng.standard_normal((n, d))
+        along = rng.standard_normal(n)
+        norm = float(np.linalg.norm(state.mean))
+        if int(state.count) == 0 or norm == 0:
+            return iso.astype(np.float32).reshape(n, *shape)
+        u = state.mean.astype(np.float64) / norm
+        z = math.sqrt(alpha) * iso + math.sqrt((1 - alpha) * d) * along[:, None] * u[None]
+        return z.astype(np.float32).reshape(n, *shape)
+
+    def update(state, g):
+        # ĝ estimates Σ∇L, stretched along u; averaging it as it is would feed u back into itself
+        # (the guide locks onto its first, noisy direction: measured, it ruined the shapes runs).
+        # Σ⁻¹ĝ estimates ∇L itself: Σ⁻¹ = (I − uuᵀ)/α + uuᵀ/(α + (1 − α) d).
+        g = g.reshape(-1).astype(np.float64)
+        mean = state.mean.astype(np.float64)
+        norm = float(np.linalg.norm(mean))
+        if int(state.count) > 0 and norm > 0:
+            u, d = mean / norm, g.size
+            along = (u @ g) * u
+            g = (g - along) / alpha + along / (alpha + (1 - alpha) * d)
+        mean = beta * mean + (1 - beta) * g
+        return MomentumGuidedState(mean.astype(np.float32), np.int64(int(state.count) + 1))
 
     return DirectionSampler(init, sample, update)
 

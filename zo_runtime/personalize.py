@@ -29,6 +29,7 @@ from .embeddings import save_embedding
 from .errors import UserError
 from .outputs import check_output, write_npz, write_text
 from .oracle import LossOracle
+from .precision import precision_recipe
 from .progress import Progress
 from .sysinfo import peak_rss_mb
 from .recipe import ADDED_FIELDS, DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
@@ -59,9 +60,10 @@ class PersonalizeConfig:
     n: int | None = None                # RGE directions
     mu: float | None = None             # RGE smoothing
     antithetic: bool | None = None      # two-sided differences (2n passes a step) instead of one-sided (n + 1)
-    directions: str | None = None       # gaussian, orthogonal, guided, token-pca
+    directions: str | None = None       # gaussian, orthogonal, guided, momentum, token-pca
     rank: int | None = None             # token-pca: subspace rank; guided: estimates kept (0: the default)
-    guided_alpha: float | None = None   # guided: share of isotropic directions
+    guided_alpha: float | None = None   # guided, momentum: share of isotropic directions
+    guided_beta: float | None = None    # momentum: decay of the estimates' average that guides the directions
     sg: bool | None = None              # Subspace Gradient
     tau: int | None = None
     nu: float | None = None
@@ -132,6 +134,7 @@ class PersonalizeConfig:
             optim.average_iterates(cfg.average)
             make_estimator(cfg)
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
+            optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
         except ValueError as e:
             raise UserError(str(e)) from None
         if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
@@ -194,6 +197,8 @@ def make_estimator(cfg: PersonalizeConfig, table=None) -> optim.RGE:
         sampler = optim.orthogonal()
     elif cfg.directions == "guided":
         sampler = optim.guided(k=rank, alpha=cfg.guided_alpha)
+    elif cfg.directions == "momentum":
+        sampler = optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
     elif cfg.directions == "token-pca":
         if table is None:  # validation only: check the rank against the width later, with the bundle
             sampler = optim.gaussian()
@@ -297,8 +302,17 @@ class Result:
 class Trainer:
     """One personalization run: setup (bundle, data, oracle), then ``train()``."""
 
+    def __new__(cls, cfg: PersonalizeConfig, resume: bool = False):
+        if cls is Trainer and isinstance(cfg, PersonalizeConfig):  # family dispatch: an SDXL bundle's own trainer
+            from .sdxl import FAMILY, family_of
+            if family_of(cfg.model) == FAMILY:
+                from .personalize_sdxl import SDXLTrainer
+                cls = SDXLTrainer
+        return super().__new__(cls)
+
     def __init__(self, cfg: PersonalizeConfig, resume: bool = False):
         cfg.validate()
+        self.given = cfg                # as the user gave it: what the recipe, not the user, chose
         self.cfg = cfg.resolved()
         self.resuming = resume
         self.run_dir = Path(self.cfg.run_dir or default_run_dir(self.cfg.token))
@@ -319,6 +333,8 @@ class Trainer:
     def load_model(self) -> None:
         cfg = self.cfg
         self.bundle = Bundle.load(cfg.model, provider=cfg.provider, threads=cfg.threads)
+        # hook (zo_runtime/precision.py): the μ measured for this bundle's precision on this provider
+        cfg = self.cfg = precision_recipe(self.given, cfg, self.bundle)
         static = [g for g in ("text_encoder", "unet") if self.bundle.graph(g).get("precision") in ("int8", "int4")]
         if static:
             print(f"warning: this bundle's {' and '.join(static)} quantize activations (static INT8 QDQ); measured, "
@@ -367,14 +383,31 @@ class Trainer:
 
     def build_optimizer(self) -> None:
         cfg = self.cfg
-        self.oracle = LossOracle(self.bundle, cfg.batch_candidates)
+        self.oracle = self.make_oracle()
         try:
-            self.rge = make_estimator(cfg, table=self.bundle.token_table)
+            self.rge = make_estimator(cfg, table=self.token_table())
         except ValueError as e:
             raise UserError(str(e)) from None
         self.opt = make_optimizer(cfg, dim=cfg.num_vectors * self.bundle.embedding_dim)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
+
+    # -- what a model family changes (zo_runtime/personalize_sdxl.py overrides these) ----------------
+    def make_oracle(self):
+        return LossOracle(self.bundle, self.cfg.batch_candidates)
+
+    def token_table(self) -> np.ndarray:
+        return self.bundle.token_table
+
+    def init_row(self) -> np.ndarray:
+        return np.asarray(self.bundle.token_table[self.init_id], np.float32)
+
+    def conditioning(self, image_index: int) -> dict:
+        """Extra keyword arguments of ``oracle.losses`` for reference image ``image_index``."""
+        return {}
+
+    def save_token(self, path: str, theta: np.ndarray, metadata: dict) -> None:
+        save_embedding(path, self.cfg.token, theta, metadata, overwrite=self.cfg.overwrite)
 
     def check_run_dir(self) -> None:
         """A new run never takes over a directory that holds another run (without --overwrite)."""
@@ -384,7 +417,7 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def fresh_state(self):
-        row = np.asarray(self.bundle.token_table[self.init_id], np.float32)
+        row = self.init_row()
         theta = np.repeat(row[None], self.cfg.num_vectors, axis=0)
         return 0, theta, self.init_state(theta), np.random.default_rng(self.cfg.seed)
 
@@ -451,7 +484,8 @@ class Trainer:
         t = self.sampler(rng)
         sampler_state, chain_state = opt_state
         z = self.rge.directions(rng, theta.shape, sampler_state)
-        losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t)
+        losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t,
+                                    **self.conditioning(i))
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError(f"loss is {losses.tolist()} at timestep {t}")
         g = self.rge.estimate(losses, z)
@@ -559,8 +593,7 @@ class Trainer:
             progress.close()
         theta = self.answer(theta, opt_state)
         try:
-            save_embedding(cfg.out, cfg.token, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_recipe": cfg.recipe},
-                           overwrite=cfg.overwrite)
+            self.save_token(cfg.out, theta, {"zo_edge_steps": str(cfg.steps), "zo_edge_recipe": cfg.recipe})
         except UserError as e:
             raise UserError(f"{e}; the trained token is in {self.run_dir}: write it with zo-edge personalize "
                             f"--resume {self.run_dir} --out OTHER.safetensors") from None

@@ -56,7 +56,8 @@ _PAT = regex.compile(
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable character table (the first 512 vocabulary entries are these)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -68,7 +69,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-_BYTE_ENCODER = _bytes_to_unicode()
+_BYTE_ENCODER = bytes_to_unicode()
 
 
 # --- BERT BasicTokenizer(strip_accents=False, do_split_on_punc=False), lower-casing --------------

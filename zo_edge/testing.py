@@ -1,8 +1,9 @@
-"""Stable Diffusion pipelines built from configs with random weights (no download).
+"""Test support: Stable Diffusion pipelines built from configs with random weights (no download).
 
 Used by the tests (``tiny``: a few hundred thousand UNet parameters, 16 px images, 8x8 latents)
 and by ``benchmarks/bench_convert.py`` (``sd15``: the SD1.5 shapes, 1.07 B parameters, 4 GB).
-The CLIP tokenizer is the real 49,408-token vocabulary written by ``clip_vocab``.
+The CLIP tokenizer is the real 49,408-token vocabulary written by :mod:`zo_edge.models.clip_vocab`.
+Needs the ``convert`` extra (torch, diffusers, transformers).
 
     >>> build_pipeline("/tmp/tiny_sd1", family="sd1", size="tiny", seed=0)
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .clip_vocab import write_clip_tokenizer
+from zo_edge.models.clip_vocab import write_clip_tokenizer
 
 SIZES = ("tiny", "mid", "sd15")
 FAMILIES = ("sd1", "sd2")

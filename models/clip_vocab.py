@@ -1,6 +1,6 @@
 """Write a CLIP tokenizer (vocab.json, merges.txt, configs) from the BPE file that ships in
-``open_clip_torch`` (``bpe_simple_vocab_16e6.txt.gz``), so tests and the shapes recipe use the
-real 49,408-token CLIP vocabulary with no download.
+``open_clip_torch`` (``bpe_simple_vocab_16e6.txt.gz``), so the shapes recipe (and the test
+pipelines of :mod:`zo_edge.testing`) use the real 49,408-token CLIP vocabulary with no download.
 
 The vocabulary order is CLIP's: the 256 byte tokens, their ``</w>`` forms, the 48,894 merges
 joined, then ``<|startoftext|>`` and ``<|endoftext|>``.
@@ -12,7 +12,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from zo_runtime.tokenizer import _bytes_to_unicode as bytes_to_unicode
+from zo_runtime.tokenizer import bytes_to_unicode
 
 N_MERGES = 49152 - 256 - 2
 

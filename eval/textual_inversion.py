@@ -7,13 +7,13 @@ t ~ U[0, T) unless a range is given.
 """
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 
 from zo_runtime.recipe import TEMPLATES
+from zo_runtime.sysinfo import peak_rss_mb
 
 
 def textual_inversion(model_dir: str | Path, images: np.ndarray, token: str, init: str, steps: int,
@@ -93,5 +93,5 @@ def textual_inversion(model_dir: str | Path, images: np.ndarray, token: str, ini
             print(f"  ti step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
     theta = emb.weight[new_ids].detach().numpy().astype(np.float32)
     return {"theta": theta, "seconds": time.time() - t0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses,
+            "peak_rss_mb": peak_rss_mb(), "losses": losses,
             "forward_backward_passes": steps}

@@ -6,7 +6,7 @@
 * 25 prompts per subject: :data:`LIVE_PROMPTS` or :data:`OBJECT_PROMPTS`, templates with ``{0}`` =
   the unique token (here the textual-inversion placeholder) and ``{1}`` = the class word.
 * For each subject: personalize on its images, generate ``images_per_prompt`` images for each of its
-  25 prompts, score them (CLIP-I, CLIP-T, DINO, DINO-inter: :mod:`zo_runtime.metrics`), then
+  25 prompts, score them (CLIP-I, CLIP-T, DINO, DINO-inter: :mod:`zo_edge.eval.metrics`), then
   report mean and standard deviation over the subjects (the paper's Table 1).
 
 Dataset layout read by :func:`load_subjects`::
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -43,7 +42,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from zo_runtime.data import IMAGE_SUFFIXES
+from zo_runtime.errors import UserError
+from zo_runtime.outputs import write_json, write_text
 
 # The official prompt lists (google/dreambooth, dataset/prompts_and_classes.txt).
 OBJECT_PROMPTS = [
@@ -116,7 +117,6 @@ LIVE_CLASSES = frozenset({"dog", "cat", "puppy", "kitten"})
 CLASSES_FILE = "prompts_and_classes.txt"
 METRICS = ("clip_i", "clip_t", "dino", "dino_inter")
 METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "dino_inter": "DINO-inter"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESULT = "result.json"
 
 
@@ -275,21 +275,6 @@ def _jsonable(o):
     return str(o)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -383,7 +368,7 @@ def run_dreambooth(subjects: Sequence[Subject | str] | None, dataset_dir: str | 
        ``images_per_prompt`` images per prompt into ``generated_dir`` (PNG text "prompt" metadata,
        or names ``{prompt_index:03d}_{k}.png``), emptied first;
     3. ``scores = evaluate_fn(subject.folder, generated_dir, prompts_file, placeholder=...,
-       class_word=...)`` - e.g. ``functools.partial(zo_runtime.metrics.evaluate, metrics_dir)``;
+       class_word=...)`` - e.g. ``functools.partial(zo_edge.eval.metrics.evaluate, metrics_dir)``;
        must give ``clip_i``, ``clip_t``, ``dino``, ``dino_inter``.
     4. ``<subject>/result.json`` is written atomically, and the summary re-written.
 
@@ -423,8 +408,8 @@ def run_dreambooth(subjects: Sequence[Subject | str] | None, dataset_dir: str | 
         summary = summarize(results, method)
         summary["failed"] = failed
         summary["images_per_prompt"] = int(images_per_prompt)
-        write_json_atomic(out / "summary.json", summary)
-        write_text_atomic(out / "summary.md", format_table(summary) + "\n\n" +
+        write_json(out / "summary.json", summary, default=_jsonable)
+        write_text(out / "summary.md", format_table(summary) + "\n\n" +
                           format_table(summary, per_subject=True, with_std=False) + "\n")
         return summary
 
@@ -444,7 +429,7 @@ def run_dreambooth(subjects: Sequence[Subject | str] | None, dataset_dir: str | 
         try:
             sdir.mkdir(parents=True, exist_ok=True)
             prompts_file = sdir / "prompts.txt"
-            write_text_atomic(prompts_file, "\n".join(prompts) + "\n")
+            write_text(prompts_file, "\n".join(prompts) + "\n")
             work = sdir / "personalize"
             work.mkdir(exist_ok=True)
             gen = sdir / "generated"
@@ -473,7 +458,7 @@ def run_dreambooth(subjects: Sequence[Subject | str] | None, dataset_dir: str | 
         rec = {"status": "done", "subject": subj.name, "class_word": subj.class_word, "kind": subj.kind,
                **key, "n_prompts": len(prompts), "metrics": {m: scores.get(m) for m in METRICS},
                "seconds": seconds, "evaluation": scores}
-        write_json_atomic(result_path, rec)
+        write_json(result_path, rec, default=_jsonable)
         rec = _read_json(result_path)  # what a resumed run will see (plain JSON types)
         results.append(rec)
         write_summary()

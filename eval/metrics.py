@@ -41,14 +41,11 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .bundle import resolve_provider
-from .manifest import listed, read_manifest, verify_files
-from .errors import UserError
+from zo_runtime.bundle import resolve_provider
+from zo_runtime.data import list_images
+from zo_runtime.errors import UserError
+from zo_runtime.manifest import METRICS_FORMAT, METRICS_MANIFEST, listed, read_manifest, verify_files
 
-MANIFEST = "metrics.json"
-FORMAT = "zo-edge-metrics"
-FORMAT_VERSION = 1
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_KEY = "prompt"
 _INDEX_NAME = re.compile(r"^(\d+)_")
 SKIP_NAMES = frozenset({"grid.png"})  # zo-edge generate --grid
@@ -173,8 +170,9 @@ class MetricsBundle:
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0) -> "MetricsBundle":
         root = Path(path)
-        mf = root / MANIFEST
-        manifest = read_manifest(root, MANIFEST, FORMAT, "metrics bundle", "run zo-edge convert-metrics")
+        mf = root / METRICS_MANIFEST
+        manifest = read_manifest(root, METRICS_MANIFEST, METRICS_FORMAT, "metrics bundle",
+                                 "run zo-edge convert-metrics")
         if "clip" not in manifest and "dino" not in manifest:
             raise UserError(f"{mf} lists neither a CLIP nor a DINOv2 model")
         try:
@@ -244,9 +242,8 @@ class MetricsBundle:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import CLIPTokenizer
-
-            from .manifest import inside
+            from zo_runtime.manifest import inside
+            from zo_runtime.tokenizer import CLIPTokenizer
             self._tokenizer = CLIPTokenizer.from_pretrained(inside(self.root, self._need("clip")["tokenizer"],
                                                                    "clip tokenizer folder"))
         return self._tokenizer
@@ -341,17 +338,6 @@ def prompt_for_clip_t(prompt: str, placeholder: str | None, class_word: str | No
 
 
 # -- files: prompts, references, generated images -------------------------------------------------
-
-def list_images(folder: str | Path, what: str) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{what} folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise UserError(f"{what} folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
 
 def _norm_ws(s: str) -> str:
     return " ".join(s.split())

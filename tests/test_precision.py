@@ -1,0 +1,54 @@
+"""The μ per precision × backend (zo_runtime.precision) is the one the signal benchmark measured, and
+personalize takes it from the bundle's manifest unless --mu is given."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from zo_runtime import precision
+from zo_runtime.personalize import PersonalizeConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_table_is_the_measured_one():
+    rows = json.loads((ROOT / precision.RESULTS).read_text())["rows"]
+    assert precision.MEASURED == precision.table_from(rows)
+    assert all(r["draws"] >= 96 for r in rows)
+    mu, corr, _ = precision.MEASURED[("a16w8", "qnn")]
+    assert mu is not None    # A16W8 on the HTP keeps a usable signal at some measured mu
+
+
+def test_choose_mu_takes_the_smallest_mu_that_keeps_the_signal():
+    rows = [dict(precision="p", backend="b", mu=m, corr=c, draws=96) for m, c in ((1e-3, 0.5), (1e-2, 0.97), (3e-2, 0.99))]
+    assert precision.choose_mu(rows, "p", "b") == (1e-2, 0.97)
+    assert precision.choose_mu(rows, "p", "b", min_corr=0.995) == (3e-2, 0.99)    # weak: the best one
+    low = [dict(r, corr=r["corr"] - 0.6) for r in rows]
+    assert precision.choose_mu(low, "p", "b") == (None, low[-1]["corr"])          # no signal anywhere
+    assert precision.choose_mu(rows, "p", "other") is None
+
+
+@dataclass
+class FakeBundle:
+    unet_precision: str
+
+    def graph(self, name):
+        return {"precision": self.unet_precision}
+
+
+def test_personalize_hook_uses_the_table_unless_mu_is_given(monkeypatch):
+    monkeypatch.setattr(precision, "MEASURED", {("a16w8", "qnn"): (1e-2, 0.97, 96), ("a8w8", "qnn"): (None, 0.1, 96)})
+    said = []
+    base = dict(model="m", images="i", token="<t>", init="dog", out="o.safetensors", provider="qnn")
+    given = PersonalizeConfig(**base)
+    cfg = precision.precision_recipe(given, given.resolved(), FakeBundle("a16w8"), said.append)
+    assert cfg.mu == 1e-2 and "mu 0.01 for a16w8 on qnn" in said[-1]
+    given = PersonalizeConfig(**base, mu=5e-3)
+    cfg = precision.precision_recipe(given, given.resolved(), FakeBundle("a16w8"), said.append)
+    assert cfg.mu == 5e-3 and "below" in said[-1]
+    given = PersonalizeConfig(**base)
+    cfg = precision.precision_recipe(given, given.resolved(), FakeBundle("a8w8"), said.append)
+    assert cfg.mu == given.resolved().mu and "no zeroth-order signal" in said[-1]
+    n = len(said)
+    given = PersonalizeConfig(**dict(base, provider="cpu"))
+    assert precision.precision_recipe(given, given.resolved(), FakeBundle("a16w8"), said.append) == given.resolved()
+    assert len(said) == n    # not measured: nothing chosen, nothing said
