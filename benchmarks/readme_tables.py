@@ -70,6 +70,20 @@ def _demo(r: dict, _arg=None) -> str:
             f"{r['train_seconds']:.0f} | {r['peak_rss_mb']} |")
 
 
+def _shapes768(r: dict, arg=None) -> str:
+    """bench_shapes768.py's file: each model's token width, bundle size and pass costs; with the
+    argument ``prompts``, shapes-768's prompt following."""
+    if arg == "prompts":
+        return _prompts(r["prompts"])
+    lines = ["| model | token width d | text encoder | bundle MB | text-encoder pass ms | UNet pass ms | "
+             "text / UNet |", "|---|---|---|---|---|---|---|"]
+    layers = {"shapes-768": f"{r['recipe']['layers']} x 768 (MLP {r['recipe']['intermediate']})", "shapes": "3 x 64"}
+    for name, c in r["pass_cost"].items():
+        lines.append(f"| {name} | {c['embedding_dim']} | {layers.get(name, '')} | {c['bundle_bytes'] / 1e6:.1f} | "
+                     f"{1e3 * c['text_encoder_s']:.2f} | {1e3 * c['unet_s']:.2f} | {c['text_over_unet']:.2f} |")
+    return "\n".join(lines)
+
+
 def _gradient_snr(report: dict, _arg=None) -> str:
     """benchmarks/lab_gradient_snr.py: per subject and timestep band, the mean gradient's share of a
     sample gradient's energy, its alignment with the whole range's mean, and with where TI went."""
@@ -139,6 +153,7 @@ RENDERERS = {
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
     "prompts": _prompts,
     "runner": _runner,
+    "shapes768": _shapes768,
 }
 
 

@@ -70,7 +70,8 @@ def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k,
         q.parse_method(m)
     source = source or (str(SHAPES_SOURCE) if model == "shapes" else None)
     if "ti" in meths and not source:
-        raise UserError("method 'ti' needs --source, the FP32 diffusers folder of the model")
+        raise UserError("method 'ti' needs --source, the FP32 diffusers folder of the model" + (
+            " (for shapes-768: python -m zo_edge.models.train_shapes768 --out DIR)" if model == "shapes-768" else ""))
     budgets = _int_list(passes, "--passes")
     if provider != "cpu" or train_model:  # a provider or bundle that cannot train: one line now, not per run
         from zo_runtime.bundle import Bundle

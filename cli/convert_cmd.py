@@ -60,15 +60,15 @@ def convert(src, out, target, weights, batch, text_encoder_fp32, overwrite, cali
 @click.option("--verify", is_flag=True, help="Also check every file's size and sha256 against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def info(bundle, verify, as_json):
-    """Describe the zo-edge bundle BUNDLE ('shapes': the embedded model): family, graphs, precision,
-    sizes, accuracy report; for the shapes model also the words of its world."""
+    """Describe the zo-edge bundle BUNDLE ('shapes' or 'shapes-768': the embedded models): family, graphs,
+    precision, sizes, accuracy report; for the shapes models also the words of their world."""
     import json
 
     from zo_edge.convert.manifest import format_info, verify_files
-    from zo_edge.models import resolve_model
+    from zo_edge.models import SHAPES_MODELS, resolve_model
     from zo_runtime.manifest import read_bundle_manifest
 
-    shapes = bundle == "shapes"
+    shapes = bundle in SHAPES_MODELS
     bundle = resolve_model(bundle)
     m = read_bundle_manifest(bundle)
     if as_json:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from zo_edge.models import resolve_model
+from zo_edge.models import SHAPES_MODELS, resolve_model
 from zo_runtime.errors import UserError
 
 
 @click.command()
 @click.argument("prompt", required=False)
-@click.option("--model", default="shapes", show_default=True, help="Bundle directory, or 'shapes' for the embedded model.")
+@click.option("--model", default="shapes", show_default=True, help="Bundle directory, or 'shapes' / 'shapes-768' for the embedded models.")
 @click.option("--embedding", "embeddings", multiple=True, type=click.Path(), help="Learned embedding (.safetensors); repeatable.")
 @click.option("--prompts", "prompts_file", type=click.Path(), help="Text file, one prompt per line.")
 @click.option("--negative-prompt", default="", help="Negative prompt for classifier-free guidance.")
@@ -82,7 +82,7 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
     pipe = make_pipeline(bundle, embeddings=loaded, scheduler=scheduler, low_memory=low_memory)
     for text in dict.fromkeys(prompts):
         pipe.check_prompt(text)
-        if model == "shapes":
+        if model in SHAPES_MODELS:
             warn_unknown_background(text)
 
     all_images = []

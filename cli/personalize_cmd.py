@@ -23,7 +23,7 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
 
 
 @click.command()
-@click.option("--model", default="shapes", show_default=True, help="Bundle directory, or 'shapes' for the embedded model.")
+@click.option("--model", default="shapes", show_default=True, help="Bundle directory, or 'shapes' / 'shapes-768' for the embedded models.")
 @click.option("--images", type=click.Path(), help="Folder of reference images (JPEG/PNG/WebP).")
 @click.option("--token", help="Placeholder string for the new concept, e.g. '<my-dog>'.")
 @click.option("--init", "init_word", help="A one-token word to start from, e.g. 'dog'.")

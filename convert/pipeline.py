@@ -8,6 +8,7 @@ bundle only once the new one is complete.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from zo_runtime.bundle import TOKEN_FILL_FILE, fill_table, trim_table
+from zo_runtime.manifest import FILL_GENERATORS
 from zo_runtime.errors import UserError
 from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
 from zo_runtime.sysinfo import peak_rss_mb
@@ -189,6 +192,33 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trim_token_table(bundle: Path, table_path: Path, fill_spec: Path) -> dict:
+    """Keep only the rows of the token table that differ from the source's declared fill
+    (``text_encoder/zo_edge_token_fill.json``: generator, seed, std); the runtime regenerates the
+    rest (zo_runtime.bundle.fill_table). Checked bit for bit before the full table is dropped."""
+    try:
+        spec = json.loads(fill_spec.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {fill_spec}: {e}") from None
+    if not isinstance(spec, dict) or spec.get("generator") not in FILL_GENERATORS:
+        raise UserError(f"{fill_spec}: 'generator' must be one of {', '.join(FILL_GENERATORS)}")
+    fill = {"generator": spec["generator"], "seed": spec.get("seed"), "std": spec.get("std")}
+    if not isinstance(fill["seed"], int) or not isinstance(fill["std"], (int, float)) or fill["std"] <= 0:
+        raise UserError(f"{fill_spec}: needs an integer 'seed' and a positive 'std'")
+    table = np.load(table_path, mmap_mode="r")
+    ids, rows = trim_table(table, fill)
+    if not np.array_equal(fill_table(rows, ids, fill, list(table.shape)).view(np.uint32),
+                          np.asarray(table, np.float32).view(np.uint32)):
+        raise RuntimeError("the trimmed token table does not rebuild the full one")
+    np.save(bundle / "text_encoder" / "token_rows.npy", rows)
+    np.save(bundle / "text_encoder" / "token_ids.npy", ids)
+    shape = [int(s) for s in table.shape]
+    del table
+    table_path.unlink()
+    return {"path": "text_encoder/token_rows.npy", "ids": "text_encoder/token_ids.npy", "shape": shape,
+            "dtype": "float32", "fill": fill, "stored_rows": int(len(ids))}
 
 
 def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: int, provider: str, fuse: bool,
@@ -368,6 +398,13 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
 
     # -- finalize: tokenizer, scheduler, manifest
     def finalize():
+        token_entry = {"path": "text_encoder/token_embedding.npy", "shape": [int(s) for s in table.shape],
+                       "dtype": "float32"}
+        fill_spec = info.path / "text_encoder" / TOKEN_FILL_FILE
+        if fill_spec.exists():
+            token_entry = trim_token_table(bundle, table_path, fill_spec)
+            st.say(f"[finalize] token table trimmed to its {token_entry['stored_rows']} trained rows; the others "
+                   f"regenerate from {token_entry['fill']}")
         shutil.copytree(info.path / "tokenizer", bundle / "tokenizer")
         (bundle / "scheduler").mkdir()
         shutil.copyfile(info.path / "scheduler" / "scheduler_config.json", bundle / "scheduler" / "scheduler_config.json")
@@ -398,8 +435,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             "embedding_dim": info.embedding_dim, "max_length": info.max_length,
             "prediction_type": info.prediction_type, "noise_schedule": info.noise_schedule,
             "graphs": graphs,
-            "token_embedding": {"path": "text_encoder/token_embedding.npy", "shape": [int(s) for s in table.shape],
-                                "dtype": "float32"},
+            "token_embedding": token_entry,
             "text_encoder_surgery": {"removed_initializer": surgery.table_name,
                                      "input_ids_kept": surgery.kept_input_ids, "parity_max_abs_diff": parity},
             "tokenizer": "tokenizer", "scheduler_config": "scheduler/scheduler_config.json",

@@ -35,6 +35,44 @@ def weight_only_options(opts) -> None:
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
 
 
+def seeded_rows(seed: int, rows: int, dim: int, std: float, start: int = 0) -> np.ndarray:
+    """Rows ``start .. start+rows`` of a random token table, float32 [rows, dim], bit-exact on every platform.
+
+    Each value is an Irwin-Hall sum of four 16-bit uniforms taken from one 64-bit PCG64 word
+    (``random_raw``: a stream NumPy keeps stable), centred and scaled to ``std``: nearly normal
+    (bounded at 3.46 std), computed with integer and exactly rounded float64 arithmetic only, so
+    a bundle may store the trained rows of a table and regenerate the others at load time.
+    """
+    gen = np.random.PCG64(seed)
+    if start:
+        gen.advance(start * dim)
+    mean, sd = 2.0 * 65535, float(np.sqrt(4 * (65536.0 ** 2 - 1) / 12))
+    out = np.empty((rows, dim), np.float32)
+    chunk = max(1, (1 << 20) // max(dim, 1))
+    for i in range(0, rows, chunk):
+        n = min(chunk, rows - i)
+        w = gen.random_raw(n * dim).astype("<u8", copy=False).view("<u2").reshape(-1, 4)
+        s = w.sum(axis=1, dtype=np.int64).astype(np.float64)
+        out[i:i + n] = ((s - mean) * (std / sd)).reshape(n, dim)
+    return out
+
+
+TOKEN_FILL_FILE = "zo_edge_token_fill.json"  # in a diffusers text_encoder folder: how its untrained rows were made
+def fill_table(rows: np.ndarray, ids: np.ndarray, fill: dict, shape: list[int]) -> np.ndarray:
+    """The full token table: ``fill``'s generated rows with ``rows`` written at ``ids``."""
+    table = seeded_rows(int(fill["seed"]), shape[0], shape[1], float(fill["std"]))
+    table[ids] = rows
+    return table
+
+
+def trim_table(table: np.ndarray, fill: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, rows) of the rows of ``table`` that differ from ``fill``'s generated ones (bit for bit)."""
+    table = np.asarray(table, np.float32)
+    gen = seeded_rows(int(fill["seed"]), table.shape[0], table.shape[1], float(fill["std"]))
+    ids = np.flatnonzero((gen.view(np.uint32) != table.view(np.uint32)).any(axis=1)).astype(np.int64)
+    return ids, np.ascontiguousarray(table[ids])
+
+
 @dataclass
 class Bundle:
     """A converted model. ``Bundle.load(path)`` reads and checks the manifest; sessions are opened
@@ -123,18 +161,42 @@ class Bundle:
     # -- run time -------------------------------------------------------------------------
     @property
     def token_table(self) -> np.ndarray:
-        """The token-embedding table, float32 [vocab, dim], memory-mapped read-only."""
+        """The token-embedding table, float32 [vocab, dim], read-only: memory-mapped, or for a trimmed
+        table (``token_embedding.fill``) its stored rows written over the regenerated ones."""
         if self._table is None:
-            path = listed(self.root, self.manifest, self.manifest["token_embedding"]["path"], "token_embedding")
-            try:
-                table = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read the token table {path}: {e}") from None
+            emb = self.manifest["token_embedding"]
+            path = listed(self.root, self.manifest, emb["path"], "token_embedding")
+            table = self._load_npy(path, "token table")
             if table.ndim != 2 or table.shape[1] != self.embedding_dim or not np.issubdtype(table.dtype, np.floating):
                 raise UserError(f"the token table {path} has shape {list(table.shape)} ({table.dtype}); the "
                                 f"manifest says embedding_dim {self.embedding_dim}")
+            if "fill" in emb:
+                table = self._filled(emb, table, path)
             self._table = table
         return self._table
+
+    @staticmethod
+    def _load_npy(path: Path, what: str) -> np.ndarray:
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read the {what} {path}: {e}") from None
+
+    def _filled(self, emb: dict, rows: np.ndarray, path: Path) -> np.ndarray:
+        vocab, dim = emb["shape"]
+        ids_path = listed(self.root, self.manifest, emb["ids"], "token_embedding ids")
+        ids = self._load_npy(ids_path, "token ids")
+        if dim != self.embedding_dim:
+            raise UserError(f"token_embedding.shape {emb['shape']} disagrees with embedding_dim {self.embedding_dim}")
+        if ids.ndim != 1 or len(ids) != len(rows) or not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(f"the token ids {ids_path} ({list(ids.shape)}, {ids.dtype}) do not match the "
+                            f"{len(rows)} stored rows of {path}")
+        ids = np.asarray(ids, np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab or len(np.unique(ids)) != len(ids)):
+            raise UserError(f"the token ids {ids_path} must be distinct ids below the vocabulary size {vocab}")
+        table = fill_table(np.asarray(rows, np.float32), ids, emb["fill"], [vocab, dim])
+        table.flags.writeable = False
+        return table
 
     def session(self, name: str):
         """An onnxruntime InferenceSession for graph ``name`` (opened once, then cached)."""

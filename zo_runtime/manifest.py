@@ -106,12 +106,34 @@ def check_bundle_manifest(root: Path, m: dict) -> None:
             raise UserError(f"{where}: graph {name} has no valid 'inputs' list")
     emb = m.get("token_embedding")
     listed(root, m, emb.get("path") if isinstance(emb, dict) else None, f"{where}: token_embedding path")
+    if isinstance(emb, dict) and "fill" in emb:
+        check_fill(root, m, emb, where)
     listed(root, m, m.get("scheduler_config"), f"{where}: scheduler_config")
     tok = inside(root, m.get("tokenizer", "tokenizer"), f"{where}: tokenizer folder")
     for fname in TOKENIZER_FILES:
         if (tok / fname).exists() or fname in ("vocab.json", "merges.txt"):
             listed(root, m, (PurePosixPath(m.get("tokenizer", "tokenizer")) / fname).as_posix(),
                    f"{where}: tokenizer file")
+
+
+FILL_GENERATORS = ("seeded_rows",)  # zo_runtime.bundle.seeded_rows
+
+
+def check_fill(root: Path, m: dict, emb: dict, where: str) -> None:
+    """A trimmed token table: ``path`` holds the stored rows [K, D], ``ids`` their token ids [K],
+    ``fill`` the generator of every other row, ``shape`` the full table's [vocab, D]."""
+    fill, shape = emb["fill"], emb.get("shape")
+    if not isinstance(fill, dict) or fill.get("generator") not in FILL_GENERATORS:
+        raise UserError(f"{where}: token_embedding.fill needs a 'generator' in {', '.join(FILL_GENERATORS)}")
+    seed, std = fill.get("seed"), fill.get("std")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UserError(f"{where}: token_embedding.fill.seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(std, (int, float)) or isinstance(std, bool) or not 0 < std < 1e3:
+        raise UserError(f"{where}: token_embedding.fill.std must be a positive number, got {std!r}")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24 for v in shape)):
+        raise UserError(f"{where}: a trimmed token_embedding needs 'shape' [vocab, dim], got {shape!r}")
+    listed(root, m, emb.get("ids"), f"{where}: token_embedding ids")
 
 
 def check_files_table(root: Path, files, path: Path) -> None:
