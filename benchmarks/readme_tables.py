@@ -54,13 +54,18 @@ def _paired(report: dict, reference: str) -> str:
     return format_paired(paired(report, reference))
 
 
-def _runner(results: dict, _arg=None) -> str:
+def _bench(name: str):
+    """A benchmark script of this folder, loaded as a module (its table functions render its results)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_runner", ROOT / "benchmarks" / "bench_runner.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.table(results)
+    return module
+
+
+def _runner(results: dict, _arg=None) -> str:
+    return _bench("bench_runner").table(results)
 
 
 def _demo(r: dict, _arg=None) -> str:
@@ -98,21 +103,11 @@ def _gradient_snr(report: dict, _arg=None) -> str:
 
 
 def _sdxl(results: dict, _arg=None) -> str:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "bench_sdxl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.table(results)
+    return _bench("bench_sdxl").table(results)
 
 
 def _sdxl_convert(results: dict, _arg=None) -> str:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "bench_sdxl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.convert_table(results)
+    return _bench("bench_sdxl").convert_table(results)
 
 
 def _zo_signal(report: dict, _arg=None) -> str:
