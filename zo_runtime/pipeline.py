@@ -121,15 +121,8 @@ class Pipeline:
         if do_cfg:
             uncond = self.encode_prompts([negative_prompt] * b)
 
-        scheduler = load_scheduler(self.scheduler_config, self.scheduler_name)
-        scheduler.set_timesteps(steps)
-        rng = np.random.default_rng(seed)
-        shape = (b, self.bundle.latent_channels, height // f, width // f)
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
-        elif latents.shape != shape:
-            raise UserError(f"latents have shape {latents.shape}, expected {shape}")
-        latents = (latents * scheduler.init_noise_sigma).astype(np.float32)
+        scheduler, latents, rng = start_denoising(self.scheduler_config, self.scheduler_name, steps, seed,
+                                                  (b, self.bundle.latent_channels, height // f, width // f), latents)
 
         bar = Progress("denoise", total=len(scheduler.timesteps)) if progress else None
         for i, t in enumerate(scheduler.timesteps):
@@ -211,3 +204,16 @@ def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
         r, q = divmod(i, cols)
         out[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
     return out
+
+
+def start_denoising(scheduler_config, scheduler_name, steps: int, seed: int, shape: tuple, latents=None):
+    """A scheduler set to ``steps``, the starting latents (drawn from ``seed``, or the given ones checked
+    against ``shape``) scaled by its initial sigma, and the generator the scheduler's noise goes on with."""
+    scheduler = load_scheduler(scheduler_config, scheduler_name)
+    scheduler.set_timesteps(steps)
+    rng = np.random.default_rng(seed)
+    if latents is None:
+        latents = rng.standard_normal(shape, dtype=np.float32)
+    elif latents.shape != shape:
+        raise UserError(f"latents have shape {latents.shape}, expected {shape}")
+    return scheduler, (latents * scheduler.init_noise_sigma).astype(np.float32), rng

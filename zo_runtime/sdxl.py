@@ -251,9 +251,8 @@ class SDXLPipeline(_pipeline_base()):
     def __call__(self, prompt, negative_prompt: str | None = "", num_images: int = 1, steps: int = 30,
                  guidance: float = 5.0, seed: int = 0, height: int | None = None, width: int | None = None,
                  latents: np.ndarray | None = None, progress: bool = True, return_latents: bool = False):
-        from .pipeline import check_sampling
+        from .pipeline import check_sampling, start_denoising
         from .progress import Progress
-        from .schedulers import load_scheduler
 
         check_sampling(self.bundle, steps, guidance, seed, height, width)
         height = height or self.bundle.resolution
@@ -273,15 +272,8 @@ class SDXLPipeline(_pipeline_base()):
                 uncond, uncond_pooled = self.encode_prompts([negative_prompt or ""] * b)
         tids = np.repeat(time_ids((height, width), (0, 0), (height, width))[None], b, axis=0)
 
-        scheduler = load_scheduler(self.scheduler_config, self.scheduler_name)
-        scheduler.set_timesteps(steps)
-        rng = np.random.default_rng(seed)
-        shape = (b, self.bundle.latent_channels, height // f, width // f)
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
-        elif latents.shape != shape:
-            raise UserError(f"latents have shape {latents.shape}, expected {shape}")
-        latents = (latents * scheduler.init_noise_sigma).astype(np.float32)
+        scheduler, latents, rng = start_denoising(self.scheduler_config, self.scheduler_name, steps, seed,
+                                                  (b, self.bundle.latent_channels, height // f, width // f), latents)
         bar = Progress("denoise", total=len(scheduler.timesteps)) if progress else None
         for i, t in enumerate(scheduler.timesteps):
             x = scheduler.scale_model_input(latents, t)
