@@ -480,6 +480,57 @@ def print_rows(report: dict) -> str:
     return "\n".join(lines)
 
 
+def table(report: dict, arg: str | None = None) -> str:
+    """README tables of a results file: ``configs`` (default) each configuration's time, floor multiple and
+    memory per phase; ``ops`` the UNet's time per operator type; ``floor`` the compute floor."""
+    if arg == "ops":
+        lines = ["| px | UNet batch | op type | nodes | s / run | share of kernel time | GFLOP / run | GFLOP/s |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for o in report["ops"]:
+            if "ops" not in o:
+                continue
+            top, rest = o["ops"][:8], o["ops"][8:]
+            for r in top:
+                gf = f"{r['gflop_per_s']:.1f}" if r["gflop_per_s"] else "-"
+                lines.append(f"| {o['resolution']} | {o['batch']} | {r['op']} | {r['nodes']} | {r['s_per_run']:.3f} | "
+                             f"{100 * r['share']:.1f} % | {r['gflop_per_run']:.1f} | {gf} |")
+            if rest:
+                lines.append(f"| {o['resolution']} | {o['batch']} | {len(rest)} other types | "
+                             f"{sum(r['nodes'] for r in rest)} | {sum(r['s_per_run'] for r in rest):.3f} | "
+                             f"{100 * sum(r['share'] for r in rest):.1f} % | - | - |")
+        return "\n".join(lines)
+    if arg == "floor":
+        g = report["gemm"]
+        lines = ["| px | UNet GFLOP per pass | FP32 GEMM GFLOP/s (numpy / ORT MatMul, threads) | floor s / pass | "
+                 "profiled UNet s / pass | x floor |", "|---|---|---|---|---|---|"]
+        for o in report["ops"]:
+            fl = report.get("floor", {}).get("per_resolution", {}).get(str(o.get("resolution")))
+            if not fl or "model_run_s" not in o:
+                continue
+            lines.append(f"| {o['resolution']} | {fl['gflop_per_pass']:.1f} | {g['numpy']['median']:.1f} / "
+                         f"{g['ort_matmul']['median']:.1f} ({g['threads']}) | {fl['floor_s_per_pass']:.3f} | "
+                         f"{o['model_run_s'] / o['batch']:.2f} | {o['x_floor']:.1f} |")
+        return "\n".join(lines)
+    lines = ["| px | configuration | candidates | s / iter | s / UNet pass | x floor | peak RSS MB | RSS max MB: load / "
+             "VAE encode / sessions / training | losses vs default |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if "error" in r:
+            continue
+        m = r["phase_max_rss_mb"]
+        train = max(m["text_encoder"], m["unet"], m["optimizer"])
+        if r["config"] == "default":
+            same = "-"
+        elif r.get("losses_identical_to_default"):
+            same = "bit-identical"
+        else:
+            same = f"differ (max rel. {r.get('max_rel_diff_of_loss_differences', float('nan')):.0e})"
+        lines.append(f"| {r['resolution']} | {r['config']} | {'batched' if r['batched'] else 'sequential'} | "
+                     f"{r['s_per_iter']:.2f} | {r['s_per_unet_pass']:.2f} | {r.get('x_floor', float('nan')):.1f} | "
+                     f"{r['peak_rss_mb']:,.0f} | {m['load']:,.0f} / {m['vae_encode']:,.0f} / {m['open_sessions']:,.0f} / "
+                     f"{train:,.0f} | {same} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True)
