@@ -198,6 +198,7 @@ def child_phases(args) -> dict:
 
     def callback(step, theta):
         now = time.perf_counter()
+        ph.max_rss["optimizer"] = max(ph.max_rss["optimizer"], proc_status().get("VmRSS", 0.0))
         stamps.append(now)
         passes.append(oracle.forward_passes)
         total = now - (stamps[-2] if len(stamps) > 1 else t_train)
@@ -325,6 +326,44 @@ def child_ops(args) -> dict:
             "gflop_per_run": flops_run / 1e9, "gflop_per_pass": flops_run / 1e9 / k, "ops": rows}
 
 
+# -- paired timing ----------------------------------------------------------------------------------
+def child_ab(args) -> dict:
+    """The UNet under several configurations' session options in one process, runs alternated round by
+    round, so that a shared machine's load falls on all of them alike: per configuration the median s per
+    run and the median of its per-round ratio to the first configuration."""
+    from zo_runtime.bundle import Bundle
+
+    names = args.ab.split(",")
+    bundle = Bundle.load(args.bundle, threads=args.threads, verify=False)
+    sessions = {}
+    import onnxruntime as ort
+    for name in names:
+        opts = bundle.session_options("unet")
+        for k, v in CONFIGS[name][0].items():
+            setattr(opts, k, v)
+        sessions[name] = ort.InferenceSession(str(bundle.root / bundle.graph("unet")["path"]), sess_options=opts,
+                                              providers=["CPUExecutionProvider"])
+    k, h = args.batch, args.res // 8
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((k, 4, h, h)).astype(np.float32),
+            "timestep": bundle.timestep_feed(700, k),
+            "encoder_hidden_states": rng.standard_normal((k, 77, bundle.embedding_dim)).astype(np.float32)}
+    times = {n: [] for n in names}
+    outs = {}
+    for rnd in range(args.warmup + args.iters):
+        for n in (names if rnd % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            outs[n] = sessions[n].run(None, feed)[0]
+            if rnd >= args.warmup:
+                times[n].append(time.perf_counter() - t)
+    base = np.array(times[names[0]])
+    return {"resolution": args.res, "batch": k, "threads": args.threads, "rounds": args.iters,
+            "configs": {n: {"s_per_run_median": float(np.median(v)),
+                            "ratio_to_first_median": float(np.median(np.array(v) / base)),
+                            "output_identical_to_first": bool(np.array_equal(outs[n], outs[names[0]]))}
+                        for n, v in times.items()}}
+
+
 # -- the compute floor -------------------------------------------------------------------------------
 def child_gemm(args) -> dict:
     import onnxruntime as ort
@@ -408,12 +447,14 @@ def attach_floor(report: dict) -> None:
     g = report.get("gemm", {})
     if "numpy" not in g:
         return
-    peak = max(g["numpy"]["median"], g["ort_matmul"]["median"])  # GFLOP/s, same threads, same contention
-    report["floor"] = {"gemm_gflop_per_s": peak, "per_resolution": {}}
+    report["floor"] = {"per_resolution": {}}
     for o in report["ops"]:
         if "gflop_per_pass" not in o:
             continue
-        fl = {"gflop_per_pass": o["gflop_per_pass"], "floor_s_per_pass": o["gflop_per_pass"] / peak}
+        g = o.setdefault("gemm", g)  # the GEMM measured in the run that profiled this resolution
+        peak = max(g["numpy"]["median"], g["ort_matmul"]["median"])  # GFLOP/s, same threads, same contention
+        fl = {"gflop_per_pass": o["gflop_per_pass"], "gemm_gflop_per_s": peak,
+              "floor_s_per_pass": o["gflop_per_pass"] / peak}
         report["floor"]["per_resolution"][str(o["resolution"])] = fl
     for r in report["rows"]:
         fl = report["floor"]["per_resolution"].get(str(r.get("resolution")))
@@ -421,7 +462,7 @@ def attach_floor(report: dict) -> None:
             r["x_floor"] = r["s_per_unet_pass"] / fl["floor_s_per_pass"]
     for o in report["ops"]:
         fl = report["floor"]["per_resolution"].get(str(o.get("resolution")))
-        if fl and "model_run_s" in o:
+        if fl and "model_run_s" in o and o.get("config", "default") == "default":
             o["x_floor"] = o["model_run_s"] / o["batch"] / fl["floor_s_per_pass"]
 
 
@@ -500,13 +541,13 @@ def table(report: dict, arg: str | None = None) -> str:
                              f"{100 * sum(r['share'] for r in rest):.1f} % | - | - |")
         return "\n".join(lines)
     if arg == "floor":
-        g = report["gemm"]
         lines = ["| px | UNet GFLOP per pass | FP32 GEMM GFLOP/s (numpy / ORT MatMul, threads) | floor s / pass | "
                  "profiled UNet s / pass | x floor |", "|---|---|---|---|---|---|"]
         for o in report["ops"]:
             fl = report.get("floor", {}).get("per_resolution", {}).get(str(o.get("resolution")))
             if not fl or "model_run_s" not in o:
                 continue
+            g = o.get("gemm", report["gemm"])
             lines.append(f"| {o['resolution']} | {fl['gflop_per_pass']:.1f} | {g['numpy']['median']:.1f} / "
                          f"{g['ort_matmul']['median']:.1f} ({g['threads']}) | {fl['floor_s_per_pass']:.3f} | "
                          f"{o['model_run_s'] / o['batch']:.2f} | {o['x_floor']:.1f} |")
@@ -550,10 +591,13 @@ def main():
     ap.add_argument("--config", default="default")
     ap.add_argument("--res", type=int)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ab", default="", help="paired UNet timing of these configurations (session options only), "
+                    "in one process, alternated; e.g. default,no-mem-pattern,no-arena")
+    ap.add_argument("--ab-rounds", type=int, default=5)
     args = ap.parse_args()
 
     if args.child:
-        fn = {"phases": child_phases, "ops": child_ops, "gemm": child_gemm}[args.child]
+        fn = {"phases": child_phases, "ops": child_ops, "gemm": child_gemm, "ab": child_ab}[args.child]
         print(json.dumps(fn(args)))
         return
 
@@ -577,9 +621,17 @@ def main():
             print(f"{res} px ops (batch {batch}) ...", file=sys.stderr, flush=True)
             o = run_child("ops", args, res=res, batch=batch, iters=args.op_iters)
             o.setdefault("resolution", res)
+            o["gemm"] = report["gemm"]
             report["ops"].append(o)
             print(json.dumps({k: v for k, v in o.items() if k != "ops"}), file=sys.stderr, flush=True)
-        for spec in args.configs.split(","):
+        if args.ab:
+            batch = 3 if res * res <= 256 * 256 else 1
+            print(f"{res} px paired UNet timing {args.ab} ...", file=sys.stderr, flush=True)
+            a = run_child("ab", args, res=res, batch=batch, ab=args.ab, iters=args.ab_rounds)
+            a.setdefault("resolution", res)
+            report.setdefault("paired", []).append(a)
+            print(json.dumps(a), file=sys.stderr, flush=True)
+        for spec in filter(None, args.configs.split(",")):
             at, _, name = spec.rpartition(":")
             if at and int(at) != res:
                 continue
@@ -595,6 +647,8 @@ def main():
         old = json.loads(Path(args.out).read_text())
         keys = {(r.get("resolution"), r.get("config")) for r in report["rows"]}
         report["rows"] = [r for r in old["rows"] if (r.get("resolution"), r.get("config")) not in keys] + report["rows"]
+        pkeys = {p.get("resolution") for p in report.get("paired", [])}
+        report["paired"] = [p for p in old.get("paired", []) if p.get("resolution") not in pkeys] + report.get("paired", [])
         okeys = {o.get("resolution") for o in report["ops"]}
         report["ops"] = [o for o in old["ops"] if o.get("resolution") not in okeys] + report["ops"]
         report["runs"] = old.get("runs", []) + [{k: old.get(k) for k in ("started", "loadavg_start", "loadavg_end",
