@@ -16,7 +16,8 @@ Three measurements, each configuration in a fresh process so that peaks do not m
     thread count); UNet FLOPs per pass / GEMM FLOP/s = the best possible seconds per pass. Each
     configuration's seconds per UNet pass is reported as a multiple of it.
 
-Configurations (``--configs``) change one thing against ``default`` (the runtime as shipped):
+Configurations (``--configs``) change one thing against ``default`` (the runtime as shipped; since
+issue 16 that disables the memory pattern, so ``no-mem-pattern`` equals it and ``mem-pattern`` is the old default):
 ``seq`` / ``batched`` candidates, ``no-arena`` (``enable_cpu_mem_arena = False`` on every session),
 ``no-mem-pattern`` (``enable_mem_pattern = False``), ``trim`` (``malloc_trim(0)`` after the VAE
 encoder's release), ``keep-vae`` (the VAE encoder session is not released before training).
@@ -53,6 +54,7 @@ CONFIGS = {  # name -> (changes to SessionOptions, other switches)
     "seq": ({}, {"batch_candidates": "off"}),
     "no-arena": ({"enable_cpu_mem_arena": False}, {}),
     "no-mem-pattern": ({"enable_mem_pattern": False}, {}),
+    "mem-pattern": ({"enable_mem_pattern": True}, {}),  # the runtime's default before issue 16
     "no-arena-no-pattern": ({"enable_cpu_mem_arena": False, "enable_mem_pattern": False}, {}),
     "trim": ({}, {"trim": True}),
     "keep-vae": ({}, {"keep_vae": True}),
@@ -552,11 +554,24 @@ def table(report: dict, arg: str | None = None) -> str:
                          f"{g['ort_matmul']['median']:.1f} ({g['threads']}) | {fl['floor_s_per_pass']:.3f} | "
                          f"{o['model_run_s'] / o['batch']:.2f} | {o['x_floor']:.1f} |")
         return "\n".join(lines)
-    lines = ["| px | configuration | candidates | s / iter | s / UNet pass | x floor | peak RSS MB | RSS max MB: load / "
-             "VAE encode / sessions / training | losses vs default |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        if "error" in r:
-            continue
+    if arg == "paired":
+        lines = ["| px | UNet batch | configuration | UNet s / run (median) | vs default (median of paired ratios) | "
+                 "output vs default |", "|---|---|---|---|---|---|"]
+        for p in sorted(report.get("paired", []), key=lambda p: p["resolution"]):
+            for name, c in p["configs"].items():
+                lines.append(f"| {p['resolution']} | {p['batch']} | {name} | {c['s_per_run_median']:.2f} | "
+                             f"{c['ratio_to_first_median']:.3f} ({p['rounds']} rounds) | "
+                             f"{'bit-identical' if c['output_identical_to_first'] else 'differs'} |")
+        return "\n".join(lines)
+    lines = ["| px | configuration | candidates | s / iter | s / UNet pass | x floor | peak RSS MB | vs default MB | "
+             "RSS max MB: load / VAE encode / sessions / training | losses vs default |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(CONFIGS)
+    rows = sorted((r for r in report["rows"] if "error" not in r),
+                  key=lambda r: (r["resolution"], order.index(r["config"]) if r["config"] in order else len(order)))
+    for r in rows:
+        base = next((b for b in rows if b["resolution"] == r["resolution"] and b["config"] == "default"), None)
+        delta = f"{r['peak_rss_mb'] - base['peak_rss_mb']:+,.0f}" if base and base is not r else "-"
         m = r["phase_max_rss_mb"]
         train = max(m["text_encoder"], m["unet"], m["optimizer"])
         if r["config"] == "default":
@@ -567,7 +582,7 @@ def table(report: dict, arg: str | None = None) -> str:
             same = f"differ (max rel. {r.get('max_rel_diff_of_loss_differences', float('nan')):.0e})"
         lines.append(f"| {r['resolution']} | {r['config']} | {'batched' if r['batched'] else 'sequential'} | "
                      f"{r['s_per_iter']:.2f} | {r['s_per_unet_pass']:.2f} | {r.get('x_floor', float('nan')):.1f} | "
-                     f"{r['peak_rss_mb']:,.0f} | {m['load']:,.0f} / {m['vae_encode']:,.0f} / {m['open_sessions']:,.0f} / "
+                     f"{r['peak_rss_mb']:,.0f} | {delta} | {m['load']:,.0f} / {m['vae_encode']:,.0f} / {m['open_sessions']:,.0f} / "
                      f"{train:,.0f} | {same} |")
     return "\n".join(lines)
 

@@ -57,6 +57,19 @@ def test_floor_and_loss_check(prof):
 def test_tables_render(prof):
     r = report(prof)
     configs = prof.table(r)
-    assert "| 256 | no-arena | batched | 9.00 | 2.80 | 1.9 | 1,700 |" in configs and "bit-identical" in configs
+    assert "| 256 | no-arena | batched | 9.00 | 2.80 | 1.9 | 1,700 | -200 |" in configs and "bit-identical" in configs
     assert "| 256 | 3 | Conv | 3 | 5.000 | 60.0 % | 200.0 | 40.0 |" in prof.table(r, "ops")
     assert "| 256 | 90.0 | 60.0 / 55.0 (2) | 1.500 | 2.70 | 1.8 |" in prof.table(r, "floor")
+
+
+def test_sessions_open_without_a_memory_pattern():
+    """Issue 16's measured memory default (docs/results/profile_sd15.json): every session of a bundle opens
+    with enable_mem_pattern off and the CPU arena on, through the one session-options helper."""
+    from zo_edge.models import SHAPES_BUNDLE
+    from zo_runtime.bundle import Bundle
+
+    b = Bundle.load(SHAPES_BUNDLE, verify=False)
+    for graph in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        opts = b.session_options(graph)
+        assert opts.enable_mem_pattern is False and opts.enable_cpu_mem_arena is True
+    b.session("unet")  # and a session opens with them
