@@ -116,29 +116,30 @@ def _sdxl_convert(results: dict, _arg=None) -> str:
 
 
 def _zo_signal(report: dict, _arg=None) -> str:
-    """bench_zo_signal.py results: correlation with FP32's directional derivative per precision x backend and
-    mu, and the mu personalize takes for it (zo_runtime.precision)."""
-    from zo_runtime.precision import MIN_CORR, table_from
+    """bench_zo_signal.py results: correlation with FP32's directional derivative per precision x backend x
+    timestep band and mu, and the mu personalize takes for it (zo_runtime.precision, at its band)."""
+    from zo_runtime.precision import MEASURED_AT, MIN_CORR, table_from
 
     rows = report["rows"]
     mus = sorted({r["mu"] for r in rows})
     chosen = table_from(rows)
-    head = ("| UNet precision | bundle target | backend | " + " | ".join(f"corr. at mu = {m:g}" for m in mus)
+    key = lambda r: (r["precision"], r["target"], r["backend"], tuple(r["timesteps"]))  # noqa: E731
+    head = ("| UNet precision | bundle target | backend | timesteps | "
+            + " | ".join(f"corr. at mu = {m:g}" for m in mus)
             + f" | draws | s / draw | personalize's mu (corr. >= {MIN_CORR}) |")
-    lines = [head, "|" + "---|" * (len(mus) + 6)]
-    seen = []
-    for r in rows:
-        key = (r["precision"], r["target"], r["backend"])
-        if key in seen:
-            continue
-        seen.append(key)
-        same = {x["mu"]: x for x in rows if (x["precision"], x["target"], x["backend"]) == key}
-        mu = chosen[(r["precision"], r["backend"])][0]
-        lines.append(f"| {r['precision']} | {r['target']} | {r['backend']} | "
+    lines = [head, "|" + "---|" * (len(mus) + 7)]
+    for k in dict.fromkeys(key(r) for r in rows):
+        same = {x["mu"]: x for x in rows if key(x) == k}
+        first = next(iter(same.values()))
+        if k[3] == tuple(MEASURED_AT):
+            mu = chosen[(k[0], k[2])][0]
+            pick = ("none (no signal)" if mu is None else f"{mu:g}"
+                    + ("" if same.get(mu, {}).get("corr", 0) >= MIN_CORR else " (weak)"))
+        else:
+            pick = "-"
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | [{k[3][0]}, {k[3][1]}) | "
                      + " | ".join(f"{same[m]['corr']:.3f}" if m in same else "-" for m in mus)
-                     + f" | {r['draws']} | {max(x['seconds_per_draw'] for x in same.values()):.2f} | "
-                     + (("none (no signal)" if mu is None else f"{mu:g}"
-                         + ("" if same.get(mu, {}).get("corr", 0) >= MIN_CORR else " (weak)"))) + " |")
+                     + f" | {first['draws']} | {max(x['seconds_per_draw'] for x in same.values()):.2f} | {pick} |")
     return "\n".join(lines)
 
 

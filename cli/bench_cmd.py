@@ -94,7 +94,8 @@ def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k,
 @bench.command("merge")
 @click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(), required=True)
-def merge(reports, out):
+@click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG: subject fidelity vs UNet passes.")
+def merge(reports, out, plot_path):
     """Merge `bench quality` reports of one protocol (e.g. methods run separately) into one."""
     from zo_edge.models import quality as q
 
@@ -105,6 +106,9 @@ def merge(reports, out):
     merged = q.merge_reports(loaded)
     write_json(out, merged, what="report")
     click.echo(q.format_table(merged["summary"]))
+    if plot_path:
+        q.plot(merged, plot_path)
+        click.echo(f"plot: {plot_path}")
 
 
 @bench.command("prompts")

@@ -22,11 +22,13 @@ from typing import Mapping, Protocol
 import numpy as np
 
 from zo_runtime.bundle import timestep_feed
+from zo_runtime.recipe import DEFAULT_RECIPE, RECIPES
 
 from .graphs import io_spec, session
 from .surgery import text_feeds
 
-TRAINING_RANGE = (500, 900)
+# the default recipe's timestep band: half the UNet's calibration samples are drawn from it
+TRAINING_RANGE = (RECIPES[DEFAULT_RECIPE]["t_low"], RECIPES[DEFAULT_RECIPE]["t_high"])
 BANDS = ((0, 250), (250, 500), (500, 900), (900, 1000))
 
 
@@ -83,7 +85,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> np.ndarray:
 
 
 def calibration_timesteps(n: int, num_train_timesteps: int, rng: np.random.Generator) -> list[int]:
-    """Half stratified over the whole schedule, half stratified over the training range 500-900."""
+    """Half stratified over the whole schedule, half over the training range (the default recipe's band)."""
     T = num_train_timesteps
     lo, hi = (int(TRAINING_RANGE[0] * T / 1000), int(TRAINING_RANGE[1] * T / 1000))
     n_train = (n + 1) // 2

@@ -16,6 +16,7 @@ backprop textual inversion in PyTorch on the FP32 source model.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -283,13 +284,23 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
     return write(final=True)
 
 
+def _protocol(report: dict, key: str):
+    """One protocol setting of a report. ``model``: the bundle, with a shipped model named by its
+    folder (``.../models/shapes/bundle`` -> ``shapes``) so runs of one shipped model made from two
+    checkouts merge."""
+    if key != "model":
+        return report.get(key)
+    parts = Path(report["bundle"]).parts
+    return parts[-2] if parts[-3:-2] == ("models",) and parts[-1] == "bundle" else report["bundle"]
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """Several ``quality_benchmark`` reports of the same protocol (bundle, budgets, k, prompts) as one:
     runs concatenated, methods in order; refuses reports whose protocols differ."""
-    keys = ("bundle", "k", "n_refs", "prompts", "gen_steps", "guidance")
+    keys = ("model", "k", "n_refs", "prompts", "gen_steps", "guidance")
     first = reports[0]
     for r in reports[1:]:
-        diff = [k for k in keys if r.get(k) != first.get(k)]
+        diff = [k for k in keys if _protocol(r, k) != _protocol(first, k)]
         if diff:
             from zo_runtime.errors import UserError
             raise UserError(f"reports differ in {', '.join(diff)}; only runs of one protocol can be merged")
@@ -303,6 +314,10 @@ def merge_reports(reports: list[dict]) -> dict:
     merged["merged_from"] = [{"machine": r.get("machine"), "methods": r["methods"], "workers": r.get("workers"),
                               "wall_seconds": r.get("wall_seconds"), "complete": r.get("complete", True)}
                              for r in reports]
+    relabelled = list({json.dumps(r, sort_keys=True): r for report in reports
+                       for r in report.get("relabelled", [])}.values())
+    if relabelled:
+        merged["relabelled"] = relabelled
     merged["summary"] = summarize(merged)
     return merged
 

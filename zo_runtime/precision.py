@@ -20,7 +20,10 @@ MIN_CORR = 0.95   # correlation with FP32's directional derivative a recipe shou
 WEAK_CORR = 0.5   # below this at every measured μ: no usable signal
 RESULTS = "docs/results/zo_signal.json"
 
-# (UNet precision, backend) -> (μ, correlation with FP32 at that μ, draws), from RESULTS.
+# The timestep band MEASURED was measured at: t ~ U[500, 900), PUTS's band (the default recipe's until it
+# moved to [0, 500); rows measured at other bands are in RESULTS beside these).
+MEASURED_AT = (500, 900)
+# (UNet precision, backend) -> (μ, correlation with FP32 at that μ, draws), from RESULTS at MEASURED_AT.
 # μ is the smallest measured value reaching MIN_CORR, else the best one if it reaches WEAK_CORR (a weak
 # signal, said as a warning), else None (no signal: the recipe's μ stays, with a warning).
 MEASURED: dict[tuple[str, str], tuple[float | None, float, int]] = {
@@ -51,8 +54,9 @@ def choose_mu(rows: list[dict], precision: str, backend: str, min_corr: float = 
     return (best["mu"] if best["corr"] >= WEAK_CORR else None), best["corr"]
 
 
-def table_from(rows: list[dict], min_corr: float = MIN_CORR) -> dict:
-    """:data:`MEASURED` as the results rows give it."""
+def table_from(rows: list[dict], min_corr: float = MIN_CORR, band: tuple[int, int] = MEASURED_AT) -> dict:
+    """:data:`MEASURED` as the results rows measured at timestep ``band`` give it."""
+    rows = [r for r in rows if tuple(r["timesteps"]) == tuple(band)]
     out = {}
     for precision, backend in sorted({(r["precision"], r["backend"]) for r in rows}):
         mu, corr = choose_mu(rows, precision, backend, min_corr)

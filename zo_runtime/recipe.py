@@ -6,10 +6,12 @@ A recipe is the one place a default lives. ``PersonalizeConfig`` leaves every re
 - ``zoodip``: exactly the paper's algorithm (arXiv 2503.14868): one-sided RGE with n = 2 Gaussian
   directions, μ = 1e-3, SG (τ = 128, ν = 1e-3), PUTS t ~ U[500, 900), ZO-Adam lr 5e-3, ε = 1e-8.
 - ``zo-edge``: zo-edge's default, chosen by ``zo-edge bench quality`` (docs/estimator-lab.md): the
-  paper's estimator without SG, whose history of τ = 128 tokens spans the whole space when d ≤ τ
-  (the shapes model, d = 64) and removed most of it (measured), at lr 2e-2: on six tuning subjects
-  (class-noun init, 3,000 UNet passes, seed 0) lr 2e-2 reached 44 % subject fidelity against 26 % at
-  the paper's 5e-3; no other screened variant beat it by more than one run's spread.
+  paper's estimator without SG (its history of τ = 128 tokens spans the whole space when d ≤ τ, as on
+  the shapes model, d = 64, and removed most of it: measured), at lr 2e-2 (44 % subject fidelity on
+  six tuning subjects against 26 % at the paper's 5e-3, seed 0), with timesteps t ~ U[0, 500) in
+  place of PUTS's [500, 900): +15.0 points (95 % CI +2.2 to +26.9) over 18 (subject, seed) pairs at
+  3,000 UNet passes, +17.5 on the two untuned subjects, +13.8 at 9,000 passes (8 pairs); [0, 250),
+  lr 1e-2 and lr 4e-2 with [0, 500) were each worse (paired, 18 pairs).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ ZOODIP = dict(
 
 RECIPES: dict[str, dict] = {
     "zoodip": ZOODIP,
-    "zo-edge": dict(ZOODIP, sg=False, lr=2e-2),
+    "zo-edge": dict(ZOODIP, sg=False, lr=2e-2, t_low=0, t_high=500),
 }
 DEFAULT_RECIPE = "zo-edge"
 RECIPE_FIELDS = tuple(ZOODIP)
