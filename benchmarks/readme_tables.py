@@ -89,6 +89,11 @@ def _shapes768(r: dict, arg=None) -> str:
     return "\n".join(lines)
 
 
+def _profile(report: dict, arg=None) -> str:
+    """benchmarks/profile_personalize.py: ``configs`` (default), ``ops`` or ``floor``."""
+    return _bench("profile_personalize").table(report, arg)
+
+
 def _gradient_snr(report: dict, _arg=None) -> str:
     """benchmarks/lab_gradient_snr.py: per subject and timestep band, the mean gradient's share of a
     sample gradient's energy, its alignment with the whole range's mean, and with where TI went."""
@@ -150,6 +155,7 @@ RENDERERS = {
     "prompts": _prompts,
     "runner": _runner,
     "shapes768": _shapes768,
+    "profile": _profile,
 }
 
 
