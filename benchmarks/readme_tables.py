@@ -118,7 +118,7 @@ def _sdxl_convert(results: dict, _arg=None) -> str:
 def _zo_signal(report: dict, _arg=None) -> str:
     """bench_zo_signal.py results: correlation with FP32's directional derivative per precision x backend x
     timestep band and mu, and the mu personalize takes for it (zo_runtime.precision, at its band)."""
-    from zo_runtime.precision import MEASURED_AT, MIN_CORR, table_from
+    from zo_runtime.precision import MIN_CORR, table_from
 
     rows = report["rows"]
     mus = sorted({r["mu"] for r in rows})
@@ -131,12 +131,9 @@ def _zo_signal(report: dict, _arg=None) -> str:
     for k in dict.fromkeys(key(r) for r in rows):
         same = {x["mu"]: x for x in rows if key(x) == k}
         first = next(iter(same.values()))
-        if k[3] == tuple(MEASURED_AT):
-            mu = chosen[(k[0], k[2])][0]
-            pick = ("none (no signal)" if mu is None else f"{mu:g}"
-                    + ("" if same.get(mu, {}).get("corr", 0) >= MIN_CORR else " (weak)"))
-        else:
-            pick = "-"
+        mu = chosen[(k[0], k[2], k[3])][0]
+        pick = ("none (no signal)" if mu is None else f"{mu:g}"
+                + ("" if same.get(mu, {}).get("corr", 0) >= MIN_CORR else " (weak)"))
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | [{k[3][0]}, {k[3][1]}) | "
                      + " | ".join(f"{same[m]['corr']:.3f}" if m in same else "-" for m in mus)
                      + f" | {first['draws']} | {max(x['seconds_per_draw'] for x in same.values()):.2f} | {pick} |")

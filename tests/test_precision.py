@@ -14,12 +14,12 @@ def test_table_is_the_measured_one():
     rows = json.loads((ROOT / precision.RESULTS).read_text())["rows"]
     assert precision.MEASURED == precision.table_from(rows)
     assert all(r["draws"] >= 96 for r in rows)
-    mu, corr, _ = precision.MEASURED[("a16w8", "qnn")]
+    mu, corr, _ = precision.MEASURED[("a16w8", "qnn", (500, 900))]
     assert mu is not None    # A16W8 on the HTP keeps a usable signal at some measured mu
 
 
 def test_choose_mu_takes_the_smallest_mu_that_keeps_the_signal():
-    rows = [dict(precision="p", backend="b", mu=m, corr=c, draws=96) for m, c in ((1e-3, 0.5), (1e-2, 0.97), (3e-2, 0.99))]
+    rows = [dict(precision="p", backend="b", timesteps=[0, 500], mu=m, corr=c, draws=96) for m, c in ((1e-3, 0.5), (1e-2, 0.97), (3e-2, 0.99))]
     assert precision.choose_mu(rows, "p", "b") == (1e-2, 0.97)
     assert precision.choose_mu(rows, "p", "b", min_corr=0.995) == (3e-2, 0.99)    # weak: the best one
     low = [dict(r, corr=r["corr"] - 0.6) for r in rows]
@@ -30,13 +30,17 @@ def test_choose_mu_takes_the_smallest_mu_that_keeps_the_signal():
 @dataclass
 class FakeBundle:
     unet_precision: str
+    noise_schedule = {"num_train_timesteps": 1000}
 
     def graph(self, name):
         return {"precision": self.unet_precision}
 
 
 def test_personalize_hook_uses_the_table_unless_mu_is_given(monkeypatch):
-    monkeypatch.setattr(precision, "MEASURED", {("a16w8", "qnn"): (1e-2, 0.97, 96), ("a8w8", "qnn"): (None, 0.1, 96)})
+    band = (PersonalizeConfig(model="m", images="i", token="<t>", init="dog", out="o").resolved().t_low,
+            PersonalizeConfig(model="m", images="i", token="<t>", init="dog", out="o").resolved().t_high)
+    monkeypatch.setattr(precision, "MEASURED", {("a16w8", "qnn", band): (1e-2, 0.97, 96),
+                                                ("a8w8", "qnn", band): (None, 0.1, 96)})
     said = []
     base = dict(model="m", images="i", token="<t>", init="dog", out="o.safetensors", provider="qnn")
     given = PersonalizeConfig(**base)
@@ -52,3 +56,21 @@ def test_personalize_hook_uses_the_table_unless_mu_is_given(monkeypatch):
     given = PersonalizeConfig(**dict(base, provider="cpu"))
     assert precision.precision_recipe(given, given.resolved(), FakeBundle("a16w8"), said.append) == given.resolved()
     assert len(said) == n    # not measured: nothing chosen, nothing said
+
+
+def test_the_run_s_timestep_band_picks_the_row_and_a_better_band_is_named(monkeypatch):
+    """The signal depends on the timestep band; personalize looks up its own band, falls back to the nearest
+    measured one (saying so), and where its band is weak names a measured band that is not."""
+    monkeypatch.setattr(precision, "MEASURED", {("a16w8", "cpu", (0, 500)): (3e-2, 0.63, 96),
+                                                ("a16w8", "cpu", (500, 900)): (3e-2, 0.95, 96),
+                                                ("int8w", "cpu", (500, 900)): (1e-3, 1.0, 96)})
+    said = []
+    base = dict(model="m", images="i", token="<t>", init="dog", out="o.safetensors", provider="cpu")
+    given = PersonalizeConfig(**base, t_low=0, t_high=500)
+    cfg = precision.precision_recipe(given, given.resolved(), FakeBundle("a16w8"), said.append)
+    assert cfg.mu == 3e-2 and "0.63" in said[-1] and "--t-low 500 --t-high 900" in said[-1]
+    given = PersonalizeConfig(**base, t_low=500, t_high=900)
+    cfg = precision.precision_recipe(given, given.resolved(), FakeBundle("a16w8"), said.append)
+    assert cfg.mu == 3e-2 and "0.95" in said[-1] and "--t-low" not in said[-1]
+    assert precision.recipe_for("int8w", "cpu", (0, 500)) == (1e-3, 1.0, 96, (500, 900))    # nearest measured
+    assert precision.recipe_for("int8w", "qnn", (0, 500)) is None

@@ -3,8 +3,9 @@
 RGE differences L(θ + μz) − L(θ) must stand above the rounding of the graphs that compute L. How
 far they must be pushed depends on the bundle's precision (its UNet's, as the manifest records it)
 and on the backend that runs it: weight-only INT8 (CPU, OpenVINO) keeps the FP32 signal at the
-paper's μ = 1e-3; 16-bit activations (A16W8, the HTP recipe) need μ = 3e-2, and keep only a weak signal
-on the simulated HTP (0.70); 8-bit activations lose it at every measured μ. ``benchmarks/bench_zo_signal.py`` measures the correlation of each bundle's directional
+paper's μ = 1e-3; 16-bit activations (A16W8, the HTP recipe) need μ = 3e-2 at t ∈ [500, 900), keep only
+a weak signal on the simulated HTP there (0.70), and a weak one on the CPU provider at the default recipe's
+t ∈ [0, 500) (0.63); 8-bit activations lose it at every measured μ. ``benchmarks/bench_zo_signal.py`` measures the correlation of each bundle's directional
 derivatives with FP32's (docs/results/zo_signal.json); :data:`MEASURED` is what it found, and
 ``tests/test_precision.py`` checks this table against that file with :func:`choose_mu`.
 
@@ -20,22 +21,27 @@ MIN_CORR = 0.95   # correlation with FP32's directional derivative a recipe shou
 WEAK_CORR = 0.5   # below this at every measured μ: no usable signal
 RESULTS = "docs/results/zo_signal.json"
 
-# The timestep band MEASURED was measured at: t ~ U[500, 900), PUTS's band (the default recipe's until it
-# moved to [0, 500); rows measured at other bands are in RESULTS beside these).
-MEASURED_AT = (500, 900)
-# (UNet precision, backend) -> (μ, correlation with FP32 at that μ, draws), from RESULTS at MEASURED_AT.
+# (UNet precision, backend, timestep band) -> (μ, correlation with FP32 at that μ, draws), from RESULTS.
+# The band matters: differences at low timesteps are smaller, and rounding swallows more of them.
 # μ is the smallest measured value reaching MIN_CORR, else the best one if it reaches WEAK_CORR (a weak
 # signal, said as a warning), else None (no signal: the recipe's μ stays, with a warning).
-MEASURED: dict[tuple[str, str], tuple[float | None, float, int]] = {
-    ("a16w8", "cpu"): (0.03, 0.9505, 96),
-    ("a16w8", "qnn"): (0.03, 0.6961, 96),      # the HTP (simulated): a weak signal even at 3e-2
-    ("a8w8", "cpu"): (None, 0.2117, 96),
-    ("a8w8", "qnn"): (None, 0.1914, 96),
-    ("fp32", "cpu"): (0.001, 1.0, 96),
-    ("fp32", "openvino"): (0.001, 1.0, 96),
-    ("int8", "cpu"): (None, 0.209, 96),
-    ("int8w", "cpu"): (0.001, 1.0, 96),
-    ("int8w", "openvino"): (0.001, 1.0, 96),
+MEASURED: dict[tuple[str, str, tuple[int, int]], tuple[float | None, float, int]] = {
+    ('a16w8', 'cpu', (0, 500)): (0.03, 0.6293, 96),
+    ('a8w8', 'cpu', (0, 500)): (None, 0.1445, 96),
+    ('fp32', 'cpu', (0, 500)): (0.001, 1.0, 96),
+    ('fp32', 'openvino', (0, 500)): (0.001, 1.0, 96),
+    ('int8', 'cpu', (0, 500)): (None, 0.2728, 96),
+    ('int8w', 'cpu', (0, 500)): (0.001, 1.0, 96),
+    ('int8w', 'openvino', (0, 500)): (0.001, 1.0, 96),
+    ('a16w8', 'cpu', (500, 900)): (0.03, 0.9505, 96),
+    ('a16w8', 'qnn', (500, 900)): (0.03, 0.6961, 96),
+    ('a8w8', 'cpu', (500, 900)): (None, 0.2117, 96),
+    ('a8w8', 'qnn', (500, 900)): (None, 0.1914, 96),
+    ('fp32', 'cpu', (500, 900)): (0.001, 1.0, 96),
+    ('fp32', 'openvino', (500, 900)): (0.001, 1.0, 96),
+    ('int8', 'cpu', (500, 900)): (None, 0.209, 96),
+    ('int8w', 'cpu', (500, 900)): (0.001, 1.0, 96),
+    ('int8w', 'openvino', (500, 900)): (0.001, 1.0, 96),
 }
 
 
@@ -54,37 +60,54 @@ def choose_mu(rows: list[dict], precision: str, backend: str, min_corr: float = 
     return (best["mu"] if best["corr"] >= WEAK_CORR else None), best["corr"]
 
 
-def table_from(rows: list[dict], min_corr: float = MIN_CORR, band: tuple[int, int] = MEASURED_AT) -> dict:
-    """:data:`MEASURED` as the results rows measured at timestep ``band`` give it."""
-    rows = [r for r in rows if tuple(r["timesteps"]) == tuple(band)]
+def table_from(rows: list[dict], min_corr: float = MIN_CORR) -> dict:
+    """:data:`MEASURED` as the results rows give it, per timestep band."""
     out = {}
-    for precision, backend in sorted({(r["precision"], r["backend"]) for r in rows}):
-        mu, corr = choose_mu(rows, precision, backend, min_corr)
-        draws = min(r["draws"] for r in rows if r["precision"] == precision and r["backend"] == backend)
-        out[(precision, backend)] = (mu, corr, draws)
+    for band in sorted({tuple(r["timesteps"]) for r in rows}):
+        at = [r for r in rows if tuple(r["timesteps"]) == band]
+        for precision, backend in sorted({(r["precision"], r["backend"]) for r in at}):
+            mu, corr = choose_mu(at, precision, backend, min_corr)
+            draws = min(r["draws"] for r in at if r["precision"] == precision and r["backend"] == backend)
+            out[(precision, backend, band)] = (mu, corr, draws)
     return out
 
 
-def recipe_for(precision: str, backend: str):
-    """(μ or None, corr, draws) measured for this pair, or None if it was not measured."""
-    return MEASURED.get((precision, backend))
+def recipe_for(precision: str, backend: str, band: tuple[int, int]):
+    """(μ or None, corr, draws, band) measured for this pair at ``band``; else at the nearest measured band
+    (the signal was not measured where this run trains); None if the pair was never measured."""
+    bands = [b for (p, k, b) in MEASURED if (p, k) == (precision, backend)]
+    if not bands:
+        return None
+    near = min(bands, key=lambda b: abs(b[0] - band[0]) + abs(b[1] - band[1]))
+    return (*MEASURED[(precision, backend, near)], near)
+
+
+def _band_text(band) -> str:
+    return f"t in [{band[0]}, {band[1]})"
 
 
 def precision_recipe(given, cfg, bundle, say=None):
-    """``cfg`` (resolved) with μ set from :data:`MEASURED` for ``bundle`` on ``cfg.provider`` when
-    ``given`` (the config as the user gave it) left μ to the recipe. Says what it chose on stderr."""
+    """``cfg`` (resolved) with μ set from :data:`MEASURED` for ``bundle`` on ``cfg.provider`` at the run's
+    timestep band when ``given`` (the config as the user gave it) left μ to the recipe. Says what it chose
+    on stderr, and where the signal is weak at the run's band but not at another measured band, names it."""
     from .providers import parse
 
     say = say or (lambda line: print(line, file=sys.stderr))
     precision = bundle.graph("unet").get("precision", "fp32")
     backend = parse(cfg.provider).backend
-    found = recipe_for(precision, backend)
+    band = (cfg.t_low, cfg.t_high) if cfg.puts else (0, int(bundle.noise_schedule.get("num_train_timesteps", 1000)))
+    found = recipe_for(precision, backend, band)
     if found is None:
         return cfg
-    mu, corr, draws = found
+    mu, corr, draws, at = found
+    where = f"{draws} draws at {_band_text(at)}" + ("" if at == band else f", not this run's {_band_text(band)}")
+    better = [(b, v) for (p, k, b), v in MEASURED.items()
+              if (p, k) == (precision, backend) and b != at and v[1] >= MIN_CORR > corr]
+    hint = "".join(f"; at {_band_text(b)} it keeps {v[1]:.2f} at mu {v[0]:g} (--t-low {b[0]} --t-high {b[1]})"
+                   for b, v in better)
     if mu is None:
         say(f"warning: {precision} on {backend} keeps no zeroth-order signal at any measured mu (best correlation "
-            f"with FP32 {corr:.2f}, {draws} draws, {RESULTS}); personalization will mostly follow noise")
+            f"with FP32 {corr:.2f}, {where}, {RESULTS}){hint}; personalization will mostly follow noise")
         return cfg
     if given.mu is not None:
         if given.mu < mu:
@@ -94,8 +117,9 @@ def precision_recipe(given, cfg, bundle, say=None):
     weak = "" if corr >= MIN_CORR else f"; a weak signal, below the {MIN_CORR} aimed at: expect slower progress"
     if mu != cfg.mu:
         say(f"personalize: mu {mu:g} for {precision} on {backend} (recipe default {cfg.mu:g}): measured correlation "
-            f"with FP32's directional derivative {corr:.2f} over {draws} draws ({RESULTS}){weak}; --mu overrides it")
+            f"with FP32's directional derivative {corr:.2f} over {where} ({RESULTS}){weak}{hint}; --mu overrides it")
         return dataclasses.replace(cfg, mu=mu)
     if weak:
-        say(f"warning: {precision} on {backend} at mu {mu:g}: correlation with FP32 {corr:.2f} ({RESULTS}){weak}")
+        say(f"warning: {precision} on {backend} at mu {mu:g}: correlation with FP32 {corr:.2f} over {where} "
+            f"({RESULTS}){weak}{hint}")
     return cfg
