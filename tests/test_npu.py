@@ -198,7 +198,7 @@ def test_personalize_and_generate_on_htp(tiny_qnn, refs, tmp_path):
                                  "--token", "<npu-tok>", "--init", "star", "--out", str(out), "--run-dir",
                                  str(tmp_path / "run"), "--steps", "2", "--resolution", "16"])
     assert r.exit_code == 0, r.output
-    mu = precision.MEASURED[("a16w8", "qnn")][0]
+    mu = precision.recipe_for("a16w8", "qnn", BAND)[0]
     assert f"mu {mu:g} for a16w8 on qnn" in r.output    # the precision's recipe, said
     assert json.loads((tmp_path / "run" / "config.json").read_text())["mu"] == mu
     from zo_runtime.embeddings import load_embeddings

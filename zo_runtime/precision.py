@@ -5,7 +5,8 @@ far they must be pushed depends on the bundle's precision (its UNet's, as the ma
 and on the backend that runs it: weight-only INT8 (CPU, OpenVINO) keeps the FP32 signal at the
 paper's μ = 1e-3; 16-bit activations (A16W8, the HTP recipe) need μ = 3e-2 at t ∈ [500, 900), keep only
 a weak signal on the simulated HTP there (0.70), and a weak one on the CPU provider at the default recipe's
-t ∈ [0, 500) (0.63); 8-bit activations lose it at every measured μ. ``benchmarks/bench_zo_signal.py`` measures the correlation of each bundle's directional
+t ∈ [0, 500) (0.63); 8-bit activations lose it at every measured μ. ``benchmarks/bench_zo_signal.py``
+measures the correlation of each bundle's directional
 derivatives with FP32's (docs/results/zo_signal.json); :data:`MEASURED` is what it found, and
 ``tests/test_precision.py`` checks this table against that file with :func:`choose_mu`.
 
