@@ -22,13 +22,15 @@ from typing import Mapping, Protocol
 import numpy as np
 
 from zo_runtime.bundle import timestep_feed
-from zo_runtime.recipe import DEFAULT_RECIPE, RECIPES
+from zo_runtime.recipe import RECIPES
 
 from .graphs import io_spec, session
 from .surgery import text_feeds
 
-# the default recipe's timestep band: half the UNet's calibration samples are drawn from it
-TRAINING_RANGE = (RECIPES[DEFAULT_RECIPE]["t_low"], RECIPES[DEFAULT_RECIPE]["t_high"])
+# Half the UNet's calibration samples are drawn from the band activation-quantized (NPU) bundles train at:
+# PUTS's, the paper's. A16W8 keeps no usable signal at the default recipe's [0, 500) even when calibrated
+# for it (docs/results/zo_signal.json, docs/results/lab/zo_signal_htp_lowt.json), so NPUs train at PUTS's.
+TRAINING_RANGE = (RECIPES["zoodip"]["t_low"], RECIPES["zoodip"]["t_high"])
 BANDS = ((0, 250), (250, 500), (500, 900), (900, 1000))
 
 
@@ -85,7 +87,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> np.ndarray:
 
 
 def calibration_timesteps(n: int, num_train_timesteps: int, rng: np.random.Generator) -> list[int]:
-    """Half stratified over the whole schedule, half over the training range (the default recipe's band)."""
+    """Half stratified over the whole schedule, half over the training range (PUTS's band)."""
     T = num_train_timesteps
     lo, hi = (int(TRAINING_RANGE[0] * T / 1000), int(TRAINING_RANGE[1] * T / 1000))
     n_train = (n + 1) // 2
