@@ -13,13 +13,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
 from zo_runtime import optim
+from zo_runtime.sysinfo import source_commit
 from zo_runtime.personalize import PersonalizeConfig, make_estimator, make_optimizer
 
 VARIANTS = {
@@ -65,8 +65,7 @@ def main() -> None:
             sec = time_variant(fields, d, args.steps)
             rows.append({"variant": name, "d": d, "us_per_step": sec * 1e6})
             print(f"{name:18s} d={d:4d}: {sec * 1e6:8.1f} us/step", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = source_commit()
     report = {"rows": rows, "steps": args.steps, "machine": {"cpu": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
               "commit": commit, "load_average": os.getloadavg()}}

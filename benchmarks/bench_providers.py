@@ -23,7 +23,8 @@ import numpy as np
 from zo_runtime.bundle import Bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_zo_signal import commit, versions  # noqa: E402
+from bench_zo_signal import versions  # noqa: E402
+from zo_runtime.sysinfo import source_commit  # noqa: E402
 
 
 def time_unet(bundle: Bundle, batch: int, repeats: int) -> list[float]:
@@ -77,7 +78,7 @@ def main(argv=None):
         new = {key(r) for r in rows}
         data["rows"] = [r for r in data["rows"] if key(r) not in new] + rows
         data["runs"].append({"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-                             "commit": commit(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
+                             "commit": source_commit(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
                              "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared)"})
         out.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {out}")

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from zo_runtime.sysinfo import source_commit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,17 +49,6 @@ def machine() -> dict:
                 if l.startswith("MemTotal:")), None) if Path("/proc/meminfo").exists() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1) if mem else None,
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "os": platform.platform()}
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_jobs(work: Path, steps: int) -> list[dict]:
@@ -202,7 +193,7 @@ def bench(work: Path, args) -> dict:
                          "jobs_per_hour_per_core": round(len(jobs) / wall * 3600 / cores, 1),
                          "cpu_s_per_job": round(cpu / len(jobs), 2),
                          "tokens_equal_sequential": rounds[0]["modes"][name].get("tokens_equal_sequential")}
-    return {"benchmark": "bench_runner", "machine": machine(), "commit": commit(), "threads_per_job": 1,
+    return {"benchmark": "bench_runner", "machine": machine(), "commit": source_commit(), "threads_per_job": 1,
             "jobs": len(jobs), "steps": args.steps, "rounds": rounds, "summary": summary,
             "runner_vs_goal": [rd["runner_vs_goal"] for rd in rounds],
             "note": "shared machine: other sessions' work ran beside it; see the load averages around each mode"}

@@ -121,7 +121,9 @@ def main() -> None:
         print(json.dumps(_child(args.child)(args)), flush=True)
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from zo_runtime.sysinfo import source_commit
+
+    commit = source_commit()
     import psutil
     previous = json.loads(args.out.read_text()) if args.append and args.out.is_file() else None
     report = {"what": "SDXL-shaped random weights (stable-diffusion-xl-base-1.0 config): convert, personalize "

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from zo_runtime.bundle import Bundle
 from zo_runtime.recipe import DEFAULT_RECIPE, RECIPES
+from zo_runtime.sysinfo import source_commit
 from zo_runtime.oracle import LossOracle
 from zo_runtime.tokenizer import CLIPTokenizer
 
@@ -73,14 +73,6 @@ def versions() -> dict:
     return out
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
 def merge(path: Path, run: dict, rows: list[dict]) -> dict:
     """Add ``rows`` (and ``run``) to the results file at ``path``, replacing rows of the same key."""
     data = json.loads(path.read_text()) if path.exists() else {"runs": [], "rows": []}
@@ -115,7 +107,7 @@ def main(argv=None):
           f"t ~ U[{band[0]}, {band[1]}), init '{args.init}'; fp32 reference {time.time() - t0:.0f} s", flush=True)
     print("| bundle | precision | backend | mu | corr. with FP32 | zero differences | std ratio | s/draw |")
     print("|---|---|---|---|---|---|---|---|")
-    run = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "commit": commit(),
+    run = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "commit": source_commit(),
            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared)",
            "threads": args.threads, "draws": args.trials, "seed": args.seed, "init": args.init, "timesteps": list(band),
            "reference": "fp32 bundle on the CPU provider", "versions": versions(), "date": time.strftime("%Y-%m-%d")}

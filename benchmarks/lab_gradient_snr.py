@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,7 +113,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from zo_runtime.outputs import write_json
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from zo_runtime.sysinfo import source_commit
+
+    commit = source_commit()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     results = []
     for subject in args.subjects.split(","):

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zo_runtime.sysinfo import source_commit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("load", "vae_encode", "open_sessions", "text_encoder", "unet", "optimizer")
 CONFIGS = {  # name -> (changes to SessionOptions, other switches)
@@ -418,17 +420,6 @@ def run_child(kind: str, args, **kw) -> dict:
     return r
 
 
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
 def machine() -> dict:
     model = ""
     try:
@@ -616,7 +607,7 @@ def main():
         print(json.dumps(fn(args)))
         return
 
-    report = {"machine": machine(), "threads": args.threads, "commit": commit(), "bundle": str(args.bundle),
+    report = {"machine": machine(), "threads": args.threads, "commit": source_commit(), "bundle": str(args.bundle),
               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "iters": args.iters, "warmup": args.warmup, "contended": True, "rows": [], "ops": []}
     try:

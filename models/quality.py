@@ -324,13 +324,10 @@ def merge_reports(reports: list[dict]) -> dict:
 
 def machine_info() -> dict:
     import platform
-    import subprocess
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    from zo_runtime.sysinfo import source_commit
+
+    commit = source_commit()
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
             "commit": commit}
 

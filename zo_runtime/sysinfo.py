@@ -1,7 +1,24 @@
-"""Peak resident memory of this process, on Linux, macOS and Windows."""
+"""What a results file records about where it was measured: the peak resident memory of this process
+(Linux, macOS and Windows) and the commit of the code that ran."""
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
+
+
+def source_commit() -> str:
+    """Short git commit of the checkout this package runs from, with ``-dirty`` when tracked files differ
+    from it; "" outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return sha + ("-dirty" if dirty else "")
 
 
 def peak_rss_mb() -> float:
