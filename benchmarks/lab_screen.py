@@ -3,7 +3,8 @@
 The quality benchmark is deterministic (references, noise, directions and sampling follow the seed),
 so a baseline method need not be rerun beside every screen: its stored runs are reused, after a
 check that every run of the baseline the screens did repeat scored exactly what is stored (listed
-under ``reproduced``; a mismatch stops the script).
+under ``reproduced``; a mismatch stops the script). A screen trained on another execution provider
+(its report's ``provider``) is another arm: its runs are named ``METHOD@PROVIDER``.
 
     python benchmarks/lab_screen.py --baseline docs/results/quality-seeds.json --method zo-edge \\
         --budget 3000 --screens screen3.json screen5.json --out docs/results/lab/screen-seeds.json
@@ -29,7 +30,17 @@ def at_budget(run: dict, budget: int) -> dict | None:
     return dict(run, curve=[point], steps=budget // run["per_step"])
 
 
+def provider_arm(screen: dict) -> dict:
+    """The screen with each run named after the provider it trained on, where that is not the CPU's."""
+    provider = (screen.get("provider") or "cpu").split(":")[0]
+    if provider == "cpu":
+        return screen
+    return dict(screen, methods=[f"{m}{q.ARM}{provider}" for m in screen["methods"]],
+                runs=[dict(r, method=f"{r['method']}{q.ARM}{provider}") for r in screen["runs"]])
+
+
 def combine(baseline: dict, method: str, budget: int, screens: list[dict]) -> dict:
+    screens = [provider_arm(s) for s in screens]
     subjects = {r["subject"] for s in screens for r in s["runs"]}
     seeds = {r["seed"] for s in screens for r in s["runs"]}
     stored = {}

@@ -47,11 +47,18 @@ GENERIC_INIT = "shape"
 INIT_PROTOCOLS = ("class", "generic")  # the subject's class noun (the paper's protocol), or one word for all
 
 
-def parse_method(spec: str) -> dict | None:
-    """'zo-edge+lr=0.01+antithetic=true' -> PersonalizeConfig recipe fields; None for 'ti'."""
+ARM = "@"  # 'zo-edge@openvino': the method's runs trained on another provider (benchmarks/lab_screen.py)
+
+
+def parse_method(spec: str, allow_arm: bool = True) -> dict | None:
+    """'zo-edge+lr=0.01+antithetic=true' -> PersonalizeConfig recipe fields; None for 'ti'. In a
+    report, 'METHOD@PROVIDER' names METHOD's runs trained on PROVIDER (``allow_arm``)."""
     from zo_runtime.errors import UserError
     from zo_runtime.recipe import ZOODIP
 
+    spec, _, arm = spec.partition(ARM)
+    if arm and not allow_arm:
+        raise UserError(f"method {spec + ARM + arm!r}: choose the provider with --provider, not in the method name")
     base, *overrides = spec.split("+")
     if base not in METHODS:
         raise UserError(f"unknown method {base!r}; choose from {', '.join(METHODS)} (optionally with +key=value)")
@@ -196,7 +203,7 @@ def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int
     different run); constant-rate methods score every budget on one run."""
     plans = []
     for spec in methods:
-        fields = parse_method(spec)
+        fields = parse_method(spec, allow_arm=False)
         if fields is None:
             per_step, runs = 1, [(ti_steps, [max(1, round(ti_steps * j / points)) for j in range(1, points + 1)])]
         else:

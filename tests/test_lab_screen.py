@@ -1,0 +1,48 @@
+"""benchmarks/lab_screen.py: screens paired with stored baseline runs, another provider as its own arm."""
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("lab_screen", ROOT / "benchmarks" / "lab_screen.py")
+lab_screen = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lab_screen)
+
+BASELINE = json.loads((ROOT / "docs/results/quality-seeds.json").read_text())
+
+
+def _screen(method: str, provider: str | None, shift: float) -> dict:
+    runs = [copy.deepcopy(r) for r in BASELINE["runs"] if r["method"] == "zo-edge" and r["seed"] == 0
+            and any(c["unet_passes"] == 3000 for c in r["curve"])][:3]
+    for r in runs:
+        r["method"] = method
+        for c in r["curve"]:
+            c["subject_fidelity"] = min(1.0, c["subject_fidelity"] + shift)
+    s = {k: BASELINE[k] for k in ("k", "n_refs", "prompts", "gen_steps", "guidance", "ti_steps", "generic_init")}
+    return dict(s, methods=[method], runs=runs, complete=True, provider=provider)
+
+
+def test_another_provider_is_its_own_arm_paired_with_the_cpu_runs():
+    report = lab_screen.combine(BASELINE, "zo-edge", 3000, [_screen("zo-edge", "openvino", 0.0)])
+    assert report["methods"] == ["zo-edge", "zo-edge@openvino"]
+    (row,) = report["paired"]
+    assert row["method"] == "zo-edge@openvino" and row["pairs"] == 3 and row["difference"] == 0
+    assert report["reproduced"] == []  # another arm, not a rerun of the baseline
+
+
+def test_a_cpu_rerun_that_does_not_reproduce_the_baseline_stops():
+    lab_screen.combine(BASELINE, "zo-edge", 3000, [_screen("zo-edge", "cpu", 0.0)])  # reproduces
+    with pytest.raises(SystemExit, match="not reproduced"):
+        lab_screen.combine(BASELINE, "zo-edge", 3000, [_screen("zo-edge", None, 0.05)])
+
+
+def test_a_provider_arm_is_not_a_method_to_run():
+    from zo_edge.models import quality as q
+    from zo_runtime.errors import UserError
+
+    assert q.parse_method("zo-edge@openvino") == q.parse_method("zo-edge")
+    with pytest.raises(UserError, match="--provider"):
+        q.plan_jobs(["zo-edge@openvino"], [], [0], ["class"], [3000], 1000, 1)
