@@ -59,6 +59,10 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
               help=_recipe_help("pull toward the init token: lambda * (theta - theta_0) per step (0: off)", "weight_decay"))
 @click.option("--average", type=float, default=None,
               help=_recipe_help("write the moving average of the iterates with this decay (0: the last iterate)", "average"))
+@click.option("--normalize/--no-normalize", default=None,
+              help=_recipe_help("scale each gradient estimate to the same length (FZOO)", "normalize"))
+@click.option("--clip", type=float, default=None,
+              help=_recipe_help("clip each estimate at this multiple of its running typical length (0: off)", "clip"))
 @click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default=DEFAULTS["batch_candidates"], show_default=True)
 @click.option("--captions", type=click.Path(), help="Per-image captions: '<file>\\t<caption with {}>' lines.")
 @click.option("--no-upscale", is_flag=True, help="Refuse images smaller than the resolution.")

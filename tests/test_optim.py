@@ -546,3 +546,56 @@ def test_momentum_guided_covariance_and_state():
     for bad in (dict(beta=1.0), dict(alpha=0.0), dict(alpha=1.5)):
         with pytest.raises(ValueError):
             optim.momentum_guided(**bad)
+
+
+def _heavy_tailed_run(transform, seed, steps=400, d=16):
+    """ZO-Adam on a quadratic whose per-step loss is tilted by a heavy-tailed random slope (Student t,
+    2.5 degrees of freedom: finite variance, kurtosis unbounded), like the diffusion loss's samples."""
+    rng = np.random.default_rng(seed)
+    w = np.ones(d)
+    f = lambda th: 0.5 * np.sum((th - w) ** 2)  # noqa: E731
+    rge = optim.RGE(n=2, mu=1e-3)
+    opt = optim.chain(*([transform] if transform else []), optim.adam(lr=2e-2))
+    theta = np.zeros(d, np.float32)
+    state = opt.init(theta)
+    for _ in range(steps):
+        tilt = 3.0 * rng.standard_t(2.5, size=d) * np.exp(rng.standard_normal())  # scale varies by sample
+        z = rge.directions(rng, theta.shape)
+        losses = [f(c.astype(np.float64)) + tilt @ c for c in rge.candidates(theta, z)]
+        updates, state = opt.update(rge.estimate(losses, z), state, theta)
+        theta = optim.apply_updates(theta, updates)
+    return f(theta.astype(np.float64))
+
+
+def test_normalize_gives_every_estimate_length_sqrt_d_and_keeps_its_direction():
+    t = optim.normalize()
+    g = np.array([3.0, -4.0, 0.0, 0.0], np.float32)
+    out, _ = t.update(g, t.init(g))
+    np.testing.assert_allclose(out, 2.0 * g / 5.0, rtol=1e-6)
+    zero, _ = t.update(np.zeros(4, np.float32), t.init(g))
+    assert not zero.any()
+
+
+def test_clip_by_running_norm_cuts_outliers_and_leaves_the_bulk():
+    t = optim.clip_by_running_norm(2.0, decay=0.9)
+    state = t.init(np.zeros(3))
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # the bulk: length about 1, passed through
+        g = rng.standard_normal(3).astype(np.float32)
+        g /= np.linalg.norm(g)
+        out, state = t.update(g, state)
+        np.testing.assert_array_equal(out, g)
+    big = np.array([100.0, 0, 0], np.float32)
+    out, state = t.update(big, state)
+    assert 1.5 < np.linalg.norm(out) < 2.5  # cut to about 2 × the typical length, direction kept
+    assert out[0] > 0 and not out[1:].any()
+    with pytest.raises(ValueError):
+        optim.clip_by_running_norm(0.0)
+
+
+def test_normalize_and_clip_beat_plain_zo_adam_under_heavy_tailed_sample_noise():
+    """Mean over six seeds of the final loss (start 8); measured: plain 5.7, clip 2 3.9, normalize 2.4."""
+    plain = np.mean([_heavy_tailed_run(None, s) for s in range(6)])
+    clipped = np.mean([_heavy_tailed_run(optim.clip_by_running_norm(2.0), s) for s in range(6)])
+    normed = np.mean([_heavy_tailed_run(optim.normalize(), s) for s in range(6)])
+    assert clipped < 0.8 * plain and normed < 0.8 * plain

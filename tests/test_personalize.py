@@ -82,6 +82,8 @@ RECIPE_VARIANTS = [
     dict(recipe="zoodip", reference_scaling=True, adam_eps=1e-3, b1=0.8),
     dict(recipe="zo-edge", weight_decay=0.5, average=0.9),
     dict(recipe="zo-edge", directions="momentum", guided_beta=0.9, guided_alpha=0.3),
+    dict(recipe="zo-edge", clip=1.5),
+    dict(recipe="zo-edge", normalize=True, sg=True),
 ]
 
 

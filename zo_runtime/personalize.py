@@ -78,6 +78,8 @@ class PersonalizeConfig:
     reference_scaling: bool | None = None  # the reference code's 1/sqrt((d+n-1)/n) on the estimate
     weight_decay: float | None = None   # pull toward the init token, λ(θ − θ₀) per step (0: off)
     average: float | None = None        # output the EMA of the iterates with this decay (0: the last iterate)
+    normalize: bool | None = None       # each estimate scaled to length √d (FZOO's step from the losses' spread)
+    clip: float | None = None           # clip each estimate at clip × the running typical length (0: off)
     batch_candidates: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
@@ -171,10 +173,14 @@ def default_run_dir(token: str) -> str:
 
 
 def make_optimizer(cfg: PersonalizeConfig, dim: int) -> optim.GradientTransformation:
-    """(SG) → (the reference's scaling) → (Adam's scaling) → (decay toward θ₀) → a constant or cosine
-    learning rate → (iterate averaging). ``cfg`` resolved; ``dim``: the token's size (for the reference
-    scaling)."""
+    """(normalize or clip the estimate) → (SG) → (the reference's scaling) → (Adam's scaling) → (decay
+    toward θ₀) → a constant or cosine learning rate → (iterate averaging). ``cfg`` resolved; ``dim``: the
+    token's size (for the reference scaling)."""
     parts = []
+    if cfg.normalize:
+        parts.append(optim.normalize())
+    if cfg.clip:
+        parts.append(optim.clip_by_running_norm(cfg.clip))
     if cfg.sg:
         parts.append(optim.subspace_gradient(tau=cfg.tau, nu=cfg.nu))
     if cfg.reference_scaling:
