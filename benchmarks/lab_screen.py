@@ -72,6 +72,7 @@ def combine(baseline: dict, method: str, budget: int, screens: list[dict]) -> di
                   subjects=sorted(subjects), methods=methods, runs=runs, complete=all(s.get("complete") for s in screens),
                   baseline_from={"method": method, "machine": baseline.get("machine"), "runs": len(stored)},
                   screens_from=[{"machine": s.get("machine"), "methods": s["methods"], "runs": len(s["runs"]),
+                                 "provider": s.get("provider") or "cpu", "train_bundle": s.get("train_bundle"),
                                  "complete": s.get("complete"), "wall_seconds": s.get("wall_seconds")} for s in screens],
                   reproduced=reproduced)
     report["summary"] = q.summarize(report)
