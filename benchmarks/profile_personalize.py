@@ -19,7 +19,8 @@ Three measurements, each configuration in a fresh process so that peaks do not m
 Configurations (``--configs``) change one thing against ``default`` (the runtime as shipped; since
 issue 16 that disables the memory pattern, so ``no-mem-pattern`` equals it and ``mem-pattern`` is the old default):
 ``seq`` / ``batched`` candidates, ``no-arena`` (``enable_cpu_mem_arena = False`` on every session),
-``no-mem-pattern`` (``enable_mem_pattern = False``), ``trim`` (``malloc_trim(0)`` after the VAE
+``no-mem-pattern`` (``enable_mem_pattern = False``), ``basic-opt`` (ORT's basic graph optimizations: int8w
+MatMuls stay DequantizeLinear + FP32 MatMul instead of being fused into MatMulNBits at load), ``trim`` (``malloc_trim(0)`` after the VAE
 encoder's release), ``keep-vae`` (the VAE encoder session is not released before training).
 Every run records its per-step RGE losses: a setting that does not change arithmetic gives
 bit-identical losses (the zeroth-order signal unchanged, exactly), which the report checks.
@@ -58,6 +59,9 @@ CONFIGS = {  # name -> (changes to SessionOptions, other switches)
     "no-mem-pattern": ({"enable_mem_pattern": False}, {}),
     "mem-pattern": ({"enable_mem_pattern": True}, {}),  # the runtime's default before issue 16
     "no-arena-no-pattern": ({"enable_cpu_mem_arena": False, "enable_mem_pattern": False}, {}),
+    # ORT's basic graph optimizations only: no DequantizeLinear -> MatMul fusion into MatMulNBits at load, so
+    # an int8w MatMul runs as DequantizeLinear + FP32 MatMul (and no copy of the fused weights is made)
+    "basic-opt": ({"graph_optimization_level": "ORT_ENABLE_BASIC"}, {}),
     "trim": ({}, {"trim": True}),
     "keep-vae": ({}, {"keep_vae": True}),
 }
@@ -126,6 +130,14 @@ def malloc_trim() -> bool:
         return False
 
 
+def set_options(opts, changes: dict) -> None:
+    """Apply a configuration's SessionOptions changes (an optimization level given by its enum name)."""
+    import onnxruntime as ort
+
+    for k, v in changes.items():
+        setattr(opts, k, getattr(ort.GraphOptimizationLevel, v) if k == "graph_optimization_level" else v)
+
+
 def apply_config(name: str):
     """Patch the runtime's one session-options helper with the configuration's changes."""
     from zo_runtime.bundle import Bundle
@@ -136,8 +148,7 @@ def apply_config(name: str):
 
         def session_options(self, graph):
             opts = original(self, graph)
-            for k, v in changes.items():
-                setattr(opts, k, v)
+            set_options(opts, changes)
             return opts
         Bundle.session_options = session_options
 
@@ -343,8 +354,7 @@ def child_ab(args) -> dict:
     import onnxruntime as ort
     for name in names:
         opts = bundle.session_options("unet")
-        for k, v in CONFIGS[name][0].items():
-            setattr(opts, k, v)
+        set_options(opts, CONFIGS[name][0])
         sessions[name] = ort.InferenceSession(str(bundle.root / bundle.graph("unet")["path"]), sess_options=opts,
                                               providers=["CPUExecutionProvider"])
     k, h = args.batch, args.res // 8
@@ -364,7 +374,9 @@ def child_ab(args) -> dict:
     return {"resolution": args.res, "batch": k, "threads": args.threads, "rounds": args.iters,
             "configs": {n: {"s_per_run_median": float(np.median(v)),
                             "ratio_to_first_median": float(np.median(np.array(v) / base)),
-                            "output_identical_to_first": bool(np.array_equal(outs[n], outs[names[0]]))}
+                            "output_identical_to_first": bool(np.array_equal(outs[n], outs[names[0]])),
+                            "output_max_rel_diff_to_first": float(np.abs(outs[n] - outs[names[0]]).max()
+                                                                  / max(np.abs(outs[names[0]]).max(), 1e-30))}
                         for n, v in times.items()}}
 
 
