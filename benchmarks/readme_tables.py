@@ -107,6 +107,10 @@ def _gradient_snr(report: dict, _arg=None) -> str:
     return "\n".join(lines)
 
 
+def _tails(report: dict, _arg=None) -> str:
+    return _bench("lab_tails").table(report)
+
+
 def _sdxl(results: dict, _arg=None) -> str:
     return _bench("bench_sdxl").table(results)
 
@@ -146,6 +150,7 @@ RENDERERS = {
     "zo_signal": _zo_signal,
     "demo": _demo,
     "gradient_snr": _gradient_snr,
+    "tails": _tails,
     "screen": _screen,
     "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
