@@ -4,7 +4,8 @@
         --batch 1,3 --repeats 20 --threads 2 --out docs/results/providers_speed.json
 
 Each row: the median and best of ``--repeats`` timed UNet calls (after two warm-up calls) on random
-inputs of the bundle's shape, at each batch. Rows merge into ``--out`` by (bundle, provider, batch),
+inputs of the bundle's shape (or ``--resolution``), at each batch. Rows merge into ``--out`` by
+(bundle, provider, batch, resolution),
 so the OpenVINO build (its own venv) and the default onnxruntime can add to one file. Timings on a
 shared machine: the file records the load average around each row.
 """
@@ -27,9 +28,9 @@ from bench_zo_signal import versions  # noqa: E402
 from zo_runtime.sysinfo import source_commit  # noqa: E402
 
 
-def time_unet(bundle: Bundle, batch: int, repeats: int) -> list[float]:
+def time_unet(bundle: Bundle, batch: int, repeats: int, resolution: int | None = None) -> list[float]:
     sess = bundle.session("unet")
-    h = bundle.resolution // bundle.vae_scale_factor
+    h = (resolution or bundle.resolution) // bundle.vae_scale_factor
     rng = np.random.default_rng(0)
     ehs = bundle.input_spec("unet", "encoder_hidden_states")["shape"]
     feed = {"sample": rng.standard_normal((batch, bundle.latent_channels, h, h)).astype(np.float32),
@@ -46,12 +47,27 @@ def time_unet(bundle: Bundle, batch: int, repeats: int) -> list[float]:
     return out
 
 
+def table(data: dict) -> str:
+    """The README's table: per row the median and best UNet call, and the median against the first row of
+    the same resolution and batch (the CPU provider's, as the runs are ordered)."""
+    lines = ["| bundle | target | UNet precision | provider | px | batch | median s | best s | median vs first row | 1-min load before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    first = {}
+    for r in data["rows"]:
+        base = first.setdefault((r["resolution"], r["batch"]), r["median_s"])
+        lines.append(f"| {r['bundle']} | {r['target']} | {r['precision']} | {r['provider']} | {r['resolution']} | "
+                     f"{r['batch']} | {r['median_s']:.3f} | {r['best_s']:.3f} | {r['median_s'] / base:.2f}x | "
+                     f"{r['load_avg_1min'][0]:.1f} / {r['load_avg_1min'][1]:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundles", required=True, help="name=path@provider,...")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resolution", type=int, help="image size in px (default: each bundle's own)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     rows = []
@@ -61,9 +77,9 @@ def main(argv=None):
         b = Bundle.load(path, provider=provider, threads=args.threads)
         for batch in (int(x) for x in args.batch.split(",")):
             load0 = os.getloadavg()[0]
-            ts = time_unet(b, batch, args.repeats)
+            ts = time_unet(b, batch, args.repeats, args.resolution)
             row = {"bundle": name, "path": str(path), "provider": provider, "target": b.target,
-                   "precision": b.graph("unet").get("precision"), "resolution": b.resolution, "batch": batch,
+                   "precision": b.graph("unet").get("precision"), "resolution": args.resolution or b.resolution, "batch": batch,
                    "median_s": round(float(np.median(ts)), 4), "best_s": round(float(np.min(ts)), 4),
                    "repeats": args.repeats, "threads": args.threads,
                    "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
@@ -74,7 +90,7 @@ def main(argv=None):
     if args.out:
         out = Path(args.out)
         data = json.loads(out.read_text()) if out.exists() else {"runs": [], "rows": []}
-        key = lambda r: (r["bundle"], r["provider"], r["batch"])  # noqa: E731
+        key = lambda r: (r["bundle"], r["provider"], r["batch"], r.get("resolution"))  # noqa: E731
         new = {key(r) for r in rows}
         data["rows"] = [r for r in data["rows"] if key(r) not in new] + rows
         data["runs"].append({"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),

@@ -107,6 +107,10 @@ def _gradient_snr(report: dict, _arg=None) -> str:
     return "\n".join(lines)
 
 
+def _providers_speed(data: dict, _arg=None) -> str:
+    return _bench("bench_providers").table(data)
+
+
 def _tails(report: dict, _arg=None) -> str:
     return _bench("lab_tails").table(report)
 
@@ -151,6 +155,7 @@ RENDERERS = {
     "demo": _demo,
     "gradient_snr": _gradient_snr,
     "tails": _tails,
+    "providers_speed": _providers_speed,
     "screen": _screen,
     "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
