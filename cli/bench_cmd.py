@@ -95,7 +95,8 @@ def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k,
 @click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(), required=True)
 @click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG: subject fidelity vs UNet passes.")
-def merge(reports, out, plot_path):
+@click.option("--methods", default=None, help="Keep only these methods' runs (comma-separated names as in the reports).")
+def merge(reports, out, plot_path, methods):
     """Merge `bench quality` reports of one protocol (e.g. methods run separately) into one."""
     from zo_edge.models import quality as q
 
@@ -103,7 +104,7 @@ def merge(reports, out, plot_path):
         loaded = [json.loads(Path(p).read_text()) for p in reports]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read a report: {e}") from None
-    merged = q.merge_reports(loaded)
+    merged = q.merge_reports(loaded, keep=methods.split(",") if methods else None)
     write_json(out, merged, what="report")
     click.echo(q.format_table(merged["summary"]))
     if plot_path:

@@ -256,7 +256,7 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
                 "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "workers": workers,
                 "threads": threads, "subjects": [str(s) for s in subjects], "methods": methods,
                 "train_bundle": train_bundle, "provider": provider,
-                "machine": machine_info()}
+                "recipes": recipe_definitions(), "machine": machine_info()}
     t0 = time.time()
 
     failed: list[dict] = []
@@ -301,9 +301,17 @@ def _protocol(report: dict, key: str):
     return parts[-2] if parts[-3:-2] == ("models",) and parts[-1] == "bundle" else report["bundle"]
 
 
-def merge_reports(reports: list[dict]) -> dict:
+def merge_reports(reports: list[dict], keep: list[str] | None = None) -> dict:
     """Several ``quality_benchmark`` reports of the same protocol (bundle, budgets, k, prompts) as one:
-    runs concatenated, methods in order; refuses reports whose protocols differ."""
+    runs concatenated, methods in order (only those in ``keep``, if given); refuses reports whose
+    protocols differ."""
+    if keep is not None:
+        missing = [m for m in keep if not any(m in r["methods"] for r in reports)]
+        if missing:
+            from zo_runtime.errors import UserError
+            raise UserError(f"no report has the method(s) {', '.join(missing)}")
+        reports = [dict(r, methods=[m for m in r["methods"] if m in keep],
+                        runs=[run for run in r["runs"] if run["method"] in keep]) for r in reports]
     keys = ("model", "k", "n_refs", "prompts", "gen_steps", "guidance")
     first = reports[0]
     for r in reports[1:]:
@@ -311,7 +319,14 @@ def merge_reports(reports: list[dict]) -> dict:
         if diff:
             from zo_runtime.errors import UserError
             raise UserError(f"reports differ in {', '.join(diff)}; only runs of one protocol can be merged")
+    recorded = [r["recipes"] for r in reports if "recipes" in r]
+    if any(x != recorded[0] for x in recorded):
+        from zo_runtime.errors import UserError
+        raise UserError("reports were made with different recipe definitions; rename their runs to today's "
+                        "first (benchmarks/relabel_recipe.py)")
     merged = dict(first)
+    if recorded:
+        merged["recipes"] = recorded[0]
     merged["methods"] = list(dict.fromkeys(m for r in reports for m in r["methods"]))
     merged["budgets"] = sorted(set(b for r in reports for b in r["budgets"]))
     merged["seeds"] = max(r["seeds"] for r in reports)
@@ -337,6 +352,14 @@ def machine_info() -> dict:
     commit = source_commit()
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
             "commit": commit}
+
+
+def recipe_definitions() -> dict:
+    """The recipes' fields as this code defines them: what a method name in this report means
+    (benchmarks/relabel_recipe.py renames runs when a definition changes later)."""
+    from zo_runtime.recipe import RECIPES
+
+    return {name: dict(fields) for name, fields in RECIPES.items()}
 
 
 def bootstrap_ci(values, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:

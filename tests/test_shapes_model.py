@@ -263,3 +263,19 @@ def test_a_budget_counts_only_runs_that_reached_it():
     assert rows[("zo-edge", 90)]["subject_fidelity"] == pytest.approx(0.6)
     (p,) = q.paired(merged, "zoodip", budget=90)
     assert p["pairs"] == 1 and p["difference"] == pytest.approx(0.5)
+
+
+def test_merge_keeps_only_the_methods_asked_and_refuses_mixed_recipe_definitions():
+    from zo_edge.models import quality as q
+
+    a = _fake_report("zoodip", {("red:striped:star", 0): 0.5})
+    b = dict(_fake_report("zo-edge", {("red:striped:star", 0): 0.7}), methods=["zo-edge"])
+    kept = q.merge_reports([a, b], keep=["zo-edge"])
+    assert kept["methods"] == ["zo-edge"] and {r["method"] for r in kept["runs"]} == {"zo-edge"}
+    with pytest.raises(Exception, match="no report has"):
+        q.merge_reports([a, b], keep=["ti"])
+    defs = q.recipe_definitions()
+    changed = {**defs, "zo-edge": {**defs["zo-edge"], "clip": 0.0}}
+    with pytest.raises(Exception, match="different recipe definitions"):
+        q.merge_reports([dict(a, recipes=defs), dict(b, recipes=changed)])
+    assert q.merge_reports([dict(a, recipes=defs), dict(b, recipes=defs)])["recipes"] == defs
