@@ -25,6 +25,8 @@ from zo_runtime.personalize import PersonalizeConfig, make_estimator, make_optim
 VARIANTS = {
     "zoodip": dict(recipe="zoodip"),
     "zo-edge": dict(recipe="zo-edge"),
+    "zo-edge, no clip": dict(recipe="zo-edge", clip=0.0),
+    "normalize": dict(recipe="zo-edge", clip=0.0, normalize=True),
     "antithetic n=1": dict(recipe="zo-edge", antithetic=True, n=1),
     "orthogonal": dict(recipe="zo-edge", directions="orthogonal"),
     "guided k=4": dict(recipe="zo-edge", directions="guided"),
