@@ -197,6 +197,7 @@ def replace(args, flag, value):
     ("--rank", "-2", "--rank"),
     ("--guided-alpha", "0", "alpha"),
     ("--weight-decay", "-1", "weight decay"), ("--guided-beta", "1", "beta"), ("--average", "1.0", "averaging decay"),
+    ("--clip", "-1", "clip"), ("--clip", "nan", "clip"),
     ("--token", "dog", "already a token"), ("--init", "zzzqqqxyzzy", "single token"),
 ])
 def test_bad_flags_one_line(base_args, flag, value, needle):

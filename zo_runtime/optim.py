@@ -445,9 +445,9 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
 def normalize() -> GradientTransformation:
     """ĝ ← √d · ĝ / ‖ĝ‖: every step's estimate gets the same length, its direction unchanged.
 
-    RGE's directional derivatives are heavy-tailed on the shapes model (measured during zo-edge runs:
-    kurtosis about 20, the largest 1 % of them carry a third of the energy; the lowest timesteps the
-    largest), so a few samples decide Adam's moments. Normalizing weighs every sample alike: ĝ/‖ĝ‖
+    RGE's directional derivatives are heavy-tailed on the shapes model (measured during zo-edge runs,
+    benchmarks/lab_tails.py: kurtosis 19 to 88, the largest 1 % of them carry 31-59 % of the energy,
+    the lowest timesteps give the largest), so a few samples decide Adam's moments. Normalizing weighs every sample alike: ĝ/‖ĝ‖
     estimates the mean of the per-sample unit gradients. The step size from the spread of the step's
     own losses is FZOO's (Dang et al. 2025, "FZOO: Fast Zeroth-Order Optimizer"); ‖ĝ‖ is that spread
     times ‖z‖ for one-sided RGE. A zero estimate stays zero."""
@@ -464,11 +464,13 @@ def normalize() -> GradientTransformation:
 
 def clip_by_running_norm(clip: float, decay: float = 0.99) -> GradientTransformation:
     """ĝ ← ĝ · min(1, c · r / ‖ĝ‖), r the running geometric mean of the earlier estimates' ‖ĝ‖ (EMA
-    of log ‖ĝ‖ with ``decay``, bias-corrected; the first estimate passes and sets it). Clipping at a multiple of the typical
-    size keeps the ordinary estimates as they are and cuts the rare huge ones that heavy-tailed
-    directional derivatives produce (see :func:`normalize`); the log average is not moved much by
-    those outliers, so the threshold stays where the bulk is. Gradient clipping for heavy-tailed noise:
-    Zhang et al. 2020 (arXiv 1912.03194)."""
+    of log ‖ĝ‖ with ``decay``, bias-corrected; the first estimate passes and sets it).
+
+    Clipping at a multiple of the typical size keeps the ordinary estimates as they are and cuts the
+    rare huge ones that heavy-tailed directional derivatives produce (see :func:`normalize`); the log
+    average is hardly moved by those outliers, so the threshold stays where the bulk is. Gradient
+    clipping for heavy-tailed noise: Zhang et al. 2020 (arXiv 1912.03194). The ``zo-edge`` recipe
+    clips at c = 2 (docs/estimator-lab.md)."""
     _finite_positive("clip", clip)
     _unit_interval("clip decay", decay)
 
