@@ -14,7 +14,8 @@ A recipe is the one place a default lives. ``PersonalizeConfig`` leaves every re
   lr 1e-2 and lr 4e-2 with [0, 500) were each worse (paired, 18 pairs). Each gradient estimate is
   clipped at 2× the running typical length (``clip``): RGE's directional derivatives are heavy-tailed
   (kurtosis 19-88 during runs), and clipping gained +7.5 points (+1.1 to +14.7) over 18 pairs, +5.8 on
-  the untuned subjects (6 pairs); normalizing every estimate instead gained nothing (+0.6).
+  the untuned subjects (6 pairs); normalizing every estimate instead gained nothing (+0.6), clip 1
+  lost to clip 2, and at 9,000 passes clipping is not ahead (-5.0, not separated, 8 pairs).
 """
 from __future__ import annotations
 
