@@ -2,6 +2,7 @@
 
     python benchmarks/bench_providers.py --bundles int8w=shapes-portable@cpu,int8w=shapes-portable@openvino \\
         --batch 1,3 --repeats 20 --threads 2 --out docs/results/providers_speed.json
+    python benchmarks/bench_providers.py --combine cpu1.json ov1.json cpu2.json ov2.json --out speed.json
 
 Each row: the median and best of ``--repeats`` timed UNet calls (after two warm-up calls) on random
 inputs of the bundle's shape (or ``--resolution``), at each batch. Rows merge into ``--out`` by
@@ -49,27 +50,53 @@ def time_unet(bundle: Bundle, batch: int, repeats: int, resolution: int | None =
 
 def table(data: dict) -> str:
     """The README's table: per row the median and best UNet call, and the median against the first row of
-    the same resolution and batch (the CPU provider's, as the runs are ordered)."""
-    lines = ["| bundle | target | UNet precision | provider | px | batch | median s | best s | median vs first row | 1-min load before / after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    the same round, resolution and batch (the CPU provider's, as the runs are ordered). Rows carry a
+    ``round`` when runs of the two onnxruntime builds took turns (``combine``)."""
+    lines = ["| round | bundle | target | UNet precision | provider | px | batch | median s | best s | median vs first row | 1-min load before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     first = {}
     for r in data["rows"]:
-        base = first.setdefault((r["resolution"], r["batch"]), r["median_s"])
-        lines.append(f"| {r['bundle']} | {r['target']} | {r['precision']} | {r['provider']} | {r['resolution']} | "
+        base = first.setdefault((r.get("round"), r["resolution"], r["batch"]), r["median_s"])
+        lines.append(f"| {r.get('round', 1)} | {r['bundle']} | {r['target']} | {r['precision']} | {r['provider']} | {r['resolution']} | "
                      f"{r['batch']} | {r['median_s']:.3f} | {r['best_s']:.3f} | {r['median_s'] / base:.2f}x | "
                      f"{r['load_avg_1min'][0]:.1f} / {r['load_avg_1min'][1]:.1f} |")
     return "\n".join(lines)
 
 
+def combine(paths: list[str], out: str) -> dict:
+    """Results files of runs that took turns (CPU build, OpenVINO build, CPU build, ...), in the order
+    given, as one file: each run's rows tagged with its round (a new round starts at each repeated row key)."""
+    data, seen, rnd = {"runs": [], "rows": []}, set(), 1
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        keys = {(r["bundle"], r["provider"], r["batch"], r.get("resolution")) for r in part["rows"]}
+        if keys & seen:
+            rnd, seen = rnd + 1, set()
+        seen |= keys
+        data["rows"] += [dict(r, round=rnd) for r in part["rows"]]
+        data["runs"] += part["runs"]
+    Path(out).write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundles", required=True, help="name=path@provider,...")
+    ap.add_argument("--bundles", help="name=path@provider,...")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resolution", type=int, help="image size in px (default: each bundle's own)")
     ap.add_argument("--out")
+    ap.add_argument("--combine", nargs="+", metavar="RESULTS", help="write the runs of these results files, "
+                    "which took turns, to --out as rounds, and stop")
     args = ap.parse_args(argv)
+    if args.combine:
+        if not args.out:
+            ap.error("--combine needs --out")
+        print(table(combine(args.combine, args.out)))
+        return
+    if not args.bundles:
+        ap.error("--bundles is required (or --combine)")
     rows = []
     for item in args.bundles.split(","):
         name, rest = item.split("=", 1)
