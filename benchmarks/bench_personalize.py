@@ -137,6 +137,7 @@ def main():
         args.bundle = str(work / "sd15-int8")
 
     skip = set(filter(None, args.skip.split(",")))
+    loadavg_start = [round(x, 2) for x in __import__("os").getloadavg()]
     rows = []
     for res in [int(r) for r in args.resolutions.split(",")]:
         args.res_now = res
@@ -167,7 +168,37 @@ def main():
         print(f"| {r['resolution']} | {r['config']} | {r['s_per_iter']:.2f} | {r['unet_passes_per_s']:.2f} | "
               f"{r['peak_rss_mb']:.0f} | {ratio_t} | {ratio_m} |")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        import os
+
+        from zo_runtime.sysinfo import source_commit
+        report = {"benchmark": "bench_personalize", "commit": source_commit(), "bundle": args.bundle,
+                  "source": args.source, "iters": args.iters, "warmup": args.warmup,
+                  "threads": "onnxruntime and torch defaults (every core)",
+                  "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                              "python": platform.python_version()},
+                  "loadavg_start": loadavg_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                  "rows": rows}
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+def table(report: dict) -> str:
+    """The README's table: per resolution and configuration, s/iter, UNet passes/s and peak RSS, with
+    the ratios to PyTorch FP32 backprop TI's step at the same resolution."""
+    rows = report["rows"] if isinstance(report, dict) else report
+    lines = ["| px | configuration | s / iter | UNet passes / iter | peak RSS MB | time vs PyTorch TI | memory vs PyTorch TI |",
+             "|---|---|---|---|---|---|---|"]
+    names = {"zo-batched": "zo-edge, ORT int8w, candidates batched", "zo-seq": "zo-edge, ORT int8w, sequential",
+             "torch-ti": "PyTorch FP32 backprop TI (fwd + bwd + Adam)", "torch-fwd": "PyTorch FP32 forward only, 3 candidates batched"}
+    for r in rows:
+        if "error" in r:
+            continue
+        base = next((b for b in rows if b["config"] == "torch-ti" and b["resolution"] == r["resolution"]
+                     and "s_per_iter" in b), None)
+        lines.append(f"| {r['resolution']} | {names.get(r['config'], r['config'])} | {r['s_per_iter']:.2f} | "
+                     f"{r['unet_passes_per_iter']} | {r['peak_rss_mb']:,.0f} | "
+                     + (f"{r['s_per_iter'] / base['s_per_iter']:.2f}x | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |"
+                        if base else "- | - |"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,10 @@ def _gradient_snr(report: dict, _arg=None) -> str:
     return "\n".join(lines)
 
 
+def _personalize_speed(data: dict, _arg=None) -> str:
+    return _bench("bench_personalize").table(data)
+
+
 def _providers_speed(data: dict, _arg=None) -> str:
     return _bench("bench_providers").table(data)
 
@@ -156,6 +160,7 @@ RENDERERS = {
     "gradient_snr": _gradient_snr,
     "tails": _tails,
     "providers_speed": _providers_speed,
+    "personalize_speed": _personalize_speed,
     "screen": _screen,
     "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
