@@ -54,7 +54,7 @@ def child_zo(args) -> dict:
     trainer.train(callback=lambda s, th: stamps.append(time.time()))
     per = np.diff(stamps[args.warmup - 1:]) if args.warmup else np.diff([stamps[0]] + stamps)
     return {"setup_s": setup, "setup_peak_rss_mb": setup_peak, "s_per_iter": float(np.median(per)),
-            "unet_passes_per_iter": cfg.n + 1}
+            "unet_passes_per_iter": trainer.rge.passes}
 
 
 def child_torch(args, backprop: bool) -> dict:
