@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from zo_edge.models.quality import override_value  # noqa: E402
 from zo_runtime.recipe import RECIPE_FIELDS, RECIPES, ZOODIP  # noqa: E402
 from zo_runtime.outputs import write_json, write_text  # noqa: E402
 
@@ -36,13 +37,6 @@ CHANGES = [
 NAME_KEYS = ("method", "reference", "recipe", "variant")
 
 
-def _value(key: str, text: str):
-    kind = type(ZOODIP[key])
-    if kind is bool:
-        return text.lower() in ("true", "on", "1")
-    return kind(text)
-
-
 def relabel(spec: str, change: int = -1) -> str:
     """The name after ``CHANGES[change]`` of the run ``spec`` named before it."""
     _, before, after = CHANGES[change]
@@ -51,7 +45,7 @@ def relabel(spec: str, change: int = -1) -> str:
     if base not in before or any("=" not in o or o.partition("=")[0] not in ZOODIP for o in overrides):
         return spec
     old, new = before[base], after[base]
-    given = {o.partition("=")[0]: _value(*o.split("=", 1)) for o in overrides}
+    given = {o.partition("=")[0]: override_value(*o.split("=", 1)) for o in overrides}
     added = [f"{k}={old[k]}" for k in RECIPE_FIELDS if k not in given and old[k] != new[k]]
     kept = [o for o in overrides if given[o.partition("=")[0]] != new[o.partition("=")[0]]]
     return "+".join([base, *kept, *added]) + (f"@{arm}" if arm else "")

@@ -71,18 +71,23 @@ def parse_method(spec: str, allow_arm: bool = True) -> dict | None:
         key, sep, text = item.partition("=")
         if not sep or key not in ZOODIP:
             raise UserError(f"method {spec!r}: {item!r} is not key=value with key one of {', '.join(ZOODIP)}")
-        kind = type(ZOODIP[key])
         try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "on", "off", "1", "0"):
-                    raise ValueError(text)
-                value = text.lower() in ("true", "on", "1")
-            else:
-                value = kind(text)
+            fields[key] = override_value(key, text)
         except ValueError:
-            raise UserError(f"method {spec!r}: {key} needs a {kind.__name__}, got {text!r}") from None
-        fields[key] = value
+            raise UserError(f"method {spec!r}: {key} needs a {type(ZOODIP[key]).__name__}, got {text!r}") from None
     return fields
+
+
+def override_value(key: str, text: str):
+    """The value of a method name's ``+key=text`` override, typed as the recipe field (ValueError if not)."""
+    from zo_runtime.recipe import ZOODIP
+
+    kind = type(ZOODIP[key])
+    if kind is bool:
+        if text.lower() not in ("true", "false", "on", "off", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "on", "1")
+    return kind(text)
 
 
 def _resolved(fields: dict):
