@@ -20,7 +20,7 @@ import numpy as np
 
 from zo_runtime import optim
 from zo_runtime.sysinfo import source_commit
-from zo_runtime.personalize import PersonalizeConfig, make_estimator, make_optimizer
+from zo_runtime.personalize import PersonalizeConfig, make_estimator, make_optimizer, pca_basis
 
 VARIANTS = {
     "zoodip": dict(recipe="zoodip"),
@@ -39,7 +39,8 @@ def time_variant(fields: dict, d: int, steps: int, seed: int = 0) -> float:
     cfg = PersonalizeConfig(model="", images="", token="<t>", init="", out="", steps=steps, **fields).resolved()
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((8192, d)).astype(np.float32)
-    rge, opt = make_estimator(cfg, table=table), make_optimizer(cfg, dim=d)
+    basis = pca_basis(cfg, table)
+    rge, opt = make_estimator(cfg, basis), make_optimizer(cfg, dim=d, basis=basis)
     theta = table[0:1].copy()
     s_state, o_state = rge.sampler.init(theta), opt.init(theta)
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
 @click.option("--mu", type=float, default=None, help=_recipe_help("RGE smoothing radius", "mu"))
 @click.option("--antithetic/--one-sided", default=None, help=_recipe_help("two-sided differences (2n passes a step)", "antithetic"))
 @click.option("--directions", type=click.Choice(list(DIRECTIONS)), default=None, help=_recipe_help("RGE directions", "directions"))
-@click.option("--rank", type=int, default=None, help=_recipe_help(f"token-pca subspace rank / guided history (0: {DEFAULT_RANK['token-pca']} / {DEFAULT_RANK['guided']})", "rank"))
+@click.option("--rank", type=int, default=None, help=_recipe_help(f"token-pca / vocab-pca subspace rank / guided history (0: {DEFAULT_RANK['token-pca']} / {DEFAULT_RANK['guided']})", "rank"))
 @click.option("--guided-alpha", type=float, default=None, help=_recipe_help("guided, momentum: isotropic share", "guided_alpha"))
 @click.option("--guided-beta", type=float, default=None, help=_recipe_help("momentum: decay of the estimates' average that guides", "guided_beta"))
 @click.option("--sg/--no-sg", default=None, help=_recipe_help("Subspace Gradient", "sg"))
@@ -63,6 +63,8 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
               help=_recipe_help("scale each gradient estimate to the same length (FZOO)", "normalize"))
 @click.option("--clip", type=float, default=None,
               help=_recipe_help("clip each estimate at this multiple of its running typical length (0: off)", "clip"))
+@click.option("--subspace-steps/--no-subspace-steps", "subspace_steps", default=None,
+              help=_recipe_help("token-/vocab-pca: the optimizer works in the subspace's coordinates, so the token moves only within it", "subspace_steps"))
 @click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default=DEFAULTS["batch_candidates"], show_default=True)
 @click.option("--captions", type=click.Path(), help="Per-image captions: '<file>\\t<caption with {}>' lines.")
 @click.option("--no-upscale", is_flag=True, help="Refuse images smaller than the resolution.")

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from zo_runtime.bundle import TOKEN_FILL_FILE, fill_table, trim_table
+from zo_runtime.bundle import TOKEN_FILL_FILE, VOCABULARY_FILE, fill_table, trim_table
 from zo_runtime.manifest import FILL_GENERATORS
 from zo_runtime.errors import UserError
 from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
@@ -221,6 +221,19 @@ def trim_token_table(bundle: Path, table_path: Path, fill_spec: Path) -> dict:
             "dtype": "float32", "fill": fill, "stored_rows": int(len(ids))}
 
 
+def read_vocabulary(path: Path, vocab: int) -> list[int]:
+    """The token ids a source declares it was trained on (``text_encoder/zo_edge_vocabulary.json``:
+    ``{"ids": [...]}``), for the bundle's ``token_embedding.vocabulary_ids`` (docs/bundle.md)."""
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8")).get("ids")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if (not isinstance(ids, list) or len(ids) < 2 or not all(type(i) is int and 0 <= i < vocab for i in ids)
+            or len(set(ids)) != len(ids)):
+        raise UserError(f"{path}: 'ids' must list at least 2 distinct token ids below {vocab}")
+    return sorted(ids)
+
+
 def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: int, provider: str, fuse: bool,
            per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, st: Stages,
            data: CalibrationData, target: str = "cpu", batch: int | None = None) -> dict:
@@ -405,6 +418,9 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             token_entry = trim_token_table(bundle, table_path, fill_spec)
             st.say(f"[finalize] token table trimmed to its {token_entry['stored_rows']} trained rows; the others "
                    f"regenerate from {token_entry['fill']}")
+        vocab_spec = info.path / "text_encoder" / VOCABULARY_FILE
+        if vocab_spec.exists():
+            token_entry["vocabulary_ids"] = read_vocabulary(vocab_spec, int(token_entry["shape"][0]))
         shutil.copytree(info.path / "tokenizer", bundle / "tokenizer")
         (bundle / "scheduler").mkdir()
         shutil.copyfile(info.path / "scheduler" / "scheduler_config.json", bundle / "scheduler" / "scheduler_config.json")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import time
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from zo_edge.models import world
 from zo_edge.models.clip_vocab import write_clip_tokenizer
+from zo_runtime.bundle import VOCABULARY_FILE
 
 RESOLUTION = 32
 
@@ -70,6 +72,26 @@ def train_caption(subject: world.Subject, bg: str, rng: np.random.Generator) -> 
     text = world.caption(subject, bg, rng, drop=0.15)
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     return prefix + text if prefix else text
+
+
+def vocabulary_prompts() -> list[str]:
+    """Prompts that together use every word :func:`train_caption` can produce."""
+    out = ["", "a shape"]
+    for s, c, p in itertools.product(world.SHAPES, world.COLOURS, world.PATTERNS):
+        for bg in world.BACKGROUNDS:
+            out += [prefix + world.caption(world.Subject(s, c, p), bg) for prefix in set(PREFIXES)]
+    return out
+
+
+def write_vocabulary(tokenizer, text_encoder_dir: Path) -> list[int]:
+    """``text_encoder/zo_edge_vocabulary.json``: the token rows training touches (the others keep their
+    random initialization); convert puts them in the bundle's ``token_embedding.vocabulary_ids``."""
+    ids = tokenizer(vocabulary_prompts(), padding="max_length", max_length=77, truncation=True,
+                    return_tensors="np").input_ids
+    vocab = sorted(int(i) for i in np.unique(ids))
+    (Path(text_encoder_dir) / VOCABULARY_FILE).write_text(json.dumps(
+        {"ids": vocab, "what": "token ids of every word the shapes captions use (zo_edge.models.train_shapes)"}))
+    return vocab
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -251,6 +273,7 @@ def main(argv=None) -> None:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(where)
+        write_vocabulary(tokenizer, where / "text_encoder")
         (where / "zo_edge_recipe.json").write_text(json.dumps({
             "recipe": "zo_edge.models.train_shapes", "seed": args.seed, "images": args.images,
             "vae_steps": args.vae_steps, "unet_steps": step, "batch": args.batch, "lr": args.lr,

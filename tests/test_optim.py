@@ -342,6 +342,58 @@ def test_token_pca_basis_finds_the_planted_directions_of_a_table():
         optim.token_pca_basis(table, rank=d + 1)
 
 
+def test_token_pca_basis_of_the_vocabulary_rows_finds_what_a_table_sample_misses():
+    """A table that is mostly untrained random rows (as the shapes models'): PCA of the trained rows
+    recovers their directions; a sample of the whole table returns noise."""
+    rng = np.random.default_rng(6)
+    d, vocab = 64, 49408  # the shapes model's table: 35 trained rows of norm 0.25-0.75, the rest 0.15
+    planted = np.linalg.qr(rng.standard_normal((d, 3)))[0].T
+    table = 0.02 * rng.standard_normal((vocab, d))
+    trained = rng.choice(vocab, size=35, replace=False)
+    table[trained] = (rng.standard_normal((35, 3)) * [0.5, 0.4, 0.3]) @ planted + 0.01 * rng.standard_normal((35, d))
+    table = table.astype(np.float32)
+    near = lambda b: np.linalg.norm(b.T @ b - planted.T @ planted)  # noqa: E731
+    assert near(optim.token_pca_basis(table, 3, rows=trained)) < 0.1
+    assert near(optim.token_pca_basis(table, 3)) > 1.0
+    with pytest.raises(ValueError, match="rank"):
+        optim.token_pca_basis(table, 35, rows=trained)  # 35 centred rows span at most 34 directions
+    with pytest.raises(ValueError, match="vocabulary rows"):
+        optim.token_pca_basis(table, 1, rows=[vocab])
+
+
+def test_adam_in_subspace_coordinates_keeps_its_steps_in_the_span():
+    """Subspace directions give estimates inside span(B); plain ZO-Adam's per-coordinate scaling
+    moves θ out of it, in_subspace(B, adam) does not, and still reaches the optimum within the span
+    of a quadratic whose minimum lies there."""
+    rng = np.random.default_rng(8)
+    d, r = 24, 4
+    basis = np.linalg.qr(rng.standard_normal((d, r)))[0].T.astype(np.float32)
+    target = (basis.T @ rng.standard_normal(r)).astype(np.float64)
+    f, _ = quadratic(np.eye(d), target)  # minimum at target, inside span(B)
+    rge = optim.RGE(n=2, mu=1e-3, sampler=optim.subspace(basis))
+
+    def run(opt):
+        theta = np.zeros(d, np.float32)
+        state = opt.init(theta)
+        for _ in range(600):
+            z = rge.directions(rng, theta.shape)
+            g = rge.estimate([f(c.astype(np.float64)) for c in rge.candidates(theta, z)], z)
+            upd, state = opt.update(g, state, theta)
+            theta = optim.apply_updates(theta, upd)
+        return theta.astype(np.float64)
+
+    outside = lambda x: np.linalg.norm(x - basis.T @ (basis @ x))  # noqa: E731
+    plain = run(optim.adam(lr=0.02))
+    inside = run(optim.in_subspace(basis, optim.adam(lr=0.02)))
+    assert outside(plain) > 0.1 * np.linalg.norm(plain)
+    assert outside(inside) < 1e-5 * np.linalg.norm(inside)
+    assert np.linalg.norm(inside - target) < 0.2 * np.linalg.norm(target)
+    state = optim.in_subspace(basis, optim.adam(lr=0.02)).init(np.zeros((3, d), np.float32))
+    assert state[0].mu.shape == (3, r)  # Adam's moments are r-dimensional
+    with pytest.raises(ValueError):
+        optim.in_subspace(np.ones((2, d)), optim.sgd(0.1))
+
+
 def test_reference_step_rule_and_schedules():
     """The reference code's 1/√((d+n−1)/n) scaling is a plain scale; Adam is invariant to it up to ε."""
     assert optim.reference_scale(768, 2) == pytest.approx(1 / np.sqrt(769 / 2))

@@ -78,6 +78,8 @@ RECIPE_VARIANTS = [
     dict(recipe="zo-edge"),
     dict(recipe="zo-edge", directions="guided", rank=3, antithetic=True, n=1),
     dict(recipe="zo-edge", directions="token-pca", rank=4, schedule="cosine", lr=2e-2),
+    dict(recipe="zo-edge", directions="vocab-pca", rank=3),
+    dict(recipe="zo-edge", directions="token-pca", rank=3, subspace_steps=True, average=0.9),
     dict(recipe="zo-edge", directions="orthogonal", optimizer="sgd", lr=1.0),
     dict(recipe="zoodip", reference_scaling=True, adam_eps=1e-3, b1=0.8),
     dict(recipe="zo-edge", weight_decay=0.5, average=0.9),
@@ -341,6 +343,67 @@ def test_unknown_choices_refused_with_exit_2(base_args, flag, value):
 def test_rank_larger_than_the_token_is_refused(base_args):
     line = cli_err(base_args + ["--directions", "token-pca", "--rank", "100000"])
     assert line.startswith("zo-edge: error:") and "--rank" in line
+
+
+def with_vocabulary(bundle: Path, dest: Path, ids) -> Path:
+    """A copy of ``bundle`` whose manifest declares ``ids`` as the rows its model was trained on."""
+    shutil.copytree(bundle, dest)
+    m = json.loads((dest / "zo-edge.json").read_text())
+    m["token_embedding"]["vocabulary_ids"] = ids
+    (dest / "zo-edge.json").write_text(json.dumps(m))
+    return dest
+
+
+def test_vocab_pca_moves_the_token_only_within_its_vocabulary_subspace(tiny_bundle_int8, ref_images, tmp_path):
+    """vocab-pca probes only along the top principal directions of the declared vocabulary rows, so
+    every estimate lies in their span, and with ZO-SGD so does θ − θ₀ (not in token-pca's span of the
+    whole table). ZO-Adam's per-coordinate scaling takes its steps out of the span."""
+    from zo_runtime import optim
+    ids = list(range(1000, 1040))
+    bundle = with_vocabulary(tiny_bundle_int8, tmp_path / "b", ids)
+    res = Trainer(make_cfg(bundle, ref_images, tmp_path, recipe="zo-edge", directions="vocab-pca", rank=4,
+                           optimizer="sgd", lr=1.0, steps=6)).train()
+    table = Bundle.load(bundle).token_table
+    basis = optim.token_pca_basis(table, 4, rows=ids)
+    move = (res.theta[0] - table[1929]).astype(np.float64)  # init "dog</w>"
+    assert np.linalg.norm(move) > 0
+    assert np.linalg.norm(move - basis.T @ (basis @ move)) < 1e-4 * np.linalg.norm(move)
+    whole = optim.token_pca_basis(table, 4)
+    assert np.linalg.norm(move - whole.T @ (whole @ move)) > 0.5 * np.linalg.norm(move)
+
+
+def test_subspace_steps_keep_an_adam_token_in_the_span(tiny_bundle_int8, ref_images, tmp_path):
+    from zo_runtime import optim
+    ids = list(range(1000, 1040))
+    bundle = with_vocabulary(tiny_bundle_int8, tmp_path / "b", ids)
+    res = Trainer(make_cfg(bundle, ref_images, tmp_path, recipe="zo-edge", directions="vocab-pca", rank=4,
+                           subspace_steps=True, steps=6)).train()
+    table = Bundle.load(bundle).token_table
+    basis = optim.token_pca_basis(table, 4, rows=ids)
+    move = (res.theta[0] - table[1929]).astype(np.float64)
+    assert np.linalg.norm(move) > 0
+    assert np.linalg.norm(move - basis.T @ (basis @ move)) < 1e-4 * np.linalg.norm(move)
+
+
+def test_subspace_steps_without_a_subspace_are_refused(base_args):
+    line = cli_err(base_args + ["--subspace-steps"])
+    assert line.startswith("zo-edge: error:") and "--subspace-steps needs --directions" in line
+
+
+def test_vocab_pca_rank_above_the_vocabulary_is_refused(tiny_bundle_int8, ref_images, tmp_path):
+    bundle = with_vocabulary(tiny_bundle_int8, tmp_path / "b", [5, 6, 7, 8, 9])
+    args = ["--model", str(bundle), "--images", str(ref_images), "--token", "<zz-tok>", "--init", "dog",
+            "--out", str(tmp_path / "o.safetensors"), "--run-dir", str(tmp_path / "r"), "--steps", "2"]
+    line = cli_err(args + ["--directions", "vocab-pca", "--rank", "5"])
+    assert line.startswith("zo-edge: error:") and "--rank" in line and "5 vocabulary rows" in line
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("ids", [[3], [1, 1, 2], [0, 10 ** 9], "all", [1.5, 2]])
+def test_bad_vocabulary_in_a_manifest_gives_one_line(tiny_bundle_int8, tmp_path, ids):
+    bundle = with_vocabulary(tiny_bundle_int8, tmp_path / "b", ids)
+    with pytest.raises(UserError, match="vocabulary_ids"):
+        Bundle.load(bundle).vocabulary_ids
 
 
 def test_averaging_recipe_writes_the_average_of_its_iterates(tiny_bundle_int8, ref_images, tmp_path):

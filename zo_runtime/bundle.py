@@ -58,6 +58,7 @@ def seeded_rows(seed: int, rows: int, dim: int, std: float, start: int = 0) -> n
 
 
 TOKEN_FILL_FILE = "zo_edge_token_fill.json"  # in a diffusers text_encoder folder: how its untrained rows were made
+VOCABULARY_FILE = "zo_edge_vocabulary.json"  # in a diffusers text_encoder folder: {"ids": the rows it was trained on}
 def fill_table(rows: np.ndarray, ids: np.ndarray, fill: dict, shape: list[int]) -> np.ndarray:
     """The full token table: ``fill``'s generated rows with ``rows`` written at ``ids``."""
     table = seeded_rows(int(fill["seed"]), shape[0], shape[1], float(fill["std"]))
@@ -174,6 +175,26 @@ class Bundle:
                 table = self._filled(emb, table, path)
             self._table = table
         return self._table
+
+    @property
+    def vocabulary_ids(self) -> np.ndarray | None:
+        """The token ids the model was trained on, int64, sorted; ``None`` when the bundle does not say
+        (then every row of the table counts, as for a released CLIP). From ``token_embedding.vocabulary_ids``,
+        else a trimmed table's stored ``ids`` (docs/bundle.md)."""
+        emb = self.manifest["token_embedding"]
+        if "vocabulary_ids" in emb:
+            ids = emb["vocabulary_ids"]
+            vocab = len(self.token_table)
+            if (not isinstance(ids, list) or len(ids) < 2 or not all(type(i) is int and 0 <= i < vocab for i in ids)
+                    or len(set(ids)) != len(ids)):
+                raise UserError(f"bundle {self.root}: token_embedding.vocabulary_ids must list at least 2 distinct "
+                                f"token ids below {vocab}")
+            return np.array(sorted(ids), np.int64)
+        if "fill" in emb:
+            self.token_table  # validates the ids against the stored rows
+            return np.sort(np.asarray(self._load_npy(listed(self.root, self.manifest, emb["ids"], "token_embedding ids"),
+                                                     "token ids"), np.int64))
+        return None
 
     @staticmethod
     def _load_npy(path: Path, what: str) -> np.ndarray:

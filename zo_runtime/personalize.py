@@ -32,7 +32,7 @@ from .oracle import LossOracle
 from .precision import precision_recipe
 from .progress import Progress
 from .sysinfo import peak_rss_mb
-from .recipe import ADDED_FIELDS, DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
+from .recipe import ADDED_FIELDS, DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, PCA_DIRECTIONS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
 from .timesteps import puts, uniform
 from .tokenizer import CLIPTokenizer
 
@@ -60,8 +60,8 @@ class PersonalizeConfig:
     n: int | None = None                # RGE directions
     mu: float | None = None             # RGE smoothing
     antithetic: bool | None = None      # two-sided differences (2n passes a step) instead of one-sided (n + 1)
-    directions: str | None = None       # gaussian, orthogonal, guided, momentum, token-pca
-    rank: int | None = None             # token-pca: subspace rank; guided: estimates kept (0: the default)
+    directions: str | None = None       # gaussian, orthogonal, guided, momentum, token-pca, vocab-pca
+    rank: int | None = None             # token-/vocab-pca: subspace rank; guided: estimates kept (0: the default)
     guided_alpha: float | None = None   # guided, momentum: share of isotropic directions
     guided_beta: float | None = None    # momentum: decay of the estimates' average that guides the directions
     sg: bool | None = None              # Subspace Gradient
@@ -80,6 +80,7 @@ class PersonalizeConfig:
     average: float | None = None        # output the EMA of the iterates with this decay (0: the last iterate)
     normalize: bool | None = None       # each estimate scaled to length √d (FZOO's step from the losses' spread)
     clip: float | None = None           # clip each estimate at clip × the running typical length (0: off)
+    subspace_steps: bool | None = None  # token-/vocab-pca: the optimizer works in the subspace's coordinates
     batch_candidates: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
@@ -135,6 +136,9 @@ class PersonalizeConfig:
             optim.decay_to_init(cfg.weight_decay)
             optim.average_iterates(cfg.average)
             make_estimator(cfg)
+            if cfg.subspace_steps and cfg.directions not in PCA_DIRECTIONS:
+                raise ValueError(f"--subspace-steps needs --directions {' or '.join(PCA_DIRECTIONS)}, "
+                                 f"not {cfg.directions}")
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
             optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
         except ValueError as e:
@@ -172,10 +176,11 @@ def default_run_dir(token: str) -> str:
     return str(Path("runs") / name)
 
 
-def make_optimizer(cfg: PersonalizeConfig, dim: int) -> optim.GradientTransformation:
+def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = None) -> optim.GradientTransformation:
     """(normalize or clip the estimate) → (SG) → (the reference's scaling) → (Adam's scaling) → (decay
     toward θ₀) → a constant or cosine learning rate → (iterate averaging). ``cfg`` resolved; ``dim``: the
-    token's size (for the reference scaling)."""
+    token's size (for the reference scaling); ``basis``: the token-/vocab-pca subspace, in whose
+    coordinates everything before the averaging runs when ``cfg.subspace_steps``."""
     parts = []
     if cfg.normalize:
         parts.append(optim.normalize())
@@ -191,13 +196,33 @@ def make_optimizer(cfg: PersonalizeConfig, dim: int) -> optim.GradientTransforma
         parts.append(optim.decay_to_init(cfg.weight_decay))
     lr = cfg.lr if cfg.schedule == "constant" else optim.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.1)
     parts.append(optim.scale_by_learning_rate(lr))
+    if cfg.subspace_steps and basis is not None:
+        parts = [optim.in_subspace(basis, optim.chain(*parts))]
     if cfg.average:
         parts.append(optim.average_iterates(cfg.average))
     return optim.chain(*parts)
 
 
-def make_estimator(cfg: PersonalizeConfig, table=None) -> optim.RGE:
-    """RGE with the recipe's directions. ``table``: the token table (token-pca only); ``cfg`` resolved."""
+def pca_basis(cfg: PersonalizeConfig, table, vocabulary=None) -> np.ndarray | None:
+    """The token-/vocab-pca subspace [rank, d] (``None`` for other directions). ``table``: the token
+    table; ``vocabulary``: the ids of the rows the model was trained on (vocab-pca; ``None``, a
+    bundle that does not say, as for a released CLIP whose every row is trained: token-pca's sample
+    of the whole table)."""
+    if cfg.directions not in PCA_DIRECTIONS:
+        return None
+    rank = cfg.rank or DEFAULT_RANK[cfg.directions]
+    rows = vocabulary if cfg.directions == "vocab-pca" else None
+    limit = min(table.shape[1], (len(table) if rows is None else len(rows)) - 1)
+    if not 1 <= rank <= limit:
+        what = "" if rows is None else f" and the {len(rows)} vocabulary rows"
+        raise ValueError(f"--rank must be in [1, {limit}] for {cfg.directions} (d = {table.shape[1]}{what}), "
+                         f"got {cfg.rank}")
+    return optim.token_pca_basis(table, rank, rows=rows)
+
+
+def make_estimator(cfg: PersonalizeConfig, basis: np.ndarray | None = None) -> optim.RGE:
+    """RGE with the recipe's directions. ``cfg`` resolved; ``basis``: token-/vocab-pca's subspace
+    (:func:`pca_basis`; ``None`` while only validating, which then checks the rest)."""
     rank = cfg.rank or DEFAULT_RANK.get(cfg.directions, 0)
     if cfg.directions == "orthogonal":
         sampler = optim.orthogonal()
@@ -205,13 +230,8 @@ def make_estimator(cfg: PersonalizeConfig, table=None) -> optim.RGE:
         sampler = optim.guided(k=rank, alpha=cfg.guided_alpha)
     elif cfg.directions == "momentum":
         sampler = optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
-    elif cfg.directions == "token-pca":
-        if table is None:  # validation only: check the rank against the width later, with the bundle
-            sampler = optim.gaussian()
-        else:
-            if not 1 <= rank <= table.shape[1]:
-                raise ValueError(f"--rank must be in [1, d={table.shape[1]}] for token-pca, got {cfg.rank}")
-            sampler = optim.subspace(optim.token_pca_basis(table, rank))
+    elif cfg.directions in PCA_DIRECTIONS and basis is not None:
+        sampler = optim.subspace(basis)
     else:
         sampler = optim.gaussian()
     return optim.RGE(n=cfg.n, mu=cfg.mu, antithetic=cfg.antithetic, sampler=sampler)
@@ -391,10 +411,11 @@ class Trainer:
         cfg = self.cfg
         self.oracle = self.make_oracle()
         try:
-            self.rge = make_estimator(cfg, table=self.token_table())
+            basis = pca_basis(cfg, self.token_table(), self.vocabulary())
         except ValueError as e:
             raise UserError(str(e)) from None
-        self.opt = make_optimizer(cfg, dim=cfg.num_vectors * self.bundle.embedding_dim)
+        self.rge = make_estimator(cfg, basis)
+        self.opt = make_optimizer(cfg, dim=cfg.num_vectors * self.bundle.embedding_dim, basis=basis)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
 
@@ -404,6 +425,10 @@ class Trainer:
 
     def token_table(self) -> np.ndarray:
         return self.bundle.token_table
+
+    def vocabulary(self) -> np.ndarray | None:
+        """The rows the model was trained on, for vocab-pca (``None``: the bundle does not say)."""
+        return self.bundle.vocabulary_ids if self.cfg.directions == "vocab-pca" else None
 
     def init_row(self) -> np.ndarray:
         return np.asarray(self.bundle.token_table[self.init_id], np.float32)

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import UserError
 from .personalize import Trainer
+from .recipe import PCA_DIRECTIONS
 from .sdxl import SDXLModel, SDXLOracle, SDXLPipeline, save_sdxl_embedding, time_ids
 
 _ORIENTATION = 0x0112
@@ -73,8 +74,12 @@ class SDXLTrainer(Trainer):
         return SDXLOracle(self.sdxl, self.cfg.batch_candidates)
 
     def token_table(self):
-        """The concatenated [vocab, 2048] table for token-pca directions (built only for them)."""
-        return self.sdxl.concatenated_table() if self.cfg.directions == "token-pca" else None
+        """The concatenated [vocab, 2048] table for token-pca / vocab-pca directions (built only for them)."""
+        return self.sdxl.concatenated_table() if self.cfg.directions in PCA_DIRECTIONS else None
+
+    def vocabulary(self):
+        """SDXL bundles do not declare a vocabulary: vocab-pca analyses the whole table, as token-pca."""
+        return None
 
     def init_row(self) -> np.ndarray:
         return self.sdxl.init_row(self.init_id)
