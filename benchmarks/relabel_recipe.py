@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zo_edge.models.quality import override_value  # noqa: E402
+from zo_edge.models.quality import complete_definitions, override_value  # noqa: E402
 from zo_runtime.recipe import RECIPE_FIELDS, RECIPES, ZOODIP  # noqa: E402
 from zo_runtime.outputs import write_json, write_text  # noqa: E402
 
@@ -85,7 +85,8 @@ def relabel_file(path: Path, first: int = 0) -> dict:
         if change in done or i < first:
             continue
         made = data.get("recipes")  # the definitions the runs were made with, where the report says
-        if made is not None and any(made.get(name) != fields for name, fields in before.items()):
+        if made is not None and any(complete_definitions(made).get(name) != fields
+                                    for name, fields in complete_definitions(before).items()):
             continue
         if made is not None:
             data["recipes"] = {**made, **after}

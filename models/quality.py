@@ -324,7 +324,7 @@ def merge_reports(reports: list[dict], keep: list[str] | None = None) -> dict:
         if diff:
             from zo_runtime.errors import UserError
             raise UserError(f"reports differ in {', '.join(diff)}; only runs of one protocol can be merged")
-    recorded = [r["recipes"] for r in reports if "recipes" in r]
+    recorded = [complete_definitions(r["recipes"]) for r in reports if "recipes" in r]
     if any(x != recorded[0] for x in recorded):
         from zo_runtime.errors import UserError
         raise UserError("reports were made with different recipe definitions; rename their runs to today's "
@@ -365,6 +365,14 @@ def recipe_definitions() -> dict:
     from zo_runtime.recipe import RECIPES
 
     return {name: dict(fields) for name, fields in RECIPES.items()}
+
+
+def complete_definitions(recipes: dict) -> dict:
+    """Recorded recipe definitions with the fields added since filled in at the values that reproduce
+    runs made before them (zo_runtime.recipe.ADDED_FIELDS): a field added later changes no name."""
+    from zo_runtime.recipe import ADDED_FIELDS
+
+    return {name: {**ADDED_FIELDS, **fields} for name, fields in recipes.items()}
 
 
 def bootstrap_ci(values, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:

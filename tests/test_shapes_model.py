@@ -279,3 +279,6 @@ def test_merge_keeps_only_the_methods_asked_and_refuses_mixed_recipe_definitions
     with pytest.raises(Exception, match="different recipe definitions"):
         q.merge_reports([dict(a, recipes=defs), dict(b, recipes=changed)])
     assert q.merge_reports([dict(a, recipes=defs), dict(b, recipes=defs)])["recipes"] == defs
+    # a field added later, at the value that reproduces the older runs, changes no definition
+    older = {name: {k: v for k, v in f.items() if k != "subspace_steps"} for name, f in defs.items()}
+    assert q.merge_reports([dict(a, recipes=older), dict(b, recipes=defs)])["recipes"] == defs
