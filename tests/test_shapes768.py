@@ -59,11 +59,16 @@ def test_trimmed_bundle_loads_the_full_table(tiny_sd1_dir, tmp_path):
     save_file(state, weights)
     (src / "text_encoder" / "zo_edge_token_fill.json").write_text(
         json.dumps({"generator": "seeded_rows", "seed": 11, "std": 0.02}))
+    (src / "text_encoder" / "zo_edge_vocabulary.json").write_text(json.dumps({"ids": [49407, 320, 49406, 5]}))
     out = tmp_path / "bundle"
     convert_pipeline(src, out, weights="int8w", data=SHAPES_WORLD)
     b = Bundle.load(out)
     emb = b.manifest["token_embedding"]
     assert emb["stored_rows"] == 3 and emb["shape"] == [vocab, dim]
+    # the declared vocabulary goes into the manifest, sorted; without it a trimmed table's ids are it
+    assert emb["vocabulary_ids"] == [5, 320, 49406, 49407] and b.vocabulary_ids.tolist() == [5, 320, 49406, 49407]
+    del b.manifest["token_embedding"]["vocabulary_ids"]
+    assert b.vocabulary_ids.tolist() == keep.tolist()
     assert not (out / "text_encoder" / "token_embedding.npy").exists()
     assert b.token_table.view(np.uint32).tolist() == table.view(np.uint32).tolist()
     assert not b.token_table.flags.writeable
@@ -78,6 +83,16 @@ def test_trimmed_bundle_loads_the_full_table(tiny_sd1_dir, tmp_path):
         (out / "zo-edge.json").write_text(json.dumps(m))
         with pytest.raises(UserError, match=needle):
             Bundle.load(out)
+
+
+@pytest.mark.parametrize("text", ['{"ids": [1]}', '{"ids": [1, 1]}', '{"ids": [1, 99999999]}', '[1, 2]', '{"ids"'])
+def test_a_bad_vocabulary_file_is_one_line(tmp_path, text):
+    from zo_edge.convert.pipeline import read_vocabulary
+
+    path = tmp_path / "zo_edge_vocabulary.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match="zo_edge_vocabulary.json"):
+        read_vocabulary(path, 49408)
 
 
 def _teacher(tiny_sd1_dir):
