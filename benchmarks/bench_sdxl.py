@@ -296,7 +296,8 @@ def table(report: dict) -> str:
         elif st.startswith("torch"):
             desc = f"PyTorch FP32 backprop TI, {st[5:]} px" + (f" (load {r['load_s']} s)" if "load_s" in r else "")
         elif st == "convert" and "--no-fuse" in r.get("command", ""):
-            desc = what[st] + " --no-fuse, export reused from run 1"
+            reused = "--export-dir" in r.get("command", "")
+            desc = what[st] + " --no-fuse" + (", export reused from run 1" if reused else ", export included")
         else:
             desc = what.get(st, st)
         per = ", ".join(str(x) for x in r.get("s_per_iter", [])) or "-"
