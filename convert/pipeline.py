@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from zo_runtime.bundle import TOKEN_FILL_FILE, VOCABULARY_FILE, fill_table, trim_table
+from zo_runtime.bundle import TOKEN_FILL_FILE, VOCABULARY_FILE, fill_table, trim_table, vocabulary_problem
 from zo_runtime.manifest import FILL_GENERATORS
 from zo_runtime.errors import UserError
 from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
@@ -228,9 +228,9 @@ def read_vocabulary(path: Path, vocab: int) -> list[int]:
         ids = json.loads(path.read_text(encoding="utf-8")).get("ids")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    if (not isinstance(ids, list) or len(ids) < 2 or not all(type(i) is int and 0 <= i < vocab for i in ids)
-            or len(set(ids)) != len(ids)):
-        raise UserError(f"{path}: 'ids' must list at least 2 distinct token ids below {vocab}")
+    problem = vocabulary_problem(ids, vocab)
+    if problem:
+        raise UserError(f"{path}: 'ids' {problem}")
     return sorted(ids)
 
 

@@ -395,7 +395,7 @@ def test_vocab_pca_rank_above_the_vocabulary_is_refused(tiny_bundle_int8, ref_im
     args = ["--model", str(bundle), "--images", str(ref_images), "--token", "<zz-tok>", "--init", "dog",
             "--out", str(tmp_path / "o.safetensors"), "--run-dir", str(tmp_path / "r"), "--steps", "2"]
     line = cli_err(args + ["--directions", "vocab-pca", "--rank", "5"])
-    assert line.startswith("zo-edge: error:") and "--rank" in line and "5 vocabulary rows" in line
+    assert line.startswith("zo-edge: error:") and "--rank" in line and "5 rows analysed" in line
     assert not (tmp_path / "o.safetensors").exists()
 
 

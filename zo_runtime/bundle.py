@@ -59,6 +59,15 @@ def seeded_rows(seed: int, rows: int, dim: int, std: float, start: int = 0) -> n
 
 TOKEN_FILL_FILE = "zo_edge_token_fill.json"  # in a diffusers text_encoder folder: how its untrained rows were made
 VOCABULARY_FILE = "zo_edge_vocabulary.json"  # in a diffusers text_encoder folder: {"ids": the rows it was trained on}
+
+
+def vocabulary_problem(ids, vocab: int) -> str | None:
+    """What is wrong with a declared vocabulary (``token_embedding.vocabulary_ids``, or the ``ids`` of
+    a source's VOCABULARY_FILE), or None: it must list at least 2 distinct int token ids below ``vocab``."""
+    if (not isinstance(ids, list) or len(ids) < 2 or not all(type(i) is int and 0 <= i < vocab for i in ids)
+            or len(set(ids)) != len(ids)):
+        return f"must list at least 2 distinct token ids below {vocab}"
+    return None
 def fill_table(rows: np.ndarray, ids: np.ndarray, fill: dict, shape: list[int]) -> np.ndarray:
     """The full token table: ``fill``'s generated rows with ``rows`` written at ``ids``."""
     table = seeded_rows(int(fill["seed"]), shape[0], shape[1], float(fill["std"]))
@@ -184,11 +193,9 @@ class Bundle:
         emb = self.manifest["token_embedding"]
         if "vocabulary_ids" in emb:
             ids = emb["vocabulary_ids"]
-            vocab = len(self.token_table)
-            if (not isinstance(ids, list) or len(ids) < 2 or not all(type(i) is int and 0 <= i < vocab for i in ids)
-                    or len(set(ids)) != len(ids)):
-                raise UserError(f"bundle {self.root}: token_embedding.vocabulary_ids must list at least 2 distinct "
-                                f"token ids below {vocab}")
+            problem = vocabulary_problem(ids, len(self.token_table))
+            if problem:
+                raise UserError(f"bundle {self.root}: token_embedding.vocabulary_ids {problem}")
             return np.array(sorted(ids), np.int64)
         if "fill" in emb:
             self.token_table  # validates the ids against the stored rows

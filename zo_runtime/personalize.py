@@ -211,13 +211,10 @@ def pca_basis(cfg: PersonalizeConfig, table, vocabulary=None) -> np.ndarray | No
     if cfg.directions not in PCA_DIRECTIONS:
         return None
     rank = cfg.rank or DEFAULT_RANK[cfg.directions]
-    rows = vocabulary if cfg.directions == "vocab-pca" else None
-    limit = min(table.shape[1], (len(table) if rows is None else len(rows)) - 1)
-    if not 1 <= rank <= limit:
-        what = "" if rows is None else f" and the {len(rows)} vocabulary rows"
-        raise ValueError(f"--rank must be in [1, {limit}] for {cfg.directions} (d = {table.shape[1]}{what}), "
-                         f"got {cfg.rank}")
-    return optim.token_pca_basis(table, rank, rows=rows)
+    try:
+        return optim.token_pca_basis(table, rank, rows=vocabulary if cfg.directions == "vocab-pca" else None)
+    except ValueError as e:
+        raise ValueError(f"--rank for {cfg.directions}: {e}") from None
 
 
 def make_estimator(cfg: PersonalizeConfig, basis: np.ndarray | None = None) -> optim.RGE:
