@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -137,7 +138,7 @@ def main():
         args.bundle = str(work / "sd15-int8")
 
     skip = set(filter(None, args.skip.split(",")))
-    loadavg_start = [round(x, 2) for x in __import__("os").getloadavg()]
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
     rows = []
     for res in [int(r) for r in args.resolutions.split(",")]:
         args.res_now = res
@@ -154,7 +155,7 @@ def main():
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
 
-    print(f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, {platform.processor() or ''}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}")
     print("| res | config | s/iter | UNet passes/s | peak RSS MB | vs torch-ti s/iter | vs torch-ti RSS |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -168,8 +169,6 @@ def main():
         print(f"| {r['resolution']} | {r['config']} | {r['s_per_iter']:.2f} | {r['unet_passes_per_s']:.2f} | "
               f"{r['peak_rss_mb']:.0f} | {ratio_t} | {ratio_m} |")
     if args.out:
-        import os
-
         from zo_runtime.sysinfo import source_commit
         report = {"benchmark": "bench_personalize", "commit": source_commit(), "bundle": args.bundle,
                   "source": args.source, "iters": args.iters, "warmup": args.warmup,
