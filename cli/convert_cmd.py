@@ -13,9 +13,10 @@ from zo_runtime.errors import UserError
               help="cpu: onnxruntime CPU fusions, dynamic shapes; portable: standard ONNX ops only, finite masks "
                    "(OpenVINO, DirectML, other providers); qnn: portable with fixed shapes and A16W8 QDQ for "
                    "Qualcomm's HTP (--provider qnn).")
-@click.option("--weights", type=click.Choice(["int8", "int8w", "int4", "fp32", "a16w8", "a8w8"]), default=None,
+@click.option("--weights", type=click.Choice(["int8", "int8w", "int4w", "int4", "fp32", "a16w8", "a8w8"]), default=None,
               help="cpu: int8 (default; static QDQ, fastest, for generation), int8w (weight-only INT8, float "
-                   "activations: keeps the zeroth-order signal), int4 (UNet MatMuls 4-bit), fp32. portable: int8w "
+                   "activations: keeps the zeroth-order signal), int4w (int8w with the UNet's weights 4-bit: less memory), "
+                   "int4 (UNet MatMuls 4-bit, rest static INT8), fp32. portable: int8w "
                    "(default), fp32, int8. qnn: a16w8 (default; 16-bit activations, keeps the signal at a larger "
                    "mu), a8w8.")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
@@ -101,10 +102,12 @@ def world_vocabulary() -> list[str]:
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--overwrite", is_flag=True)
-def requantize(src, out, overwrite):
-    """Derive a weight-only INT8 (int8w) bundle from an fp32 bundle, with no export or fusion."""
+@click.option("--weights", type=click.Choice(["int8w", "int4w"]), default="int8w", show_default=True,
+              help="int8w: weight-only INT8; int4w: the same with the UNet's weights 4-bit (blocks of 32).")
+def requantize(src, out, overwrite, weights):
+    """Derive a weight-only bundle (int8w or int4w) from an fp32 bundle, with no export or fusion."""
     from zo_edge.convert.requantize import requantize_bundle
-    requantize_bundle(src, out, overwrite=overwrite, progress=lambda m: click.echo(m, err=True))
+    requantize_bundle(src, out, overwrite=overwrite, progress=lambda m: click.echo(m, err=True), weights=weights)
 
 
 COMMANDS = [requantize, convert, info]

@@ -177,6 +177,6 @@ WEIGHT_ONLY_KEY = "zo_edge.weight_only"
 
 
 def is_weight_only(path: str | Path) -> bool:
-    """True for graphs written by quantize_weight_only_int8 (marked in their metadata)."""
+    """True for graphs written by quantize_weight_only (marked in their metadata)."""
     m = onnx.load(str(path), load_external_data=False)
     return any(p.key == WEIGHT_ONLY_KEY and p.value == "1" for p in m.metadata_props)

@@ -31,7 +31,9 @@ from .calibrate import CalibrationData
 from .export import GRAPHS, export_onnx
 from .graphs import copy_graph, save_model, session
 from .manifest import check_bundle_out, graph_entry, replace_dir, write_manifest
-from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only_int8
+from zo_runtime.bundle import WEIGHT_ONLY_BITS
+
+from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only
 from .portable import PORTABLE_OPSET, TARGET_WEIGHTS, TARGETS
 from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
@@ -41,7 +43,7 @@ PROVIDERS = ("cpu",)
 # self-attention unpacked before quantization, fusion keeps the projections INT8 and replaces the
 # QK^T / softmax / attn.V chain by one kernel: at 512 px (64x64 latents, SD1.5's top UNet levels)
 # INT8 peak RSS 820 MB fused vs 1,916 MB unfused, FP32 1,735 vs 2,877 MB, and no slower.
-DEFAULT_FUSE = {"fp32": True, "int8": True, "int8w": True, "int4": True}
+DEFAULT_FUSE = {"fp32": True, "int8": True, "int8w": True, "int4w": True, "int4": True}
 PARITY_TOL = 1e-5
 PARITY_PROMPTS = ("a photo of a cat", "a red striped star on a grass background",
                   "an oil painting of a harbour at dawn, highly detailed", "")
@@ -117,7 +119,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     (standard ONNX ops, finite masks, opset 20) or ``qnn`` (portable, fixed shapes, QDQ for Qualcomm's
     HTP). ``batch``: fix the text encoder's and UNet's batch to this (portable: optional; qnn: 1 when
     None); the VAE graphs get batch 1.
-    ``weights`` (None: the target's default): cpu: ``int8`` (static QDQ, default), ``int8w``, ``int4``
+    ``weights`` (None: the target's default): cpu: ``int8`` (static QDQ, default), ``int8w``, ``int4w``
+    (``int8w`` with the UNet's weights 4-bit), ``int4``
     (UNet MatMuls 4-bit weight-only, rest INT8) or ``fp32``; portable: ``int8w`` (default), ``fp32``,
     ``int8``; qnn: ``a16w8`` (16-bit activations, 8-bit weights, default) or ``a8w8``. ``text_encoder_fp32`` keeps the text encoder FP32. ``fuse``: apply the CPU-safe
     onnxruntime.transformers fusions to the UNet (None: the measured default for ``weights``).
@@ -161,7 +164,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
         raise UserError("--text-encoder-fp32 does not go with --target qnn: HTP runs quantized graphs")
     if provider not in PROVIDERS:
         raise UserError(f"unknown --provider {provider!r}; supported: {', '.join(PROVIDERS)}")
-    if weights not in ("fp32", "int8w") and calibration_samples < 1:
+    if weights not in ("fp32", *WEIGHT_ONLY_BITS) and calibration_samples < 1:
         raise UserError("--calibration-samples must be at least 1")
     if heldout_samples < 1 or heldout_per_band < 1:
         raise UserError("held-out sample counts must be at least 1")
@@ -318,7 +321,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
     recipes: dict[str, dict] = {}
     precision: dict[str, str] = {}
     if weights != "fp32":
-        if weights == "int8w":
+        if weights in WEIGHT_ONLY_BITS:
             calib = None
             st.say("[calibrate] skipped (weight-only: activations stay float)")
         else:
@@ -332,15 +335,16 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             dst = {g: bundle / g / "model.onnx" for g in GRAPHS}
             for g in GRAPHS:
                 dst[g].parent.mkdir(parents=True, exist_ok=True)
-            if weights == "int8w":
+            if weights in WEIGHT_ONLY_BITS:   # int4w: the UNet at 4 bits, the other graphs as int8w
                 for g in GRAPHS:
                     if g == "text_encoder" and te_fp32:
                         copy_graph(sources[g], dst[g])
                         precision[g] = "fp32"
                         continue
                     src_g = unet_src if g == "unet" else sources[g]
-                    recipes[g] = quantize_weight_only_int8(src_g, dst[g])
-                    precision[g] = "int8w"
+                    bits = WEIGHT_ONLY_BITS[weights] if g == "unet" else 8
+                    recipes[g] = quantize_weight_only(src_g, dst[g], bits=bits)
+                    precision[g] = "int4w" if bits == 4 else "int8w"
                 return
             if target == "qnn":
                 from .portable import batch_feeds, personalization_calibration, quantize_qnn
@@ -434,7 +438,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             graphs[g] = graph_entry(bundle, g, precision[g], extra)
         quant = {"weights": weights, "text_encoder_fp32": te_fp32, "fuse": fuse, "provider": provider,
                  "per_channel": per_channel,
-                 "calibration": None if weights in ("fp32", "int8w") else {
+                 "calibration": None if weights in ("fp32", *WEIGHT_ONLY_BITS) else {
                      "samples": n_calib, "seed": seed,
                      "text_encoder": data.description["text_encoder"],
                      "vae_encoder": data.description["vae_encoder"],

@@ -39,7 +39,7 @@ QDQ16_OPSET = 21              # 16-bit QuantizeLinear / DequantizeLinear in the 
 MASK_VALUE = -100.0           # softmax(-100) ~ 4e-44: FP32 parity, and a range a 16-bit activation can hold
 HUGE = 1e30                   # a float constant at or below -HUGE is a mask fill
 # weights each target accepts, the first being its default
-TARGET_WEIGHTS = {"cpu": ("int8", "int8w", "int4", "fp32"), "portable": ("int8w", "fp32", "int8"),
+TARGET_WEIGHTS = {"cpu": ("int8", "int8w", "int4w", "int4", "fp32"), "portable": ("int8w", "fp32", "int8"),
                   "qnn": ("a16w8", "a8w8")}
 QNN_TYPES = {"a16w8": ("QUInt16", "QUInt8"), "a8w8": ("QUInt8", "QUInt8")}
 

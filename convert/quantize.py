@@ -17,9 +17,12 @@ symmetric, accuracy_level 4 = int8 compute on CPU); the UNet's Conv and Gemm get
 QDQ recipe above, since ``MatMulNBits`` covers MatMul only and FP32 convolutions would leave most
 of the UNet's bytes untouched. Text encoder and VAEs as in ``int8``.
 
-``int8w``: weight-only INT8 on every graph (``quantize_weight_only_int8``): int8 per-channel weights
+``int8w``: weight-only INT8 on every graph (``quantize_weight_only``): int8 per-channel weights
 behind DequantizeLinear, float activations. The recipe for personalization: static QDQ's
 activation rounding drowns the zeroth-order signal (see that function's doc).
+
+``int4w``: weight-only on every graph, the UNet's weights 4-bit in blocks of 32 inputs (text encoder and
+VAEs as ``int8w``): the personalization recipe at about half the UNet's memory.
 
 ``fp32``: nothing.
 """
@@ -42,7 +45,7 @@ WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization",
             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNorm", "SkipGroupNorm",
             "BatchNormalization", "ReduceMean", "Softmax")
-WEIGHTS = ("int8", "int8w", "int4", "fp32")
+WEIGHTS = ("int8", "int8w", "int4w", "int4", "fp32")
 WEIGHT_TYPE = "QInt8"
 REDUCE_RANGE = True  # 7-bit weights: AVX2 u8s8 (vpmaddubsw) saturates otherwise; see module doc
 INT4_BLOCK = 32
@@ -200,25 +203,69 @@ _WEIGHT_AXIS = {"Conv": lambda n, w: 0, "ConvTranspose": lambda n, w: 1,
                 "Gemm": lambda n, w: 0 if any(a.name == "transB" and a.i for a in n.attribute) else 1}
 
 
-def quantize_weight_only_int8(src: Path, dst: Path, min_size: int = 1024) -> dict:
-    """Weight-only INT8: every constant weight of Conv / MatMul / Gemm / Attention is stored as int8
-    with a symmetric per-output-channel scale and a DequantizeLinear in front; activations stay
-    float. ORT keeps the DequantizeLinear nodes (it does not constant-fold QDQ), so weights sit in
-    memory as int8 and are widened layer by layer at run time.
+# the axis a weight's dot products run over (the input channels), where 4-bit blocks are cut
+_INPUT_AXIS = {"Conv": lambda n, w: 1, "ConvTranspose": lambda n, w: 0,
+               "MatMul": lambda n, w: w.ndim - 2, "Attention": lambda n, w: w.ndim - 2,
+               "Gemm": lambda n, w: 1 if any(a.name == "transB" and a.i for a in n.attribute) else 0}
+INT4_OPSET = 21  # DequantizeLinear with int4 input and block_size (ONNX opset 21, IR 10)
 
-    Why this exists: static QDQ rounds activations to 256 levels, which makes the loss a step
+
+def _int4_tensor(q: np.ndarray, name: str) -> onnx.TensorProto:
+    """An ONNX INT4 initializer: two values a byte, the first in the low nibble (the ONNX layout)."""
+    flat = (q.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.INT4, dims=list(q.shape))
+    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).tobytes()
+    return t
+
+
+def _quantize_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    scale = np.abs(w).max(axis=red) / 127.0
+    scale[scale == 0] = 1.0
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def _quantize_blocked4(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit values in [-7, 7] and one scale per ``block`` consecutive inputs along ``axis``
+    (the scale has w's shape with that axis divided by ``block``: ONNX's blocked DequantizeLinear)."""
+    shape = list(w.shape)
+    blocks = w.reshape(shape[:axis] + [shape[axis] // block, block] + shape[axis + 1:])
+    scale = np.abs(blocks).max(axis=axis + 1) / 7.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(blocks / np.expand_dims(scale, axis + 1)), -7, 7).astype(np.int8)
+    return q.reshape(shape), scale.astype(np.float32)
+
+
+def quantize_weight_only(src: Path, dst: Path, bits: int = 8, block_size: int = INT4_BLOCK,
+                         min_size: int = 1024) -> dict:
+    """Weight-only quantization: every constant weight of Conv / MatMul / Gemm / Attention is stored in
+    ``bits`` with a DequantizeLinear in front; activations stay float. ORT keeps the DequantizeLinear
+    nodes (it does not constant-fold QDQ), so weights sit in memory quantized and are widened layer by
+    layer at run time; DequantizeLinear -> MatMul is fused into MatMulNBits at load (float compute with
+    :func:`zo_runtime.bundle.weight_only_options`).
+
+    ``bits=8`` (``int8w``): int8, symmetric, one scale per output channel.
+    ``bits=4`` (``int4w``): int4, symmetric, one scale per ``block_size`` inputs (ONNX opset 21's blocked
+    DequantizeLinear; the graph's opset is raised to 21, whose changes from 18 only add types); a
+    weight whose input width is not a multiple of ``block_size`` keeps the int8 per-channel form.
+
+    Why weight-only: static QDQ rounds activations to 256 levels, which makes the loss a step
     function of the token embedding; zeroth-order differences with μ = 1e-3 then measure rounding,
     not the gradient (benchmarks/bench_zo_signal.py). Weight-only keeps the loss smooth in θ, as in
     the paper (optimum-quanto qint8 weights, float activations)."""
     from onnx import helper, numpy_helper
 
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
     model = onnx.load(str(src))
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in model.opset_import):
+        raise UserError(f"{src}: weight-only quantization needs opset >= 13 (per-axis DequantizeLinear)")
     inits = {t.name: t for t in model.graph.initializer}
-    users: dict[str, list] = {}
-    for n in model.graph.node:
-        for i, name in enumerate(n.input):
-            users.setdefault(name, []).append((n, i))
-    done, new_nodes, q_bytes, f_bytes = {}, [], 0, 0
+    done, new_nodes, q_bytes, f_bytes, n4 = {}, [], 0, 0, 0
     for n in model.graph.node:
         axis_of = _WEIGHT_AXIS.get(n.op_type)
         if axis_of is None or len(n.input) < 2 or n.input[1] not in inits:
@@ -229,35 +276,50 @@ def quantize_weight_only_int8(src: Path, dst: Path, min_size: int = 1024) -> dic
             continue
         if name not in done:
             w = numpy_helper.to_array(t)
-            axis = axis_of(n, w)
-            red = tuple(i for i in range(w.ndim) if i != axis)
-            scale = np.abs(w).max(axis=red) / 127.0
-            scale[scale == 0] = 1.0
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            wq = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-            qn, sn, zn, out = name + "_w8", name + "_w8_scale", name + "_w8_zp", name + "_w8_dq"
-            model.graph.initializer.extend([numpy_helper.from_array(wq, qn),
-                                            numpy_helper.from_array(scale.astype(np.float32), sn),
-                                            numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)])
-            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=name + "_w8_DQ", axis=axis))
+            in_axis = _INPUT_AXIS[n.op_type](n, w)
+            if bits == 4 and w.shape[in_axis] % block_size == 0:
+                wq, scale = _quantize_blocked4(w, in_axis, block_size)
+                qn, sn, out = name + "_w4", name + "_w4_scale", name + "_w4_dq"
+                model.graph.initializer.extend([_int4_tensor(wq, qn), numpy_helper.from_array(scale, sn)])
+                new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn], [out], name=name + "_w4_DQ",
+                                                  axis=in_axis, block_size=block_size))
+                q_bytes += (wq.size + 1) // 2 + scale.nbytes
+                n4 += 1
+            else:
+                axis = axis_of(n, w)
+                wq, scale = _quantize_per_channel(w, axis)
+                qn, sn, zn, out = name + "_w8", name + "_w8_scale", name + "_w8_zp", name + "_w8_dq"
+                model.graph.initializer.extend([numpy_helper.from_array(wq, qn), numpy_helper.from_array(scale, sn),
+                                                numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)])
+                new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=name + "_w8_DQ",
+                                                  axis=axis))
+                q_bytes += wq.nbytes + scale.nbytes
             done[name] = out
-            q_bytes += wq.nbytes + scale.nbytes
             f_bytes += w.nbytes
         n.input[1] = done[name]
     # drop the float originals nobody reads any more
-    still = {i for n in model.graph.node for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name in still or t.name.endswith(("_w8", "_w8_scale", "_w8_zp"))]
+    still = {i for n in list(model.graph.node) + new_nodes for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in still]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     # DequantizeLinear nodes first, so the graph stays topologically sorted
     nodes = new_nodes + list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    if n4:
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, INT4_OPSET)
+        model.ir_version = max(model.ir_version, 10)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, WEIGHT_ONLY_KEY: "1"})
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in model.opset_import):
-        raise UserError(f"{src}: weight-only INT8 needs opset >= 13 (per-axis DequantizeLinear)")
     save_model(model, dst, external=needs_external_data(model))
-    return {"method": "weight-only", "weight_type": "QInt8", "symmetric": True, "per_channel": True,
-            "activations": "float32", "weights_quantized": len(done),
-            "weight_bytes_fp32": int(f_bytes), "weight_bytes_int8": int(q_bytes)}
+    out = {"method": "weight-only", "weight_type": "QInt8", "symmetric": True, "per_channel": True,
+           "activations": "float32", "weights_quantized": len(done),
+           "weight_bytes_fp32": int(f_bytes), "weight_bytes_int8": int(q_bytes)}
+    if bits == 4:
+        out = {"method": "weight-only", "weight_type": "QInt4", "symmetric": True, "block_size": block_size,
+               "activations": "float32", "weights_quantized": len(done), "weights_int4": n4,
+               "weights_int8_per_channel": len(done) - n4,
+               "weight_bytes_fp32": int(f_bytes), "weight_bytes_quantized": int(q_bytes)}
+    return out
+

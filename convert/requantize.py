@@ -1,8 +1,9 @@
-"""Derive a weight-only INT8 bundle from an FP32 bundle, without exporting or fusing again.
+"""Derive a weight-only bundle (int8w, int4w) from an FP32 bundle, without exporting or fusing again.
 
 The FP32 convert of an SD1.5-sized UNet peaks at ~20 GB in the fusion stage; once that bundle
 exists, ``requantize_bundle`` makes the ``int8w`` bundle (the one personalization wants) in a few
-minutes at a few GB: each graph's constant weights become int8 per-channel behind DequantizeLinear.
+minutes at a few GB: each graph's constant weights become int8 per-channel behind DequantizeLinear
+(``int4w``: the UNet's 4-bit in blocks of 32 inputs).
 """
 from __future__ import annotations
 
@@ -40,8 +41,15 @@ def copy_listed(src: Path, m: dict, dst: Path, skip: set[str]) -> None:
         shutil.copyfile(source, target)
 
 
-def requantize_bundle(src: str | Path, out: str | Path, overwrite: bool = False, progress=print) -> dict:
-    from .quantize import quantize_weight_only_int8
+def requantize_bundle(src: str | Path, out: str | Path, overwrite: bool = False, progress=print,
+                      weights: str = "int8w") -> dict:
+    """A weight-only bundle (``int8w``; ``int4w``: the UNet at 4 bits) derived from an fp32 bundle."""
+    from zo_runtime.bundle import WEIGHT_ONLY_BITS
+
+    from .quantize import quantize_weight_only
+
+    if weights not in WEIGHT_ONLY_BITS:
+        raise UserError(f"requantize makes {' or '.join(WEIGHT_ONLY_BITS)}, not {weights!r}")
 
     src, out = Path(src), Path(out)
     m = read_bundle_manifest(src)
@@ -66,18 +74,19 @@ def requantize_bundle(src: str | Path, out: str | Path, overwrite: bool = False,
             if g not in m["graphs"]:
                 continue
             (tmp / g).mkdir(exist_ok=True)
-            progress(f"[quantize] {g} weight-only int8 ...")
-            recipes[g] = quantize_weight_only_int8(listed(src, m, m["graphs"][g]["path"], f"graph {g} path"),
-                                                   tmp / g / "model.onnx")
+            bits = WEIGHT_ONLY_BITS[weights] if g == "unet" else 8
+            progress(f"[quantize] {g} weight-only int{bits} ...")
+            recipes[g] = quantize_weight_only(listed(src, m, m["graphs"][g]["path"], f"graph {g} path"),
+                                              tmp / g / "model.onnx", bits=bits)
             extra = {k: v for k, v in m["graphs"][g].items() if k not in ("path", "precision", "inputs", "outputs",
                                                                            "external_data")}
-            graphs[g] = graph_entry(tmp, g, "int8w", extra)
+            graphs[g] = graph_entry(tmp, g, f"int{bits}w", extra)
         new = json.loads(json.dumps(m))
         new["graphs"] = graphs
-        new["quantization"] = {"weights": "int8w", "text_encoder_fp32": False, "fuse": q.get("fuse"),
+        new["quantization"] = {"weights": weights, "text_encoder_fp32": False, "fuse": q.get("fuse"),
                                "provider": q.get("provider"), "derived_from": str(src),
                                "calibration": None, "graphs": recipes}
-        new["accuracy"] = {"note": "derived from the FP32 bundle by requantize; weight-only INT8 per channel"}
+        new["accuracy"] = {"note": f"derived from the FP32 bundle by requantize; weight-only {weights}"}
         new["build"] = {"seconds": round(time.time() - t0, 1), "stages": {"requantize": {}}}
         write_manifest(tmp, new)
         check_bundle_out(out, overwrite)
@@ -85,5 +94,5 @@ def requantize_bundle(src: str | Path, out: str | Path, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress(f"wrote {out}: weights int8w in {time.time() - t0:.1f} s")
+    progress(f"wrote {out}: weights {weights} in {time.time() - t0:.1f} s")
     return new

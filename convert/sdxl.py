@@ -20,7 +20,7 @@ Optimum uses), loaded, exported and freed before the next: the peak is the large
   0.3 GB of a 10 GB model, so weight-only INT8 there would save little for a risk no one measured.
 
 Weights: ``fp32``; ``int8w`` (weight-only INT8 on both text encoders and the UNet: the recipe for
-personalization); ``int8`` (static QDQ calibrated on the model's own data, as for SD 1.x) and
+personalization); ``int4w`` (the same with the UNet's weights 4-bit in blocks of 32); ``int8`` (static QDQ calibrated on the model's own data, as for SD 1.x) and
 ``int4`` (UNet MatMuls 4-bit weight-only, its Conv/Gemm INT8) on the text encoders and UNet.
 """
 from __future__ import annotations
@@ -575,7 +575,7 @@ def _build(info: SDXLSourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib
 
     from .graphs import copy_graph as _copy_graph
     from .manifest import graph_entry, write_manifest
-    from .quantize import quantize_int4, quantize_int8, quantize_weight_only_int8
+    from .quantize import quantize_int4, quantize_int8, quantize_weight_only
 
     bundle = tmp / "bundle"
     bundle.mkdir()
@@ -626,8 +626,8 @@ def _build(info: SDXLSourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib
             if weights == "fp32" or te_fp32:
                 _copy_graph(reference[g], dst[g])
                 precision[g] = "fp32"
-            elif weights == "int8w":
-                recipes[g] = quantize_weight_only_int8(reference[g], dst[g])
+            elif weights in ("int8w", "int4w"):   # int4w: only the UNet at 4 bits
+                recipes[g] = quantize_weight_only(reference[g], dst[g])
                 precision[g] = "int8w"
             else:
                 recipes[g] = quantize_int8(reference[g], dst[g], calib.feeds[g], per_channel=per_channel)
@@ -635,9 +635,9 @@ def _build(info: SDXLSourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib
         if weights == "fp32":
             _copy_graph(unet_src, dst["unet"])
             precision["unet"] = "fp32"
-        elif weights == "int8w":
-            recipes["unet"] = quantize_weight_only_int8(unet_src, dst["unet"])
-            precision["unet"] = "int8w"
+        elif weights in ("int8w", "int4w"):
+            recipes["unet"] = quantize_weight_only(unet_src, dst["unet"], bits=8 if weights == "int8w" else 4)
+            precision["unet"] = weights
         elif weights == "int8":
             recipes["unet"] = quantize_int8(unet_src, dst["unet"], calib.feeds["unet"], per_channel=per_channel)
             precision["unet"] = "int8"

@@ -496,3 +496,56 @@ def test_external_data_path(tiny_sd1_dir, tiny_sd1_export, tmp_path, monkeypatch
     assert not [p for p in out.rglob("*") if p.name.endswith(".data")]
     run_bundle(out, batch=1)
     assert m["accuracy"]["unet"]["cosine"] > 0.98
+
+
+def test_weight_only_4bit_blocks_match_their_dequantized_weights(tmp_path):
+    """quantize_weight_only(bits=4): int4 in blocks of 32 inputs along each weight's input axis (Conv 1,
+    MatMul 0), exact against the dequantized weights; a weight whose input width is not a multiple of
+    32 keeps int8 per channel."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from zo_edge.convert.quantize import quantize_weight_only
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((48, 64, 3, 3)).astype(np.float32)      # Conv, 64 inputs: 4-bit
+    w2 = rng.standard_normal((48, 8, 3, 3)).astype(np.float32) * 0   # 8 inputs, all zero: int8 fallback
+    w2[:, :, 1, 1] = rng.standard_normal((48, 8))
+    w3 = rng.standard_normal((48, 96)).astype(np.float32)            # MatMul, K = 48: int8 fallback
+    w4 = rng.standard_normal((96, 40)).astype(np.float32)            # MatMul, K = 96: 4-bit
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x8", "w2"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("MatMul", ["v", "w3"], ["c"]), helper.make_node("MatMul", ["c", "w4"], ["d"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 6, 6]),
+                                       helper.make_tensor_value_info("x8", TensorProto.FLOAT, [1, 8, 6, 6]),
+                                       helper.make_tensor_value_info("v", TensorProto.FLOAT, [3, 48])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in "abd"],
+                          [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"), (w4, "w4"))])
+    src = tmp_path / "src.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    rec = quantize_weight_only(src, tmp_path / "q.onnx", bits=4)
+    assert (rec["weights_int4"], rec["weights_int8_per_channel"]) == (2, 2)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert {o.version for o in q.opset_import if o.domain == ""} == {21} and q.ir_version >= 10
+    # the dequantized weights, read back with onnxruntime itself
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    probe = helper.make_model(helper.make_graph(list(dq.values()), "p", [], [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in dq], list(q.graph.initializer)),
+        opset_imports=[helper.make_opsetid("", 21)])
+    probe.ir_version = 10
+    wd = dict(zip(dq, ort.InferenceSession(probe.SerializeToString()).run(None, {})))
+    for name, w, block_axis in (("w1", w1, 1), ("w4", w4, 0)):
+        d = wd[name + "_w4_dq"]
+        blocks = np.moveaxis(w, block_axis, 0).reshape(w.shape[block_axis] // 32, 32, -1)
+        err = np.abs(np.moveaxis(d, block_axis, 0).reshape(blocks.shape) - blocks).max(axis=1)
+        assert np.all(err <= np.abs(blocks).max(axis=1) / 14 + 1e-6)   # half a step of max/7 per block
+    for name, w in (("w2", w2), ("w3", w3)):
+        d = wd[name + "_w8_dq"]
+        assert np.abs(d - w).max() <= np.abs(w).max() / 254 + 1e-6
+    feeds = {"x": rng.standard_normal((1, 64, 6, 6)).astype(np.float32),
+             "x8": rng.standard_normal((1, 8, 6, 6)).astype(np.float32),
+             "v": rng.standard_normal((3, 48)).astype(np.float32)}
+    got = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, feeds)
+    ref = ort.InferenceSession(str(src)).run(None, feeds)
+    for a, b in zip(got, ref):
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.15

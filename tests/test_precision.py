@@ -25,6 +25,8 @@ def test_choose_mu_takes_the_smallest_mu_that_keeps_the_signal():
     low = [dict(r, corr=r["corr"] - 0.6) for r in rows]
     assert precision.choose_mu(low, "p", "b") == (None, low[-1]["corr"])          # no signal anywhere
     assert precision.choose_mu(rows, "p", "other") is None
+    flat = [dict(r, corr=c) for r, c in zip(rows, (0.946, 0.948, 0.952))]
+    assert precision.choose_mu(flat, "p", "b") == (1e-3, 0.946)                 # flat in μ: the smallest
 
 
 @dataclass

@@ -28,9 +28,13 @@ def resolve_provider(name: str) -> list:
     return _providers.configure(spec, ort.SessionOptions())
 
 
+# weight-only precisions (float activations, the zeroth-order recipe) and their weight bits
+WEIGHT_ONLY_BITS = {"int8w": 8, "int4w": 4}
+
+
 def weight_only_options(opts) -> None:
-    """Session options for weight-only INT8 (int8w) graphs. ORT fuses DequantizeLinear -> MatMul into
-    MatMulNBits (8-bit) with accuracy_level 4 by default, which quantizes activations on the fly and
+    """Session options for weight-only (int8w, int4w) graphs. ORT fuses DequantizeLinear -> MatMul into
+    MatMulNBits (8- or 4-bit) with accuracy_level 4 by default, which quantizes activations on the fly and
     turns the loss into a step function of θ (benchmarks/bench_zo_signal.py): ask for float compute."""
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
 
@@ -241,7 +245,7 @@ class Bundle:
         threads = self.threads or int(os.environ.get("ZO_EDGE_THREADS", "0") or 0)
         if threads:
             opts.intra_op_num_threads = threads
-        if self.graph(name).get("precision") == "int8w":
+        if self.graph(name).get("precision") in WEIGHT_ONLY_BITS:
             weight_only_options(opts)
         return opts
 
