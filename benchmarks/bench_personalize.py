@@ -117,6 +117,8 @@ def main():
     ap.add_argument("--child")
     ap.add_argument("--res", type=int)
     ap.add_argument("--batch-candidates", default="auto")
+    ap.add_argument("--also", default="",
+                    help="more bundles, each run as a candidates-batched zo-edge row: NAME=PATH,... (e.g. int4w=sd15-int4w)")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -144,6 +146,9 @@ def main():
         args.res_now = res
         configs = [("zo-batched", "zo", ["--batch-candidates", "on"]), ("zo-seq", "zo", ["--batch-candidates", "off"]),
                    ("torch-ti", "torch-ti", []), ("torch-fwd", "torch-fwd", [])]
+        for item in filter(None, args.also.split(",")):
+            label, _, path = item.partition("=")
+            configs.insert(1, (f"zo-batched-{label}", "zo", ["--batch-candidates", "on", "--bundle", path]))
         for name, kind, extra in configs:
             if name in skip:
                 continue
@@ -170,7 +175,7 @@ def main():
               f"{r['peak_rss_mb']:.0f} | {ratio_t} | {ratio_m} |")
     if args.out:
         from zo_runtime.sysinfo import source_commit
-        report = {"benchmark": "bench_personalize", "commit": source_commit(), "bundle": args.bundle,
+        report = {"benchmark": "bench_personalize", "commit": source_commit(), "bundle": args.bundle, "also": args.also,
                   "source": args.source, "iters": args.iters, "warmup": args.warmup,
                   "threads": "onnxruntime and torch defaults (every core)",
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -193,7 +198,9 @@ def table(report: dict) -> str:
             continue
         base = next((b for b in rows if b["config"] == "torch-ti" and b["resolution"] == r["resolution"]
                      and "s_per_iter" in b), None)
-        lines.append(f"| {r['resolution']} | {names.get(r['config'], r['config'])} | {r['s_per_iter']:.2f} | "
+        name = names.get(r["config"]) or (f"zo-edge, ORT {r['config'][len('zo-batched-'):]}, candidates batched"
+                                          if r["config"].startswith("zo-batched-") else r["config"])
+        lines.append(f"| {r['resolution']} | {name} | {r['s_per_iter']:.2f} | "
                      f"{r['unet_passes_per_iter']} | {r['peak_rss_mb']:,.0f} | "
                      + (f"{r['s_per_iter'] / base['s_per_iter']:.2f}x | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |"
                         if base else "- | - |"))

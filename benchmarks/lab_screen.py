@@ -4,7 +4,8 @@ The quality benchmark is deterministic (references, noise, directions and sampli
 so a baseline method need not be rerun beside every screen: its stored runs are reused, after a
 check that every run of the baseline the screens did repeat scored exactly what is stored (listed
 under ``reproduced``; a mismatch stops the script). A screen trained on another execution provider
-(its report's ``provider``) is another arm: its runs are named ``METHOD@PROVIDER``.
+(its report's ``provider``) is another arm: its runs are named ``METHOD@PROVIDER``; so is a screen
+trained on another bundle (``--train-model``), named by ``--arm`` (e.g. ``--arm int4w``).
 
     python benchmarks/lab_screen.py --baseline docs/results/quality-seeds.json --method zo-edge \\
         --budget 3000 --screens screen3.json screen5.json --out docs/results/lab/screen-seeds.json
@@ -30,17 +31,20 @@ def at_budget(run: dict, budget: int) -> dict | None:
     return dict(run, curve=[point], steps=budget // run["per_step"])
 
 
-def provider_arm(screen: dict) -> dict:
-    """The screen with each run named after the provider it trained on, where that is not the CPU's."""
-    provider = (screen.get("provider") or "cpu").split(":")[0]
-    if provider == "cpu":
+def provider_arm(screen: dict, arm: str | None = None) -> dict:
+    """The screen with each run named after the provider it trained on, where that is not the CPU's,
+    or after ``arm`` (a screen trained on another bundle)."""
+    arm = arm or (screen.get("provider") or "cpu").split(":")[0]
+    if arm == "cpu":
+        if screen.get("train_bundle"):
+            raise SystemExit("a screen trained on another bundle (--train-model) needs --arm NAME")
         return screen
-    return dict(screen, methods=[f"{m}{q.ARM}{provider}" for m in screen["methods"]],
-                runs=[dict(r, method=f"{r['method']}{q.ARM}{provider}") for r in screen["runs"]])
+    return dict(screen, methods=[f"{m}{q.ARM}{arm}" for m in screen["methods"]],
+                runs=[dict(r, method=f"{r['method']}{q.ARM}{arm}") for r in screen["runs"]])
 
 
-def combine(baseline: dict, method: str, budget: int, screens: list[dict]) -> dict:
-    screens = [provider_arm(s) for s in screens]
+def combine(baseline: dict, method: str, budget: int, screens: list[dict], arm: str | None = None) -> dict:
+    screens = [provider_arm(s, arm) for s in screens]
     subjects = {r["subject"] for s in screens for r in s["runs"]}
     seeds = {r["seed"] for s in screens for r in s["runs"]}
     stored = {}
@@ -86,10 +90,11 @@ def main() -> None:
     ap.add_argument("--method", default="zo-edge")
     ap.add_argument("--budget", type=int, default=3000)
     ap.add_argument("--screens", nargs="+", required=True)
+    ap.add_argument("--arm", help="name the screens' runs METHOD@ARM (screens trained on another bundle)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     load = lambda p: json.loads(Path(p).read_text())  # noqa: E731
-    report = combine(load(args.baseline), args.method, args.budget, [load(p) for p in args.screens])
+    report = combine(load(args.baseline), args.method, args.budget, [load(p) for p in args.screens], args.arm)
     write_json(args.out, report, what="lab report")
     print(q.format_table(report["summary"], "tuning (first 6)"))
     print(q.format_paired(report["paired"]))

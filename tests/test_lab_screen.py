@@ -46,3 +46,11 @@ def test_a_provider_arm_is_not_a_method_to_run():
     assert q.parse_method("zo-edge@openvino") == q.parse_method("zo-edge")
     with pytest.raises(UserError, match="--provider"):
         q.plan_jobs(["zo-edge@openvino"], [], [0], ["class"], [3000], 1000, 1)
+
+
+def test_a_screen_on_another_bundle_is_the_arm_it_is_named():
+    other = dict(_screen("zo-edge", "cpu", 0.0), train_bundle="/bundles/int4w")
+    with pytest.raises(SystemExit, match="--arm"):
+        lab_screen.combine(BASELINE, "zo-edge", 3000, [other])      # else it would pass for a rerun
+    report = lab_screen.combine(BASELINE, "zo-edge", 3000, [other], arm="int4w")
+    assert report["methods"] == ["zo-edge", "zo-edge@int4w"] and report["paired"][0]["pairs"] == 3
