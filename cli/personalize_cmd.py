@@ -63,6 +63,9 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
               help=_recipe_help("scale each gradient estimate to the same length (FZOO)", "normalize"))
 @click.option("--clip", type=float, default=None,
               help=_recipe_help("clip each estimate at this multiple of its running typical length (0: off)", "clip"))
+@click.option("--pca-alpha", type=float, default=None,
+              help=_recipe_help("token-/vocab-pca: share of isotropic directions beside the subspace's (Guided ES with the "
+                                "basis as guide; 0: the subspace only)", "pca_alpha"))
 @click.option("--subspace-steps/--no-subspace-steps", "subspace_steps", default=None,
               help=_recipe_help("token-/vocab-pca: the optimizer works in the subspace's coordinates, so the token moves only within it", "subspace_steps"))
 @click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default=DEFAULTS["batch_candidates"], show_default=True)

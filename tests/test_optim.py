@@ -331,6 +331,36 @@ def test_subspace_directions_stay_in_the_basis_and_estimate_the_projected_gradie
         optim.subspace(np.ones((2, d)))  # not orthonormal
 
 
+def test_subspace_with_an_isotropic_share_still_sees_the_gradient_outside_the_basis():
+    """pca_alpha: z ~ N(0, αI + (1 − α)(d/r)BᵀB), so E[ĝ] = α∇L + (1 − α)(d/r)BᵀB∇L: the component
+    outside span(B), which the pure subspace never measures, is still estimated (α of it)."""
+    rng = np.random.default_rng(5)
+    d, r, alpha = 16, 4, 0.3
+    basis = np.linalg.qr(rng.standard_normal((d, r)))[0].T
+    sampler = optim.subspace(basis, alpha=alpha)
+    z = sampler.sample(rng, sampler.init(np.zeros(d)), 40000, (d,)).astype(np.float64)
+    cov = z.T @ z / len(z)
+    np.testing.assert_allclose(cov, alpha * np.eye(d) + (1 - alpha) * d / r * basis.T @ basis, atol=0.08)
+    assert abs(np.trace(cov) - d) < 0.3                          # the same energy as N(0, I)
+    rge = optim.RGE(n=2, mu=1e-3, antithetic=True, sampler=sampler)
+    A, b = spd(rng, d), rng.standard_normal(d)
+    f, grad = quadratic(A, b)
+    theta = rng.standard_normal(d).astype(np.float32)
+    g = grad(theta.astype(np.float64))
+    outside = g - basis.T @ (basis @ g)
+    est = np.zeros(d)
+    for _ in range(6000):
+        zz = rge.directions(rng, theta.shape)
+        est += rge.estimate([f(c.astype(np.float64)) for c in rge.candidates(theta, zz)], zz)
+    est /= 6000
+    expect = alpha * g + (1 - alpha) * d / r * basis.T @ (basis @ g)
+    assert np.linalg.norm(est - expect) < 0.1 * np.linalg.norm(expect)
+    seen = est - basis.T @ (basis @ est)                          # the estimate's part outside span(B)
+    assert seen @ outside / (np.linalg.norm(seen) * np.linalg.norm(outside)) > 0.9
+    with pytest.raises(ValueError):
+        optim.subspace(basis, alpha=1.0)                          # all isotropic: not a subspace any more
+
+
 def test_token_pca_basis_finds_the_planted_directions_of_a_table():
     rng = np.random.default_rng(4)
     d = 24

@@ -79,6 +79,7 @@ RECIPE_VARIANTS = [
     dict(recipe="zo-edge", directions="guided", rank=3, antithetic=True, n=1),
     dict(recipe="zo-edge", directions="token-pca", rank=4, schedule="cosine", lr=2e-2),
     dict(recipe="zo-edge", directions="vocab-pca", rank=3),
+    dict(recipe="zo-edge", directions="vocab-pca", rank=3, pca_alpha=0.5),
     dict(recipe="zo-edge", directions="token-pca", rank=3, subspace_steps=True, average=0.9),
     dict(recipe="zo-edge", directions="orthogonal", optimizer="sgd", lr=1.0),
     dict(recipe="zoodip", reference_scaling=True, adam_eps=1e-3, b1=0.8),
@@ -388,6 +389,14 @@ def test_subspace_steps_keep_an_adam_token_in_the_span(tiny_bundle_int8, ref_ima
 def test_subspace_steps_without_a_subspace_are_refused(base_args):
     line = cli_err(base_args + ["--subspace-steps"])
     assert line.startswith("zo-edge: error:") and "--subspace-steps needs --directions" in line
+
+
+def test_pca_alpha_out_of_range_or_with_subspace_steps_is_refused(base_args):
+    for extra, words in ((["--pca-alpha", "1.0"], "alpha must be in [0, 1)"),
+                         (["--pca-alpha", "-0.1"], "alpha must be in [0, 1)"),
+                         (["--directions", "vocab-pca", "--subspace-steps", "--pca-alpha", "0.5"], "choose one")):
+        line = cli_err(base_args + extra)
+        assert line.startswith("zo-edge: error:") and words in line, line
 
 
 def test_vocab_pca_rank_above_the_vocabulary_is_refused(tiny_bundle_int8, ref_images, tmp_path):

@@ -215,21 +215,31 @@ def momentum_guided(beta: float = 0.99, alpha: float = 0.5) -> DirectionSampler:
     return DirectionSampler(init, sample, update)
 
 
-def subspace(basis: np.ndarray) -> DirectionSampler:
+def subspace(basis: np.ndarray, alpha: float = 0.0) -> DirectionSampler:
     """Directions restricted to a fixed r-dimensional subspace of each token vector: z = √(d/r) Bᵀε,
     ε ~ N(0, I_r), B [r, d] orthonormal rows (per vector of a [V, d] token). E[ĝ] = (d/r) BᵀB ∇L:
     the gradient projected on the subspace, seen with √(n/r) instead of √(n/d) alignment.
     With :func:`token_pca_basis`, the subspace where the vocabulary's tokens vary most (the idea of
-    GF-TI, github feizc/Gradient-Free-Textual-Inversion, which searches a PCA space with CMA-ES)."""
+    GF-TI, github feizc/Gradient-Free-Textual-Inversion, which searches a PCA space with CMA-ES).
+
+    ``alpha`` > 0 keeps a share of isotropic directions, Guided ES's covariance with the fixed basis
+    as its guide (Maheswaranathan et al. 2019, arXiv 1806.10230): z ~ N(0, α I + (1 − α)(d/r) BᵀB),
+    E[ĝ] = α ∇L + (1 − α)(d/r) BᵀB ∇L: every component of the gradient is still seen, the subspace's
+    (d/r)-fold more. A hedge for a subspace that may not hold the answer (a released CLIP's table,
+    where nothing here can measure whether it does)."""
     b = np.asarray(basis, np.float64)
     _check(b.ndim == 2 and 1 <= b.shape[0] <= b.shape[1], f"subspace basis must be [r, d] with 1 <= r <= d, got {b.shape}")
     _check(np.allclose(b @ b.T, np.eye(b.shape[0]), atol=1e-5), "subspace basis rows must be orthonormal")
+    _check(0 <= alpha < 1, f"the subspace's isotropic share alpha must be in [0, 1), got {alpha}")
     r, d = b.shape
 
     def sample(rng, state, n, shape):
         _check(shape[-1] == d, f"subspace basis is for width {d}, the token has width {shape[-1]}")
         eps = rng.standard_normal((n, *shape[:-1], r))
-        return (math.sqrt(d / r) * eps @ b).astype(np.float32)
+        z = math.sqrt((1 - alpha) * d / r) * eps @ b
+        if alpha:
+            z = z + math.sqrt(alpha) * rng.standard_normal((n, *shape))
+        return z.astype(np.float32)
 
     return _stateless(sample)
 

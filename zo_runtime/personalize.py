@@ -62,6 +62,7 @@ class PersonalizeConfig:
     antithetic: bool | None = None      # two-sided differences (2n passes a step) instead of one-sided (n + 1)
     directions: str | None = None       # gaussian, orthogonal, guided, momentum, token-pca, vocab-pca
     rank: int | None = None             # token-/vocab-pca: subspace rank; guided: estimates kept (0: the default)
+    pca_alpha: float | None = None      # token-/vocab-pca: share of isotropic directions (0: the subspace only)
     guided_alpha: float | None = None   # guided, momentum: share of isotropic directions
     guided_beta: float | None = None    # momentum: decay of the estimates' average that guides the directions
     sg: bool | None = None              # Subspace Gradient
@@ -139,6 +140,10 @@ class PersonalizeConfig:
             if cfg.subspace_steps and cfg.directions not in PCA_DIRECTIONS:
                 raise ValueError(f"--subspace-steps needs --directions {' or '.join(PCA_DIRECTIONS)}, "
                                  f"not {cfg.directions}")
+            optim.subspace(np.eye(1, dtype=np.float32), alpha=cfg.pca_alpha)
+            if cfg.subspace_steps and cfg.pca_alpha:
+                raise ValueError("--subspace-steps keeps the token in the subspace; --pca-alpha probes outside it: "
+                                 "choose one")
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
             optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
         except ValueError as e:
@@ -228,7 +233,7 @@ def make_estimator(cfg: PersonalizeConfig, basis: np.ndarray | None = None) -> o
     elif cfg.directions == "momentum":
         sampler = optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
     elif cfg.directions in PCA_DIRECTIONS and basis is not None:
-        sampler = optim.subspace(basis)
+        sampler = optim.subspace(basis, alpha=cfg.pca_alpha)
     else:
         sampler = optim.gaussian()
     return optim.RGE(n=cfg.n, mu=cfg.mu, antithetic=cfg.antithetic, sampler=sampler)
