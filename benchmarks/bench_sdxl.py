@@ -48,7 +48,7 @@ def run_stage(stage: str, args, timeout_s: float) -> dict:
     import psutil
 
     cmd = [sys.executable, __file__, "--child", stage, "--work", str(args.work), "--iters", str(args.iters),
-           "--size", args.size, *(["--no-fuse"] if args.no_fuse else []),
+           "--size", args.size, "--weights", args.weights, *(["--no-fuse"] if args.no_fuse else []),
            *(["--export-dir", str(args.export_dir)] if args.export_dir else [])]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -89,7 +89,7 @@ def run_stage(stage: str, args, timeout_s: float) -> dict:
     th.join()
     reader.join()
     rec = {"stage": stage, "wall_s": round(time.time() - t0, 1), "peak_rss_mb_tree": round(peak[0] / 2**20, 1),
-           "exit_status": proc.returncode}
+           "exit_status": proc.returncode, **({"weights": args.weights} if stage.startswith(("convert", "zo")) else {})}
     lines = [ln for ln in (out or "").splitlines() if ln.startswith("{")]
     if lines:
         rec.update(json.loads(lines[-1]))
@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=40.0)
     ap.add_argument("--size", default="sdxl", choices=("sdxl", "tiny"), help="tiny: a smoke test of this script")
     ap.add_argument("--no-fuse", action="store_true", help="convert without the UNet fusions")
+    ap.add_argument("--weights", default="int8w", choices=("int8w", "int4w"),
+                    help="the bundle convert makes and personalize trains on (work/bundle-WEIGHTS)")
     ap.add_argument("--export-dir", type=Path, default=None, help="convert from this earlier export")
     ap.add_argument("--append", action="store_true", help="add the stages to an existing --out file")
     ap.add_argument("--child", default=None)
@@ -127,7 +129,7 @@ def main() -> None:
     import psutil
     previous = json.loads(args.out.read_text()) if args.append and args.out.is_file() else None
     report = {"what": "SDXL-shaped random weights (stable-diffusion-xl-base-1.0 config): convert, personalize "
-                      "(int8w bundle, zoodip recipe: n=2 one-sided RGE, 3 UNet passes per iteration), PyTorch FP32 "
+                      f"({args.weights} bundle, zoodip recipe: n=2 one-sided RGE, 3 UNet passes per iteration), PyTorch FP32 "
                       "backprop TI; one process per stage, RSS of its process tree sampled every 0.25 s",
               "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                           "platform": platform.platform(), "python": platform.python_version(),
@@ -187,9 +189,9 @@ def child_convert(args) -> dict:
     from zo_edge.convert.sdxl import convert_sdxl
     from zo_edge.models.calibration import SHAPES_WORLD
 
-    out = args.work / "bundle-int8w"
+    out = args.work / f"bundle-{args.weights}"
     t = time.time()
-    m = convert_sdxl(args.work / "src", out, weights="int8w", overwrite=True, verify_resolution=256,
+    m = convert_sdxl(args.work / "src", out, weights=args.weights, overwrite=True, verify_resolution=256,
                      heldout_samples=1, heldout_per_band=1, fuse=False if args.no_fuse else None,
                      export_dir=args.export_dir, data=SHAPES_WORLD,
                      progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -197,7 +199,7 @@ def child_convert(args) -> dict:
     for rel, e in m["files"].items():
         top = rel.split("/")[0]
         sizes[top] = sizes.get(top, 0) + e["bytes"]
-    return {"seconds": round(time.time() - t, 1), "stages": m["build"]["stages"], "weights": "int8w",
+    return {"seconds": round(time.time() - t, 1), "stages": m["build"]["stages"], "weights": args.weights,
             "fuse": m["quantization"]["fuse"], "verify": "held-out accuracy at 256 px, 1 sample, 1 per timestep band",
             "bundle_mb": {k: round(v / 2**20, 1) for k, v in sizes.items()},
             "accuracy_cosine": {g: a.get("cosine") for g, a in m["accuracy"].items()},
@@ -222,7 +224,7 @@ def child_zo(args, res: int) -> dict:
 
     work = args.work / f"zo{res}"
     shutil.rmtree(work, ignore_errors=True)
-    cfg = PersonalizeConfig(model=str(args.work / "bundle-int8w"), images=str(_refs(work / "refs", res)),
+    cfg = PersonalizeConfig(model=str(args.work / f"bundle-{args.weights}"), images=str(_refs(work / "refs", res)),
                             token="<bench>", init="dog", out=str(work / "e.safetensors"), run_dir=str(work / "run"),
                             steps=args.iters, resolution=res, recipe="zoodip", checkpoint_every=10**6)
     t = time.time()
@@ -284,20 +286,23 @@ def child_torch(args, res: int) -> dict:
 
 def table(report: dict) -> str:
     """The results file as a Markdown table (benchmarks/readme_tables.py renders it; never typed)."""
-    what = {"build": "build the random-weight SDXL folder (FP32 safetensors)", "convert": "zo-edge convert --weights int8w"}
+    what = {"build": "build the random-weight SDXL folder (FP32 safetensors)"}
     lines = ["| run | stage | what | wall s | peak RSS MB (process tree) | s / iteration | UNet passes / iteration | outcome |",
              "|---|---|---|---|---|---|---|---|"]
     runs = [*report.get("earlier_runs", []), report]
     rows = [(k, r) for k, run in enumerate(runs, 1) for r in run["stages"]]
     for k, r in rows:
         st = r["stage"]
+        weights = r.get("weights", "int8w")   # runs before --weights existed made int8w bundles
         if st.startswith("zo"):
-            desc = f"zo-edge personalize, {st[2:]} px, int8w bundle" + (f" (setup {r['setup_s']} s)" if "setup_s" in r else "")
+            desc = f"zo-edge personalize, {st[2:]} px, {weights} bundle" + (f" (setup {r['setup_s']} s)" if "setup_s" in r else "")
         elif st.startswith("torch"):
             desc = f"PyTorch FP32 backprop TI, {st[5:]} px" + (f" (load {r['load_s']} s)" if "load_s" in r else "")
         elif st == "convert" and "--no-fuse" in r.get("command", ""):
             reused = "--export-dir" in r.get("command", "")
-            desc = what[st] + " --no-fuse" + (", export reused from run 1" if reused else ", export included")
+            desc = f"zo-edge convert --weights {weights} --no-fuse" + (", export reused from run 1" if reused else ", export included")
+        elif st == "convert":
+            desc = f"zo-edge convert --weights {weights}"
         else:
             desc = what.get(st, st)
         per = ", ".join(str(x) for x in r.get("s_per_iter", [])) or "-"
