@@ -30,6 +30,8 @@ def _quality(report: dict, subjects: str = "all") -> str:
 def _prompts(rows: dict, _arg=None) -> str:
     lines = ["| captions | shape | colour | pattern | background | all four | images |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        if name == "provenance":   # where a file says which model and command made it
+            continue
         lines.append(f"| {name} | " + " | ".join(f"{100 * r[a]:.1f}" for a in
                                                 ("shape", "colour", "pattern", "background", "all_four"))
                      + f" | {r['images']} |")
