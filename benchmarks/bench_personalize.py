@@ -46,7 +46,8 @@ def child_zo(args) -> dict:
     cfg = PersonalizeConfig(model=args.bundle, images=str(_refs(work / "refs", args.res)), token="<bench>",
                             init="dog", out=str(work / "e.safetensors"), run_dir=str(work / "run"),
                             steps=args.warmup + args.iters, resolution=args.res,
-                            batch_candidates=args.batch_candidates, checkpoint_every=10**6)
+                            batch_candidates=args.batch_candidates, checkpoint_every=10**6,
+                            low_memory=args.low_memory)
     t_setup = time.time()
     trainer = Trainer(cfg)
     setup = time.time() - t_setup
@@ -119,6 +120,8 @@ def main():
     ap.add_argument("--batch-candidates", default="auto")
     ap.add_argument("--also", default="",
                     help="more bundles, each run as a candidates-batched zo-edge row: NAME=PATH,... (e.g. int4w=sd15-int4w)")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="also run every candidates-batched zo-edge bundle row with personalize --low-memory")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -149,6 +152,10 @@ def main():
         for item in filter(None, args.also.split(",")):
             label, _, path = item.partition("=")
             configs.insert(1, (f"zo-batched-{label}", "zo", ["--batch-candidates", "on", "--bundle", path]))
+        if args.low_memory:
+            zo = [c for c in configs if c[0].startswith("zo-batched")]
+            at = max(i for i, c in enumerate(configs) if c[0].startswith("zo-batched")) + 1
+            configs[at:at] = [(f"{name}+low-memory", kind, extra + ["--low-memory"]) for name, kind, extra in zo]
         for name, kind, extra in configs:
             if name in skip:
                 continue
@@ -198,8 +205,11 @@ def table(report: dict) -> str:
             continue
         base = next((b for b in rows if b["config"] == "torch-ti" and b["resolution"] == r["resolution"]
                      and "s_per_iter" in b), None)
-        name = names.get(r["config"]) or (f"zo-edge, ORT {r['config'][len('zo-batched-'):]}, candidates batched"
-                                          if r["config"].startswith("zo-batched-") else r["config"])
+        config, _, low = r["config"].partition("+")
+        name = names.get(config) or (f"zo-edge, ORT {config[len('zo-batched-'):]}, candidates batched"
+                                     if config.startswith("zo-batched-") else config)
+        if low:
+            name += ", --low-memory"
         lines.append(f"| {r['resolution']} | {name} | {r['s_per_iter']:.2f} | "
                      f"{r['unet_passes_per_iter']} | {r['peak_rss_mb']:,.0f} | "
                      + (f"{r['s_per_iter'] / base['s_per_iter']:.2f}x | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |"

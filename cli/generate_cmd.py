@@ -28,7 +28,8 @@ from zo_runtime.errors import UserError
 @click.option("--grid", "make_grid", is_flag=True, help="Also write grid.png of all images.")
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=0)
-@click.option("--low-memory", is_flag=True, help="Run the two guidance branches one after the other.")
+@click.option("--low-memory", is_flag=True, help="Run the two guidance branches one after the other, with "
+              "onnxruntime's CPU memory arena off: less peak memory, a little slower.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_per_prompt, steps, guidance, scheduler,
              seed, height, width, out, out_dir, make_grid, provider, threads, low_memory, overwrite):
@@ -71,7 +72,7 @@ def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_pe
     if clash and not overwrite:
         raise UserError(f"{clash[0]} exists; pass --overwrite to replace it")
 
-    bundle = Bundle.load(resolve_model(model), provider=provider, threads=threads)
+    bundle = Bundle.load(resolve_model(model), provider=provider, threads=threads, low_memory=low_memory)
     check_sampling(bundle, steps, guidance, seed, height, width)
     loaded = {}
     for path in embeddings:

@@ -19,7 +19,7 @@ def _recipe_help(what: str, key: str) -> str:
 # The run settings' defaults live in PersonalizeConfig; the flags show them from there.
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(PersonalizeConfig)}
 
-RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "threads")
+RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "threads", "low_memory")
 
 
 @click.command()
@@ -76,13 +76,15 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True)
 @click.option("--provider", default=DEFAULTS["provider"], show_default=True, help="ORT execution provider: cpu, cuda, dml, coreml, openvino, qnn.")
 @click.option("--threads", type=int, default=DEFAULTS["threads"], help="ORT intra-op threads (0: ORT's default).")
+@click.option("--low-memory", is_flag=True, help="onnxruntime's CPU memory arena off on every session: less peak "
+              "memory (-268 MB measured on SD1.5 at 256 px), about 2.5 % slower, the same arithmetic.")
 @click.option("--max-image-pixels", type=int, default=DEFAULTS["max_image_pixels"], show_default=True,
               help="Refuse reference images with more pixels (decompression-bomb guard).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file or run directory.")
 @click.pass_context
 def personalize(ctx, model, images, token, init_word, out, run_dir, resume_dir, steps, num_vectors, resolution, recipe,
                 batch_candidates, captions, no_upscale, checkpoint_every, preview_every, seed, provider, threads,
-                overwrite, max_image_pixels, **recipe_fields):
+                low_memory, overwrite, max_image_pixels, **recipe_fields):
     """Learn a token from a few images with forward passes only (RGE + SG + PUTS + ZO-Adam and variants)."""
     from zo_runtime.personalize import PersonalizeConfig, Trainer, default_run_dir, resume
 
@@ -95,7 +97,8 @@ def personalize(ctx, model, images, token, init_word, out, run_dir, resume_dir, 
             raise UserError(f"{flag} cannot change on --resume: the run's config.json fixes it "
                             f"(--resume takes {', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDES[1:])})")
         resume(resume_dir, steps=steps if "steps" in given else None, out=out, overwrite=overwrite,
-               provider=provider if "provider" in given else None, threads=threads if "threads" in given else None)
+               provider=provider if "provider" in given else None, threads=threads if "threads" in given else None,
+               low_memory=True if "low_memory" in given else None)
         return
     missing = [flag for flag, v in (("--images", images), ("--token", token), ("--init", init_word),
                                     ("--out", out)) if not v]
@@ -105,7 +108,7 @@ def personalize(ctx, model, images, token, init_word, out, run_dir, resume_dir, 
                             run_dir=run_dir or default_run_dir(token), steps=steps, num_vectors=num_vectors,
                             resolution=resolution, recipe=recipe, batch_candidates=batch_candidates,
                             captions=captions, allow_upscale=not no_upscale, checkpoint_every=checkpoint_every,
-                            preview_every=preview_every, seed=seed, provider=provider, threads=threads,
+                            preview_every=preview_every, seed=seed, provider=provider, threads=threads, low_memory=low_memory,
                             overwrite=overwrite, max_image_pixels=max_image_pixels, **recipe_fields)
     Trainer(cfg).train()
 

@@ -427,3 +427,15 @@ def test_averaging_recipe_writes_the_average_of_its_iterates(tiny_bundle_int8, r
     np.testing.assert_array_equal(written, seen["last"])
     np.testing.assert_array_equal(res.theta, written)
     assert not np.allclose(written, last_iterate)
+
+
+def test_low_memory_turns_the_arena_off_and_changes_no_arithmetic(tiny_bundle_int8, ref_images, tmp_path):
+    assert Bundle.load(tiny_bundle_int8, low_memory=True).session_options("unet").enable_cpu_mem_arena is False
+    assert Bundle.load(tiny_bundle_int8).session_options("unet").enable_cpu_mem_arena is True
+    plain = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "a", steps=4)).train()
+    low = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path / "b", steps=4, low_memory=True)).train()
+    assert np.array_equal(load_embeddings(plain.out)["<zz-tok>"], load_embeddings(low.out)["<zz-tok>"])
+    # a run setting, not part of the run: --resume may turn it on
+    r = CliRunner().invoke(cli, ["personalize", "--resume", str(tmp_path / "a" / "run"), "--steps", "6",
+                                 "--low-memory", "--out", str(tmp_path / "longer.safetensors")])
+    assert r.exit_code == 0, r.output

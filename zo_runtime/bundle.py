@@ -96,15 +96,17 @@ class Bundle:
     manifest: dict
     provider: str = "cpu"
     threads: int = 0
+    low_memory: bool = False   # no CPU memory arena on any session (profile_sd15.json: -268 MB, 1.025x UNet time)
     _sessions: dict = field(default_factory=dict, repr=False)
     _table: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0) -> "Bundle":
+    def load(cls, path: str | Path, provider: str = "cpu", verify: bool = True, threads: int = 0,
+             low_memory: bool = False) -> "Bundle":
         root = Path(path).expanduser()
         manifest = read_bundle_manifest(root)
         _providers.check(provider, manifest)
-        b = cls(root=root, manifest=manifest, provider=provider, threads=threads)
+        b = cls(root=root, manifest=manifest, provider=provider, threads=threads, low_memory=low_memory)
         if verify:
             b.verify()
         return b
@@ -242,6 +244,10 @@ class Bundle:
         # (-14 %), the UNet within 1 % of the time (paired runs), outputs bit-identical. The arena stays on:
         # turning both off cost 5-9 % of the UNet's time.
         opts.enable_mem_pattern = False
+        # --low-memory: ORT's CPU arena keeps freed blocks for reuse; without it, memory goes back to the
+        # allocator. Same arithmetic (losses bit-identical), 2.5 % slower UNet at 256 px (profile_sd15.json).
+        if self.low_memory:
+            opts.enable_cpu_mem_arena = False
         threads = self.threads or int(os.environ.get("ZO_EDGE_THREADS", "0") or 0)
         if threads:
             opts.intra_op_num_threads = threads

@@ -91,6 +91,7 @@ class PersonalizeConfig:
     allow_upscale: bool = True
     provider: str = "cpu"
     threads: int = 0
+    low_memory: bool = False            # ORT's CPU arena off on every session: less peak memory, a little slower
     overwrite: bool = False
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     templates: tuple = field(default=TEMPLATES)
@@ -360,7 +361,7 @@ class Trainer:
 
     def load_model(self) -> None:
         cfg = self.cfg
-        self.bundle = Bundle.load(cfg.model, provider=cfg.provider, threads=cfg.threads)
+        self.bundle = Bundle.load(cfg.model, provider=cfg.provider, threads=cfg.threads, low_memory=cfg.low_memory)
         # hook (zo_runtime/precision.py): the μ measured for this bundle's precision on this provider
         cfg = self.cfg = precision_recipe(self.given, cfg, self.bundle)
         static = [g for g in ("text_encoder", "unet") if self.bundle.graph(g).get("precision") in ("int8", "int4")]
@@ -670,14 +671,15 @@ def load_run_config(run_dir: str | Path) -> PersonalizeConfig:
 
 
 def resume(run_dir: str | Path, steps: int | None = None, out: str | None = None, overwrite: bool = False,
-           provider: str | None = None, threads: int | None = None) -> Result:
+           provider: str | None = None, threads: int | None = None, low_memory: bool | None = None) -> Result:
     """Continue an interrupted run exactly where its last checkpoint left it. ``steps`` and ``out``
     replace the run's own (a finished run can so be extended, or its token written elsewhere);
     ``overwrite`` is this command's own: the first run's --overwrite does not carry over."""
     cfg = load_run_config(run_dir)
     cfg.run_dir = str(run_dir)
     cfg.overwrite = overwrite
-    for name, value in (("steps", steps), ("out", out), ("provider", provider), ("threads", threads)):
+    for name, value in (("steps", steps), ("out", out), ("provider", provider), ("threads", threads),
+                        ("low_memory", low_memory)):
         if value is not None:
             setattr(cfg, name, value)
     return Trainer(cfg, resume=True).train(resume=True)
