@@ -28,6 +28,26 @@ def resolve_provider(name: str) -> list:
     return _providers.configure(spec, ort.SessionOptions())
 
 
+M_MMAP_THRESHOLD = -3      # glibc mallopt parameter
+LOW_MEMORY_MMAP_BYTES = 128 * 1024
+
+
+def release_large_buffers() -> bool:
+    """Ask glibc to serve every allocation of 128 KiB or more with its own mmap, returned to the system on
+    free. By default glibc raises that threshold as large blocks are freed (up to 32 MiB) and then keeps
+    them in its heap, where one UNet call's buffers fragment it: with onnxruntime's arena off, personalize
+    at 512 px peaked 528 MB higher than with it (docs/results/bench_personalize_no_arena.json). Process-wide;
+    False where the C library is not glibc (nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, LOW_MEMORY_MMAP_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 # weight-only precisions (float activations, the zeroth-order recipe) and their weight bits
 WEIGHT_ONLY_BITS = {"int8w": 8, "int4w": 4}
 
@@ -96,7 +116,7 @@ class Bundle:
     manifest: dict
     provider: str = "cpu"
     threads: int = 0
-    low_memory: bool = False   # no CPU memory arena on any session (profile_sd15.json: -268 MB, 1.025x UNet time)
+    low_memory: bool = False   # no CPU memory arena, large buffers unmapped on free (release_large_buffers)
     _sessions: dict = field(default_factory=dict, repr=False)
     _table: np.ndarray | None = field(default=None, repr=False)
 
@@ -107,6 +127,8 @@ class Bundle:
         manifest = read_bundle_manifest(root)
         _providers.check(provider, manifest)
         b = cls(root=root, manifest=manifest, provider=provider, threads=threads, low_memory=low_memory)
+        if low_memory:
+            release_large_buffers()
         if verify:
             b.verify()
         return b
@@ -244,8 +266,9 @@ class Bundle:
         # (-14 %), the UNet within 1 % of the time (paired runs), outputs bit-identical. The arena stays on:
         # turning both off cost 5-9 % of the UNet's time.
         opts.enable_mem_pattern = False
-        # --low-memory: ORT's CPU arena keeps freed blocks for reuse; without it, memory goes back to the
-        # allocator. Same arithmetic (losses bit-identical), 2.5 % slower UNet at 256 px (profile_sd15.json).
+        # --low-memory: ORT's CPU arena keeps freed blocks for reuse; without it (and with large buffers
+        # unmapped on free, Bundle.load), memory goes back to the system. Same arithmetic, slower
+        # (docs/results/bench_personalize_lowmem.json).
         if self.low_memory:
             opts.enable_cpu_mem_arena = False
         threads = self.threads or int(os.environ.get("ZO_EDGE_THREADS", "0") or 0)
