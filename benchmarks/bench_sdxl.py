@@ -49,6 +49,7 @@ def run_stage(stage: str, args, timeout_s: float) -> dict:
 
     cmd = [sys.executable, __file__, "--child", stage, "--work", str(args.work), "--iters", str(args.iters),
            "--size", args.size, "--weights", args.weights, *(["--no-fuse"] if args.no_fuse else []),
+           *(["--low-memory"] if args.low_memory else []),
            *(["--export-dir", str(args.export_dir)] if args.export_dir else [])]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -89,7 +90,8 @@ def run_stage(stage: str, args, timeout_s: float) -> dict:
     th.join()
     reader.join()
     rec = {"stage": stage, "wall_s": round(time.time() - t0, 1), "peak_rss_mb_tree": round(peak[0] / 2**20, 1),
-           "exit_status": proc.returncode, **({"weights": args.weights} if stage.startswith(("convert", "zo")) else {})}
+           "exit_status": proc.returncode, **({"weights": args.weights} if stage.startswith(("convert", "zo")) else {}),
+           **({"low_memory": True} if stage.startswith("zo") and args.low_memory else {})}
     lines = [ln for ln in (out or "").splitlines() if ln.startswith("{")]
     if lines:
         rec.update(json.loads(lines[-1]))
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=40.0)
     ap.add_argument("--size", default="sdxl", choices=("sdxl", "tiny"), help="tiny: a smoke test of this script")
     ap.add_argument("--no-fuse", action="store_true", help="convert without the UNet fusions")
+    ap.add_argument("--low-memory", action="store_true", help="personalize --low-memory in the zo stages")
     ap.add_argument("--weights", default="int8w", choices=("int8w", "int4w"),
                     help="the bundle convert makes and personalize trains on (work/bundle-WEIGHTS)")
     ap.add_argument("--export-dir", type=Path, default=None, help="convert from this earlier export")
@@ -226,7 +229,8 @@ def child_zo(args, res: int) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     cfg = PersonalizeConfig(model=str(args.work / f"bundle-{args.weights}"), images=str(_refs(work / "refs", res)),
                             token="<bench>", init="dog", out=str(work / "e.safetensors"), run_dir=str(work / "run"),
-                            steps=args.iters, resolution=res, recipe="zoodip", checkpoint_every=10**6)
+                            steps=args.iters, resolution=res, recipe="zoodip", checkpoint_every=10**6,
+                            low_memory=args.low_memory)
     t = time.time()
     trainer = Trainer(cfg)
     setup = time.time() - t
@@ -295,7 +299,8 @@ def table(report: dict) -> str:
         st = r["stage"]
         weights = r.get("weights", "int8w")   # runs before --weights existed made int8w bundles
         if st.startswith("zo"):
-            desc = f"zo-edge personalize, {st[2:]} px, {weights} bundle" + (f" (setup {r['setup_s']} s)" if "setup_s" in r else "")
+            desc = (f"zo-edge personalize, {st[2:]} px, {weights} bundle" + (", --low-memory" if r.get("low_memory") else "")
+                    + (f" (setup {r['setup_s']} s)" if "setup_s" in r else ""))
         elif st.startswith("torch"):
             desc = f"PyTorch FP32 backprop TI, {st[5:]} px" + (f" (load {r['load_s']} s)" if "load_s" in r else "")
         elif st == "convert" and "--no-fuse" in r.get("command", ""):
