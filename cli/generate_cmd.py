@@ -29,7 +29,7 @@ from zo_runtime.errors import UserError
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=0)
 @click.option("--low-memory", is_flag=True, help="Run the two guidance branches one after the other, with "
-              "onnxruntime's CPU memory arena off: less peak memory, a little slower.")
+              "onnxruntime's CPU memory arena off and large buffers returned when freed: less peak memory, slower.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def generate(prompt, model, embeddings, prompts_file, negative_prompt, images_per_prompt, steps, guidance, scheduler,
              seed, height, width, out, out_dir, make_grid, provider, threads, low_memory, overwrite):

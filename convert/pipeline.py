@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from zo_runtime.bundle import TOKEN_FILL_FILE, VOCABULARY_FILE, fill_table, trim_table, vocabulary_problem
+from zo_runtime.bundle import (TOKEN_FILL_FILE, VOCABULARY_FILE, WEIGHT_ONLY_BITS, fill_table, trim_table,
+                               vocabulary_problem)
 from zo_runtime.manifest import FILL_GENERATORS
 from zo_runtime.errors import UserError
 from zo_runtime.manifest import BUNDLE_FORMAT, FORMAT_VERSION
@@ -31,8 +32,6 @@ from .calibrate import CalibrationData
 from .export import GRAPHS, export_onnx
 from .graphs import copy_graph, save_model, session
 from .manifest import check_bundle_out, graph_entry, replace_dir, write_manifest
-from zo_runtime.bundle import WEIGHT_ONLY_BITS
-
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only
 from .portable import PORTABLE_OPSET, TARGET_WEIGHTS, TARGETS
 from .source import SourceInfo, inspect_source

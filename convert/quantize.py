@@ -313,13 +313,12 @@ def quantize_weight_only(src: Path, dst: Path, bits: int = 8, block_size: int = 
         model.ir_version = max(model.ir_version, 10)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, WEIGHT_ONLY_KEY: "1"})
     save_model(model, dst, external=needs_external_data(model))
-    out = {"method": "weight-only", "weight_type": "QInt8", "symmetric": True, "per_channel": True,
-           "activations": "float32", "weights_quantized": len(done),
-           "weight_bytes_fp32": int(f_bytes), "weight_bytes_int8": int(q_bytes)}
-    if bits == 4:
-        out = {"method": "weight-only", "weight_type": "QInt4", "symmetric": True, "block_size": block_size,
-               "activations": "float32", "weights_quantized": len(done), "weights_int4": n4,
-               "weights_int8_per_channel": len(done) - n4,
-               "weight_bytes_fp32": int(f_bytes), "weight_bytes_quantized": int(q_bytes)}
-    return out
+    if bits == 8:
+        return {"method": "weight-only", "weight_type": "QInt8", "symmetric": True, "per_channel": True,
+                "activations": "float32", "weights_quantized": len(done),
+                "weight_bytes_fp32": int(f_bytes), "weight_bytes_int8": int(q_bytes)}
+    return {"method": "weight-only", "weight_type": "QInt4", "symmetric": True, "block_size": block_size,
+            "activations": "float32", "weights_quantized": len(done), "weights_int4": n4,
+            "weights_int8_per_channel": len(done) - n4,
+            "weight_bytes_fp32": int(f_bytes), "weight_bytes_quantized": int(q_bytes)}
 

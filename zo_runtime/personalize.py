@@ -91,7 +91,7 @@ class PersonalizeConfig:
     allow_upscale: bool = True
     provider: str = "cpu"
     threads: int = 0
-    low_memory: bool = False            # ORT's CPU arena off on every session: less peak memory, a little slower
+    low_memory: bool = False            # Bundle.low_memory: less peak memory, slower, the same arithmetic
     overwrite: bool = False
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     templates: tuple = field(default=TEMPLATES)
