@@ -92,6 +92,8 @@ def vocabulary_problem(ids, vocab: int) -> str | None:
             or len(set(ids)) != len(ids)):
         return f"must list at least 2 distinct token ids below {vocab}"
     return None
+
+
 def fill_table(rows: np.ndarray, ids: np.ndarray, fill: dict, shape: list[int]) -> np.ndarray:
     """The full token table: ``fill``'s generated rows with ``rows`` written at ``ids``."""
     table = seeded_rows(int(fill["seed"]), shape[0], shape[1], float(fill["std"]))
