@@ -12,8 +12,10 @@ stays fused (no QK^T / attn.V MatMuls, no transposes).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graphs import prune, save_model
+from .graphs import load_lazy, prune, save_model, tensor_array
 
 CPU_LESS_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_nhwc_conv",
                     "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
@@ -37,9 +39,25 @@ def cpu_fusion_options(model_type: str = "unet"):
     return opts
 
 
-def fuse_unet(src: str | Path, dst: str | Path) -> dict:
-    """Apply the CPU-safe fusions to the UNet at ``src``; save to ``dst``. Returns fused-op counts."""
+@contextlib.contextmanager
+def working_directory(path: Path):
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def fuse_unet(src: str | Path, dst: str | Path, unpack: bool = False) -> dict:
+    """Apply the CPU-safe fusions to the UNet at ``src``; save to ``dst``. Returns fused-op counts.
+
+    The weights stay on disk (graphs.load_lazy): the fusions read the few they rewrite (the attention
+    projections they pack) from ``src``'s folder, which is the working directory meanwhile (they and
+    ONNX's checker resolve external data from there), and the save streams the rest tensor by tensor. ``unpack``: then
+    :func:`unpack_self_attention` (for weight quantization), before saving."""
     from onnxruntime.transformers.optimizer import optimize_model
+    src = Path(src).absolute()
     # optimizer.py imports its helpers as top-level modules (its folder is put on sys.path)
     onnx_model_unet = sys.modules.get("onnx_model_unet") or importlib.import_module(
         "onnxruntime.transformers.onnx_model_unet")
@@ -47,9 +65,10 @@ def fuse_unet(src: str | Path, dst: str | Path) -> dict:
     onnx_model_unet.is_installed = lambda name: False if name == "tqdm" else is_installed(name)  # no progress bar
     logging.disable(logging.WARNING)  # its INFO / WARNING chatter
     try:
-        with warnings.catch_warnings():
+        # the fusions and ONNX's checker resolve external data from the working directory
+        with warnings.catch_warnings(), working_directory(src.parent):
             warnings.simplefilter("ignore", DeprecationWarning)  # numpy: int() of a 1-element array
-            opt = optimize_model(str(src), model_type="unet", num_heads=0, hidden_size=0,
+            opt = optimize_model(load_lazy(src), model_type="unet", num_heads=0, hidden_size=0,
                                  optimization_options=cpu_fusion_options("unet"), opt_level=0, use_gpu=False,
                                  only_onnxruntime=False)
     finally:
@@ -58,7 +77,9 @@ def fuse_unet(src: str | Path, dst: str | Path) -> dict:
     model = opt.model
     ensure_ms_domain(model)
     counts = fused_op_counts(model)
-    save_model(model, dst)
+    if unpack:
+        counts["unpacked_self_attention"] = unpack_self_attention(model, src.parent)
+    save_model(model, dst, base_dir=src.parent)
     return counts
 
 
@@ -78,9 +99,10 @@ def fused_op_counts(model: onnx.ModelProto) -> dict:
     return out
 
 
-def unpack_self_attention(model: onnx.ModelProto) -> int:
+def unpack_self_attention(model: onnx.ModelProto, base_dir: str | Path | None = None) -> int:
     """Replace each com.microsoft ``Attention`` (packed QKV weight initializer) by Q/K/V MatMuls and a
-    ``MultiHeadAttention``. In place; returns how many were replaced."""
+    ``MultiHeadAttention``. In place; returns how many were replaced. ``base_dir``: where a lazily
+    loaded model's weights are."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     new_nodes, n_done = [], 0
@@ -93,7 +115,7 @@ def unpack_self_attention(model: onnx.ModelProto) -> int:
         if set(attrs) - {"num_heads", "scale"} or (len(node.input) > 3 and any(node.input[3:])):
             new_nodes.append(node)  # mask / past / unusual attributes: leave it
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = tensor_array(inits[node.input[1]], base_dir)
         c_in, three_out = w.shape
         out = three_out // 3
         w3 = w.reshape(c_in, 3, out)
@@ -107,7 +129,7 @@ def unpack_self_attention(model: onnx.ModelProto) -> int:
             outs.append(on)
         mha_in = list(outs)
         if len(node.input) > 2 and node.input[2] and node.input[2] in inits:
-            b = numpy_helper.to_array(inits[node.input[2]])
+            b = tensor_array(inits[node.input[2]], base_dir)
             if np.any(b != 0):
                 mha_in.append(node.input[2])  # MHA's bias input has the same [3 * hidden] layout
         mha = helper.make_node("MultiHeadAttention", mha_in, [node.output[0]], name=f"{node.name}_MHA",

@@ -30,7 +30,7 @@ from zo_runtime.sysinfo import peak_rss_mb
 from . import accuracy as acc_mod
 from .calibrate import CalibrationData
 from .export import GRAPHS, export_onnx
-from .graphs import copy_graph, save_model, session
+from .graphs import copy_graph, session
 from .manifest import check_bundle_out, graph_entry, replace_dir, write_manifest
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only
 from .portable import PORTABLE_OPSET, TARGET_WEIGHTS, TARGETS
@@ -300,17 +300,11 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
     unet_src = sources["unet"]
     fusion_counts: dict = {}
     if fuse:
-        from .optimize import fuse_unet, unpack_self_attention
+        from .optimize import fuse_unet
         fused = tmp / "fused" / "unet" / "model.onnx"
 
-        def optimize():
-            counts = fuse_unet(exported["unet"], fused)
-            if weights != "fp32":
-                m = onnx.load(str(fused))
-                counts["unpacked_self_attention"] = unpack_self_attention(m)
-                save_model(m, fused)
-            return counts
-        fusion_counts = st.run("optimize", "UNet fusions (CPU kernels only)", optimize)
+        fusion_counts = st.run("optimize", "UNet fusions (CPU kernels only)", fuse_unet, exported["unet"], fused,
+                               weights != "fp32")
         st.say(f"[optimize] fused ops: {fusion_counts}")
         unet_src = fused
     else:

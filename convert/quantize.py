@@ -39,7 +39,7 @@ import onnx
 from zo_runtime.errors import UserError
 
 from .calibrate import FeedsReader
-from .graphs import WEIGHT_ONLY_KEY, copy_graph, needs_external_data, prune, save_model
+from .graphs import WEIGHT_ONLY_KEY, copy_graph, load_lazy, needs_external_data, prune, save_model, tensor_array
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization",
@@ -261,7 +261,8 @@ def quantize_weight_only(src: Path, dst: Path, bits: int = 8, block_size: int = 
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
-    model = onnx.load(str(src))
+    src = Path(src)
+    model = load_lazy(src)  # weights stay on disk: read, quantized and dropped one at a time
     if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in model.opset_import):
         raise UserError(f"{src}: weight-only quantization needs opset >= 13 (per-axis DequantizeLinear)")
     inits = {t.name: t for t in model.graph.initializer}
@@ -275,7 +276,7 @@ def quantize_weight_only(src: Path, dst: Path, bits: int = 8, block_size: int = 
         if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2 or int(np.prod(t.dims)) < min_size:
             continue
         if name not in done:
-            w = numpy_helper.to_array(t)
+            w = tensor_array(t, src.parent)
             in_axis = _INPUT_AXIS[n.op_type](n, w)
             if bits == 4 and w.shape[in_axis] % block_size == 0:
                 wq, scale = _quantize_blocked4(w, in_axis, block_size)
@@ -312,7 +313,7 @@ def quantize_weight_only(src: Path, dst: Path, bits: int = 8, block_size: int = 
                 o.version = max(o.version, INT4_OPSET)
         model.ir_version = max(model.ir_version, 10)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, WEIGHT_ONLY_KEY: "1"})
-    save_model(model, dst, external=needs_external_data(model))
+    save_model(model, dst, external=needs_external_data(model), base_dir=src.parent)
     if bits == 8:
         return {"method": "weight-only", "weight_type": "QInt8", "symmetric": True, "per_channel": True,
                 "activations": "float32", "weights_quantized": len(done),

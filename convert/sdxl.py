@@ -565,12 +565,10 @@ def convert_sdxl(src, out, weights: str = "int8w", text_encoder_fp32: bool = Fal
 
 def _build(info: SDXLSourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: int, provider: str, fuse: bool,
            per_channel: bool, n_held: int, per_band: int, seed: int, export_dir, verify_res, st, data) -> dict:
-    import onnx
-
     from zo_edge import __version__
 
     from . import accuracy as acc_mod
-    from .graphs import save_model, session
+    from .graphs import session
     from zo_runtime.manifest import BUNDLE_FORMAT as FORMAT, FORMAT_VERSION
 
     from .graphs import copy_graph as _copy_graph
@@ -594,17 +592,10 @@ def _build(info: SDXLSourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib
     unet_src = reference["unet"]
     fusion_counts: dict = {}
     if fuse:
-        from .optimize import fuse_unet, unpack_self_attention
+        from .optimize import fuse_unet
         fused = tmp / "fused" / "unet" / "model.onnx"
-
-        def optimize():
-            counts = fuse_unet(reference["unet"], fused)
-            if weights != "fp32":
-                m = onnx.load(str(fused))
-                counts["unpacked_self_attention"] = unpack_self_attention(m)
-                save_model(m, fused)
-            return counts
-        fusion_counts = st.run("optimize", "UNet fusions (CPU kernels only)", optimize)
+        fusion_counts = st.run("optimize", "UNet fusions (CPU kernels only)", fuse_unet, reference["unet"], fused,
+                               weights != "fp32")
         st.say(f"[optimize] fused ops: {fusion_counts}")
         unet_src = fused
 

@@ -549,3 +549,59 @@ def test_weight_only_4bit_blocks_match_their_dequantized_weights(tmp_path):
     ref = ort.InferenceSession(str(src)).run(None, feeds)
     for a, b in zip(got, ref):
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.15
+
+
+def _external_copy(src, dst):
+    """``src`` saved again with every weight of 1 KB or more in ``model.onnx_data`` (as Optimum writes SD1.5)."""
+    from zo_edge.convert.graphs import save_model
+    save_model(onnx.load(str(src)), dst, external=True)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL
+               for t in onnx.load(str(dst), load_external_data=False).graph.initializer)
+    return dst
+
+
+def _same_weights(a, b):
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    wa = {t.name: onnx.numpy_helper.to_array(t) for t in ma.graph.initializer}
+    wb = {t.name: onnx.numpy_helper.to_array(t) for t in mb.graph.initializer}
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    assert [(n.op_type, list(n.input)) for n in ma.graph.node] == [(n.op_type, list(n.input)) for n in mb.graph.node]
+
+
+def test_fusion_and_weight_only_keep_weights_on_disk(tiny_sd1_export, tmp_path):
+    """Fusion and weight-only quantization read a graph's external weights one tensor at a time
+    (graphs.load_lazy / tensor_array) and stream them into the new file: the result is the same graph
+    with the same weights, bit for bit, as from the graph held in memory whole."""
+    from zo_edge.convert.optimize import fuse_unet
+    from zo_edge.convert.quantize import quantize_weight_only
+    inline = tiny_sd1_export / "unet" / "model.onnx"
+    ext = _external_copy(inline, tmp_path / "ext" / "model.onnx")
+    counts_a = fuse_unet(inline, tmp_path / "fa" / "model.onnx", unpack=True)
+    counts_b = fuse_unet(ext, tmp_path / "fb" / "model.onnx", unpack=True)
+    assert counts_a == counts_b and counts_a["unpacked_self_attention"] > 0
+    assert (tmp_path / "fb" / "model.onnx_data").is_file()  # weights streamed, not loaded whole
+    _same_weights(tmp_path / "fa" / "model.onnx", tmp_path / "fb" / "model.onnx")
+    for bits in (8, 4):
+        qa = quantize_weight_only(tmp_path / "fa" / "model.onnx", tmp_path / f"qa{bits}" / "model.onnx", bits=bits)
+        qb = quantize_weight_only(tmp_path / "fb" / "model.onnx", tmp_path / f"qb{bits}" / "model.onnx", bits=bits)
+        assert qa == qb
+        _same_weights(tmp_path / f"qa{bits}" / "model.onnx", tmp_path / f"qb{bits}" / "model.onnx")
+
+
+def test_streamed_save_refuses_weights_outside_their_folder(tmp_path):
+    """A graph whose external data points outside its folder (../) is refused, not followed."""
+    from onnx import TensorProto, helper
+
+    from zo_edge.convert.graphs import save_model
+    (tmp_path / "secret").write_bytes(b"\0" * 4096)
+    t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1024], data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "../secret"), ("offset", "0"), ("length", "4096")):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1024])], [t])
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ValueError, match="outside"):
+        save_model(helper.make_model(g), tmp_path / "out" / "model.onnx", base_dir=tmp_path / "m")
