@@ -8,6 +8,7 @@ is never whole in memory, which is what kept conversion's fusion stage at 20 GB.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -37,6 +38,18 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 
+@contextlib.contextmanager
+def working_directory(path: str | Path):
+    """Run the block in ``path``: onnxruntime's graph tools and ONNX's checker resolve a lazily loaded
+    graph's external data from the working directory."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def load_lazy(path: str | Path) -> onnx.ModelProto:
     """The graph at ``path`` with its external weights left on disk (read them with
     :func:`tensor_array`, save with ``save_model(..., base_dir=path.parent)``)."""
@@ -56,20 +69,26 @@ def save_model(model: onnx.ModelProto, path: str | Path, external: bool | None =
                base_dir: str | Path | None = None) -> list[Path]:
     """Save ``model`` to ``path``; external data (``<name>_data``) when over 2 GB or asked.
 
-    A model from :func:`load_lazy` still points at its weights under ``base_dir``: they are copied
-    tensor by tensor into the new data file (always external then), never all in memory.
-    Returns the files written (the .onnx first)."""
+    A model from :func:`load_lazy` still points at its weights under ``base_dir``: saved with external
+    data, they are copied tensor by tensor into the new data file, never all in memory; saved in one
+    file (under 2 GB), they are read in first. Returns the files written (the .onnx first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + DATA_SUFFIX)
+    if external is None:
+        external = needs_external_data(model)
     if has_external_refs(model):
         if base_dir is None:
             raise ValueError("save_model: the model's weights are on disk; pass base_dir, the folder they are in")
-        _stream_external(model, data, Path(base_dir))
-        onnx.save_model(model, str(path))
-        return [path, data]
-    if external is None:
-        external = needs_external_data(model)
+        if external:
+            _stream_external(model, data, Path(base_dir))
+            onnx.save_model(model, str(path))
+            return [path, data]
+        for t in _all_tensors(model):
+            if uses_external_data(t):
+                t.raw_data = _external_bytes(t, Path(base_dir))
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
     if data.exists():
         data.unlink()
     if external:

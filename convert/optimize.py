@@ -12,10 +12,8 @@ stays fused (no QK^T / attn.V MatMuls, no transposes).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graphs import load_lazy, prune, save_model, tensor_array
+from .graphs import load_lazy, prune, save_model, tensor_array, working_directory
 
 CPU_LESS_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_nhwc_conv",
                     "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
@@ -37,16 +35,6 @@ def cpu_fusion_options(model_type: str = "unet"):
         if hasattr(opts, name):
             setattr(opts, name, False)
     return opts
-
-
-@contextlib.contextmanager
-def working_directory(path: Path):
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def fuse_unet(src: str | Path, dst: str | Path, unpack: bool = False) -> dict:

@@ -28,6 +28,7 @@ VAEs as ``int8w``): the personalization recipe at about half the UNet's memory.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import tempfile
@@ -39,7 +40,8 @@ import onnx
 from zo_runtime.errors import UserError
 
 from .calibrate import FeedsReader
-from .graphs import WEIGHT_ONLY_KEY, copy_graph, load_lazy, needs_external_data, prune, save_model, tensor_array
+from .graphs import (WEIGHT_ONLY_KEY, copy_graph, has_external_refs, load_lazy, needs_external_data, prune,
+                     save_model, tensor_array, working_directory)
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization",
@@ -104,23 +106,80 @@ def weight_nodes(model: onnx.ModelProto, op_types=WEIGHT_OPS) -> int:
 
 def preprocess(src: Path, dst: Path) -> str:
     """``quant_pre_process`` (symbolic shape inference + basic ORT optimization + ONNX shape
-    inference). Graphs over 2 GB skip the ORT optimization step (it cannot write them back).
-    Returns what ran: "full", "shapes-only" or "skipped" (on failure, the input is used as is)."""
+    inference). Graphs with external data (over 2 GB) get the two shape inferences only, on the graph
+    with its weights left on disk (the ORT optimization cannot write them back, and loading them
+    whole cost 10 GB at SD1.5 size). Returns what ran: "full", "shapes-only" or "skipped" (on
+    failure, the input is used as is)."""
     from onnxruntime.quantization import quant_pre_process
-    m = onnx.load(str(src), load_external_data=False)
-    big = any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
-    del m
+    src = Path(src).absolute()
+    big = has_external_refs(load_lazy(src))
     logging.disable(logging.ERROR)
     try:
-        quant_pre_process(str(src), str(dst), skip_optimization=big, auto_merge=True,
-                          save_as_external_data=big, all_tensors_to_one_file=True,
-                          external_data_location=dst.name + "_data" if big else None)
-        return "shapes-only" if big else "full"
+        if big:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+            with working_directory(src.parent):  # the tools read external data from there
+                m = SymbolicShapeInference.infer_shapes(load_lazy(src), 2**31 - 1, True, False, 0)
+                m = onnx.shape_inference.infer_shapes(m)
+            onnx.helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props},
+                                            "onnx.quant.pre_process": "onnxruntime.quant"})
+            save_model(m, dst, base_dir=src.parent)
+            return "shapes-only"
+        quant_pre_process(str(src), str(dst), auto_merge=True)
+        return "full"
     except Exception:  # noqa: BLE001 - pre-processing is an optimization; fall back to the raw graph
         copy_graph(src, dst)
         return "skipped"
     finally:
         logging.disable(logging.NOTSET)
+
+
+def minmax_ranges(model_path: Path, calib: list[dict], op_types=WEIGHT_OPS) -> dict:
+    """Activation ranges as onnxruntime's ``MinMaxCalibrater`` computes them for ``quantize_static``
+    (the float inputs and outputs of every ``op_types`` node after ONNX shape inference; the min of
+    the per-sample minima and the max of the maxima, NaN ignored), with the weights left on disk: the
+    graph plus one ReduceMin / ReduceMax per tensor is written beside the model, sharing its weight
+    file, and only the one ORT session holds the weights. onnxruntime's own calibrator holds the model
+    three times over (17 GB and counting at SD1.5 size). Returns ``{tensor: (min, max)}``, each a
+    float32 array of shape (1,) as the calibrator's."""
+    import uuid
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    model_path = Path(model_path).absolute()
+    with working_directory(model_path.parent):
+        m = onnx.shape_inference.infer_shapes(load_lazy(model_path))
+    vis = {v.name: v for v in m.graph.value_info}
+    vis.update({v.name: v for v in m.graph.output})
+    vis.update({v.name: v for v in m.graph.input})
+    inits = {t.name for t in m.graph.initializer}
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    tensors = sorted({t for n in m.graph.node if n.op_type in op_types for t in (*n.input, *n.output)
+                      if t in vis and t not in inits and vis[t].type.HasField("tensor_type")
+                      and vis[t].type.tensor_type.elem_type in floats})
+    for k, t in enumerate(tensors):
+        for op in ("ReduceMin", "ReduceMax"):
+            out = f"zo_calib_{k}_{op}"
+            m.graph.node.append(helper.make_node(op, [t], [out], keepdims=0, name=out))
+            m.graph.output.append(helper.make_tensor_value_info(out, vis[t].type.tensor_type.elem_type, []))
+    aug = model_path.with_name(f".zo-calib-{uuid.uuid4().hex[:8]}.onnx")
+    try:
+        onnx.save_model(m, str(aug))  # its weights still point at the model's own data file, beside it
+        del m
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator runs it
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(aug), so, providers=["CPUExecutionProvider"])
+        names = [f"zo_calib_{k}_{op}" for k in range(len(tensors)) for op in ("ReduceMin", "ReduceMax")]
+        lo = np.full(len(tensors), np.nan, np.float32)
+        hi = np.full(len(tensors), np.nan, np.float32)
+        for feeds in calib:
+            outs = sess.run(names, feeds)
+            lo = np.fmin(lo, np.array(outs[0::2], np.float32))
+            hi = np.fmax(hi, np.array(outs[1::2], np.float32))
+        del sess
+    finally:
+        aug.unlink(missing_ok=True)
+    return {t: (lo[k:k + 1], hi[k:k + 1]) for k, t in enumerate(tensors)}
 
 
 def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, per_channel: bool = False,
@@ -134,19 +193,27 @@ def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, 
     try:
         pre = work / "pre.onnx"
         pre_mode = preprocess(src, pre)
-        model = onnx.load(str(pre))
+        model = load_lazy(pre)
         restore_io(model, src)
         exclude, counts = exclusions(model)
         exclude += list(extra_exclude or [])
         n_weight = weight_nodes(model, op_types)
         big = needs_external_data(model)
         named = work / "named.onnx"
-        save_model(model, named, external=big)
+        save_model(model, named, external=big, base_dir=work)
         del model
+        if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+            # calibrated here with the weights on disk; quantize_static reads the ranges from its cache
+            from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+            ranges = work / "ranges.json"
+            save_tensors_data(TensorsData(CalibrationMethod.MinMax, minmax_ranges(named, calib, op_types)), ranges)
+            calibration = {"calibration_data_reader": None, "calibration_cache_path": str(ranges)}
+        else:  # onnxruntime < 1.26: its own calibrator (the model in memory three times)
+            calibration = {"calibration_data_reader": FeedsReader(calib)}
         logging.disable(logging.WARNING)
         try:
             quantize_static(
-                model_input=str(named), model_output=str(dst), calibration_data_reader=FeedsReader(calib),
+                model_input=str(named), model_output=str(dst), **calibration,
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types), per_channel=per_channel,
                 reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
                 nodes_to_exclude=exclude, use_external_data_format=big, calibrate_method=CalibrationMethod.MinMax,
@@ -156,10 +223,10 @@ def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, 
         finally:
             logging.disable(logging.NOTSET)
         if big:  # quantize_static names the data file after the model: make it model.onnx_data
-            m = onnx.load(str(dst))
-            for f in dst.parent.glob(dst.name + "*.data"):
+            old = list(dst.parent.glob(dst.name + "*.data"))
+            save_model(load_lazy(dst), dst, external=True, base_dir=dst.parent)
+            for f in old:
                 f.unlink()
-            save_model(m, dst, external=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"method": "static QDQ", "op_types": list(op_types), "activation_type": "QUInt8",

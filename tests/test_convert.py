@@ -581,8 +581,12 @@ def test_fusion_and_weight_only_keep_weights_on_disk(tiny_sd1_export, tmp_path):
     counts_a = fuse_unet(inline, tmp_path / "fa" / "model.onnx", unpack=True)
     counts_b = fuse_unet(ext, tmp_path / "fb" / "model.onnx", unpack=True)
     assert counts_a == counts_b and counts_a["unpacked_self_attention"] > 0
-    assert (tmp_path / "fb" / "model.onnx_data").is_file()  # weights streamed, not loaded whole
     _same_weights(tmp_path / "fa" / "model.onnx", tmp_path / "fb" / "model.onnx")
+    # a graph over 2 GB is saved by streaming its weights from file to file
+    from zo_edge.convert.graphs import load_lazy, save_model
+    files = save_model(load_lazy(ext), tmp_path / "streamed" / "model.onnx", external=True, base_dir=ext.parent)
+    assert [f.name for f in files] == ["model.onnx", "model.onnx_data"]
+    _same_weights(inline, files[0])
     for bits in (8, 4):
         qa = quantize_weight_only(tmp_path / "fa" / "model.onnx", tmp_path / f"qa{bits}" / "model.onnx", bits=bits)
         qb = quantize_weight_only(tmp_path / "fb" / "model.onnx", tmp_path / f"qb{bits}" / "model.onnx", bits=bits)
@@ -605,3 +609,29 @@ def test_streamed_save_refuses_weights_outside_their_folder(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ValueError, match="outside"):
         save_model(helper.make_model(g), tmp_path / "out" / "model.onnx", base_dir=tmp_path / "m")
+
+
+def test_minmax_ranges_match_onnxruntimes_calibrator(tiny_sd1_export, tmp_path):
+    """quantize_int8 calibrates with its weights on disk (quantize.minmax_ranges); the ranges are the
+    ones onnxruntime's MinMaxCalibrater computes for quantize_static: same tensors, same values."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    from zo_edge.convert.calibrate import FeedsReader
+    from zo_edge.convert.quantize import WEIGHT_OPS, minmax_ranges, preprocess
+    src = tmp_path / "ext" / "model.onnx"
+    _external_copy(tiny_sd1_export / "unet" / "model.onnx", src)
+    pre = tmp_path / "pre" / "model.onnx"
+    assert preprocess(src, pre) == "shapes-only"
+    rng = np.random.default_rng(0)
+    feeds = [{"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+              "timestep": np.array(t, np.float32),
+              "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)} for t in (10, 500, 900)]
+    ours = minmax_ranges(pre, feeds)
+    cal = create_calibrator(pre, list(WEIGHT_OPS), augmented_model_path=str(tmp_path / "aug.onnx"),
+                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+    cal.collect_data(FeedsReader(feeds))
+    theirs = cal.compute_data().data
+    assert set(ours) == set(theirs) and len(ours) > 10
+    for k, (lo, hi) in ours.items():
+        np.testing.assert_array_equal(lo, theirs[k].range_value[0], err_msg=k)
+        np.testing.assert_array_equal(hi, theirs[k].range_value[1], err_msg=k)
