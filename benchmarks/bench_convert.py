@@ -179,28 +179,44 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(report, indent=2))
 
 
+STAGES = ("rewrite", "optimize", "calibrate", "quantize", "verify", "finalize")
+
+
+def convert_table(r: dict) -> str:
+    """Per bundle: each conversion stage's seconds / peak RSS, the whole conversion's, and the export's
+    (its own process; the same export feeds every bundle)."""
+    lines = [f"| bundle | export | {' | '.join(STAGES)} | convert s | convert peak RSS MB |",
+             "|---" * (len(STAGES) + 4) + "|"]
+    exp = f"{r['export']['seconds']:.0f} s / {r['export']['peak_rss_mb']:,.0f} MB"
+    for k, c in r["convert"].items():
+        cells = [f"{c['stages'][s]['seconds']:.0f} s / {c['stages'][s]['peak_rss_mb']:,.0f} MB" if s in c["stages"]
+                 else "–" for s in STAGES]
+        lines.append(f"| {k} | {exp} | " + " | ".join(cells) + f" | {c['seconds']:.0f} | {c['peak_rss_mb']:,.0f} |")
+    return "\n".join(lines)
+
+
+def unet_table(r: dict) -> str:
+    """UNet forward per bundle, resolution and batch: median seconds and peak RSS (fresh process each)."""
+    lines = ["| bundle | px | batch | s / forward (median) | peak RSS MB | bundle MB |", "|---|---|---|---|---|---|"]
+    for k, u in r["unet"].items():
+        name, px, b = k.rsplit("/", 2)
+        lines.append(f"| {name} | {px} | {b[1:]} | {u['median_s']:.2f} | {u['peak_rss_mb']:,.0f} | "
+                     f"{r['convert'][name]['bytes']['total'] / 2**20:,.0f} |")
+    return "\n".join(lines)
+
+
 def _print_summary(r: dict) -> None:
     from zo_edge.convert.accuracy import format_accuracy
     print(f"\n## Convert ({r['size']}, {r['cpu_count']} CPUs)")
-    print(f"export: {r['export']['seconds']:.1f} s, peak RSS {r['export']['peak_rss_mb']:,.0f} MB")
-    stages = ["rewrite", "optimize", "calibrate", "quantize", "verify", "finalize"]
-    print("| bundle | " + " | ".join(stages) + " | total s | peak RSS MB |")
-    print("|---" * (len(stages) + 3) + "|")
-    for k, c in r["convert"].items():
-        cells = [f"{c['stages'][s]['seconds']:.1f} s / {c['stages'][s]['peak_rss_mb']:,.0f} MB" if s in c["stages"]
-                 else "–" for s in stages]
-        print(f"| {k} | " + " | ".join(cells) + f" | {c['seconds']:.1f} | {c['peak_rss_mb']:,.0f} |")
+    print(convert_table(r))
     print("\n## Bundle sizes (MB; text_encoder includes the token table .npy)")
     print("| bundle | " + " | ".join(GRAPHS) + " | total |")
     print("|---" * (len(GRAPHS) + 2) + "|")
     for k, c in r["convert"].items():
         print(f"| {k} | " + " | ".join(f"{c['bytes'][g] / 1e6:,.2f}" for g in GRAPHS)
               + f" | {c['bytes']['total'] / 1e6:,.2f} |")
-    print(f"\n## UNet forward (threads={r['threads'] or 'all'}; median seconds / peak RSS MB)")
-    print("| bundle / px / batch | seconds | peak RSS MB |")
-    print("|---|---|---|")
-    for k, u in r["unet"].items():
-        print(f"| {k} | {u['median_s']:.3f} | {u['peak_rss_mb']:,.0f} |")
+    print(f"\n## UNet forward (threads={r['threads'] or 'all'})")
+    print(unet_table(r))
     print("\n## Accuracy vs FP32 export (held-out)")
     for k, c in r["convert"].items():
         print(f"{k}:")

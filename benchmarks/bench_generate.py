@@ -44,6 +44,19 @@ def child(path: str, size: int, steps: int, low_memory: bool) -> dict:
     return {"s_per_step": per_step, "total_s": total}
 
 
+def table(report: dict) -> str:
+    """Seconds per guided denoising step (median of the rounds) and peak RSS per bundle, and each against
+    the first row."""
+    rows = report["rows"]
+    lines = ["| bundle | px | s / step (median) | rounds | peak RSS MB | s / step vs first | first / this |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {report['size']} | {r['s_per_step']:.2f} | {r['rounds']} | "
+                     f"{r['peak_rss_mb']:,.0f} | {r['s_per_step'] / rows[0]['s_per_step']:.2f}× | "
+                     f"{rows[0]['s_per_step'] / r['s_per_step']:.2f}× |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundles", required=True, help="name=path,name=path")

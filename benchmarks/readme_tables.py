@@ -129,6 +129,15 @@ def _sdxl_convert(results: dict, _arg=None) -> str:
     return _bench("bench_sdxl").convert_table(results)
 
 
+def _convert(report: dict, arg=None) -> str:
+    bc = _bench("bench_convert")
+    return bc.unet_table(report) if arg == "unet" else bc.convert_table(report)
+
+
+def _generate(report: dict, _arg=None) -> str:
+    return _bench("bench_generate").table(report)
+
+
 def _zo_signal(report: dict, _arg=None) -> str:
     """bench_zo_signal.py results: correlation with FP32's directional derivative per precision x backend x
     timestep band and mu, and the mu personalize takes for it (zo_runtime.precision, at its band)."""
@@ -157,6 +166,8 @@ def _zo_signal(report: dict, _arg=None) -> str:
 RENDERERS = {
     "sdxl": _sdxl,
     "sdxl-convert": _sdxl_convert,
+    "convert": _convert,
+    "generate": _generate,
     "zo_signal": _zo_signal,
     "demo": _demo,
     "gradient_snr": _gradient_snr,
