@@ -4,7 +4,11 @@ For each resolution: seconds per iteration, UNet forward passes per second and t
 whole process, each configuration in its own fresh process:
   - zo-edge personalize on the bundle (ORT, n = 2, batched and sequential candidates),
   - PyTorch FP32 backprop textual inversion (one step: forward + backward + Adam),
-  - PyTorch FP32 forward-only step (n + 1 = 3 candidates batched, no_grad).
+  - PyTorch FP32 forward-only step (n + 1 = 3 candidates batched, no_grad),
+  - the reference method's own stack (``ref-quanto``, github ignoww/ZOODiP): diffusers in PyTorch with
+    optimum-quanto qint8 weights on the text encoder, UNet and VAE, the 3 candidates one after another,
+    each through the text encoder with the token's row perturbed, and the reference image VAE-encoded
+    again every step (needs ``pip install optimum-quanto==0.2.7``; without it the row reports an error).
 
     python benchmarks/bench_personalize.py --bundle sd15-int8 --source sd15-random \
         --resolutions 256,512 --iters 4
@@ -97,6 +101,41 @@ def child_torch(args, backprop: bool) -> dict:
     return {"s_per_iter": float(np.median(times[args.warmup:])), "unet_passes_per_iter": k}
 
 
+def child_ref(args) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from optimum.quanto import freeze, qint8, quantize
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    src = Path(args.source)
+    text = CLIPTextModel.from_pretrained(src / "text_encoder").eval()
+    vae = AutoencoderKL.from_pretrained(src / "vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(src / "unet").eval()
+    for m in (text, vae, unet):
+        m.requires_grad_(False)
+        quantize(m, weights=qint8)
+        freeze(m)
+    emb = text.get_input_embeddings()
+    ids = torch.randint(0, 49000, (1, 77))
+    row = int(ids[0, 5])
+    theta = emb.weight[row].clone()
+    image = torch.rand(1, 3, args.res, args.res) * 2 - 1
+    times = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.iters):
+            t0 = time.time()
+            z = vae.encode(image).latent_dist.sample() * vae.config.scaling_factor  # re-encoded every step
+            noise = torch.randn_like(z)
+            x, t = z + noise, torch.tensor([700])
+            for k in range(3):  # the base point and n = 2 perturbed candidates, one after another
+                emb.weight[row] = theta if k == 0 else theta + 1e-3 * torch.randn_like(theta)
+                out = unet(x, t, encoder_hidden_states=text(ids)[0]).sample
+                ((out - noise) ** 2).mean()
+            times.append(time.time() - t0)
+    return {"s_per_iter": float(np.median(times[args.warmup:])), "unet_passes_per_iter": 3}
+
+
 def run_child(kind: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--res", str(args.res_now), "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--bundle", str(args.bundle), "--source", str(args.source)] + extra
@@ -114,7 +153,7 @@ def main():
     ap.add_argument("--resolutions", default="256,512")
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of configs to skip: zo-batched,zo-seq,torch-ti,torch-fwd")
+    ap.add_argument("--skip", default="", help="comma list of configs to skip: zo-batched,zo-seq,torch-ti,torch-fwd,ref-quanto")
     ap.add_argument("--child")
     ap.add_argument("--res", type=int)
     ap.add_argument("--batch-candidates", default="auto")
@@ -126,7 +165,8 @@ def main():
     args = ap.parse_args()
 
     if args.child:
-        r = child_zo(args) if args.child == "zo" else child_torch(args, backprop=args.child == "torch-ti")
+        r = (child_zo(args) if args.child == "zo" else child_ref(args) if args.child == "ref"
+             else child_torch(args, backprop=args.child == "torch-ti"))
         r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(r))
         return
@@ -148,7 +188,7 @@ def main():
     for res in [int(r) for r in args.resolutions.split(",")]:
         args.res_now = res
         configs = [("zo-batched", "zo", ["--batch-candidates", "on"]), ("zo-seq", "zo", ["--batch-candidates", "off"]),
-                   ("torch-ti", "torch-ti", []), ("torch-fwd", "torch-fwd", [])]
+                   ("torch-ti", "torch-ti", []), ("torch-fwd", "torch-fwd", []), ("ref-quanto", "ref", [])]
         for item in filter(None, args.also.split(",")):
             label, _, path = item.partition("=")
             configs.insert(1, (f"zo-batched-{label}", "zo", ["--batch-candidates", "on", "--bundle", path]))
@@ -199,7 +239,8 @@ def table(report: dict) -> str:
     lines = ["| px | configuration | s / iter | UNet passes / iter | peak RSS MB | time vs PyTorch TI | memory vs PyTorch TI |",
              "|---|---|---|---|---|---|---|"]
     names = {"zo-batched": "zo-edge, ORT int8w, candidates batched", "zo-seq": "zo-edge, ORT int8w, sequential",
-             "torch-ti": "PyTorch FP32 backprop TI (fwd + bwd + Adam)", "torch-fwd": "PyTorch FP32 forward only, 3 candidates batched"}
+             "torch-ti": "PyTorch FP32 backprop TI (fwd + bwd + Adam)", "torch-fwd": "PyTorch FP32 forward only, 3 candidates batched",
+             "ref-quanto": "reference stack: PyTorch + optimum-quanto qint8, sequential, VAE every step"}
     for r in rows:
         if "error" in r:
             continue

@@ -27,6 +27,26 @@ def _quality(report: dict, subjects: str = "all") -> str:
     return format_table(report["summary"], subjects=subjects)
 
 
+def _curve(report: dict, method: str = "ti") -> str:
+    """One method's curve: subject fidelity at every snapshot its runs took, mean and 95 % interval over
+    the (subject, seed) runs (TI's snapshots are backprop steps, one forward + backward each)."""
+    from zo_edge.models.quality import bootstrap_ci
+
+    at: dict[int, list[float]] = {}
+    for r in report["runs"]:
+        if r["method"] == method:
+            for c in r["curve"]:
+                at.setdefault(c["unet_passes"], []).append(c["subject_fidelity"])
+    unit = "steps (fwd+bwd)" if method == "ti" else "UNet passes"
+    lines = [f"| {method}: {unit} | " + " | ".join(f"{k:,}" for k in sorted(at)) + " |",
+             "|---" * (len(at) + 1) + "|",
+             "| subject fidelity | " + " | ".join(f"{100 * sum(v) / len(v):.1f}" for _, v in sorted(at.items())) + " |",
+             "| 95 % CI | " + " | ".join("{:.1f}-{:.1f}".format(*(100 * x for x in bootstrap_ci(v)))
+                                        for _, v in sorted(at.items())) + " |",
+             "| runs | " + " | ".join(str(len(v)) for _, v in sorted(at.items())) + " |"]
+    return "\n".join(lines)
+
+
 def _prompts(rows: dict, _arg=None) -> str:
     lines = ["| captions | shape | colour | pattern | background | all four | images |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -178,6 +198,7 @@ RENDERERS = {
     "paired": _paired,
     "quality": lambda report, arg: _quality(report, (arg or "all").replace("_", " ")),
     "prompts": _prompts,
+    "curve": lambda report, arg: _curve(report, arg or "ti"),
     "runner": _runner,
     "shapes768": _shapes768,
     "profile": _profile,
