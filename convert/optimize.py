@@ -42,8 +42,8 @@ def fuse_unet(src: str | Path, dst: str | Path, unpack: bool = False) -> dict:
 
     The weights stay on disk (graphs.load_lazy): the fusions read the few they rewrite (the attention
     projections they pack) from ``src``'s folder, which is the working directory meanwhile (they and
-    ONNX's checker resolve external data from there), and the save streams the rest tensor by tensor. ``unpack``: then
-    :func:`unpack_self_attention` (for weight quantization), before saving."""
+    ONNX's checker resolve external data from there), and the save streams the rest tensor by tensor.
+    ``unpack``: then :func:`unpack_self_attention` (for weight quantization), before saving."""
     from onnxruntime.transformers.optimizer import optimize_model
     src = Path(src).absolute()
     # optimizer.py imports its helpers as top-level modules (its folder is put on sys.path)
@@ -53,7 +53,6 @@ def fuse_unet(src: str | Path, dst: str | Path, unpack: bool = False) -> dict:
     onnx_model_unet.is_installed = lambda name: False if name == "tqdm" else is_installed(name)  # no progress bar
     logging.disable(logging.WARNING)  # its INFO / WARNING chatter
     try:
-        # the fusions and ONNX's checker resolve external data from the working directory
         with warnings.catch_warnings(), working_directory(src.parent):
             warnings.simplefilter("ignore", DeprecationWarning)  # numpy: int() of a 1-element array
             opt = optimize_model(load_lazy(src), model_type="unet", num_heads=0, hidden_size=0,
