@@ -156,17 +156,29 @@ def minmax_ranges(model_path: Path, calib: list[dict], op_types=WEIGHT_OPS) -> d
     tensors = sorted({t for n in m.graph.node if n.op_type in op_types for t in (*n.input, *n.output)
                       if t in vis and t not in inits and vis[t].type.HasField("tensor_type")
                       and vis[t].type.tensor_type.elem_type in floats})
-    for k, t in enumerate(tensors):
-        for op in ("ReduceMin", "ReduceMax"):
-            out = f"zo_calib_{k}_{op}"
-            m.graph.node.append(helper.make_node(op, [t], [out], keepdims=0, name=out))
-            m.graph.output.append(helper.make_tensor_value_info(out, vis[t].type.tensor_type.elem_type, []))
+    # each tensor's reductions right after it is made, run in that order (ORT's priority-based order
+    # follows the node list), so ORT frees each activation there: in ORT's default order the reductions
+    # run last and keep every activation alive (SD1.5's VAE decoder at 512 px: 5.8 GB a sample against
+    # 1.7 GB, measured)
+    index = {t: k for k, t in enumerate(tensors)}
+    reductions = {t: [helper.make_node(op, [t], [f"zo_calib_{k}_{op}"], keepdims=0, name=f"zo_calib_{k}_{op}")
+                      for op in ("ReduceMin", "ReduceMax")] for t, k in index.items()}
+    made = {o for n in m.graph.node for o in n.output}
+    nodes = [r for t in tensors if t not in made for r in reductions[t]]  # graph inputs: first
+    for n in m.graph.node:
+        nodes.append(n)
+        nodes.extend(r for o in n.output if o in index for r in reductions[o])
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    m.graph.output.extend(helper.make_tensor_value_info(r.output[0], vis[t].type.tensor_type.elem_type, [])
+                          for t in tensors for r in reductions[t])
     aug = model_path.with_name(f".zo-calib-{uuid.uuid4().hex[:8]}.onnx")
     try:
         onnx.save_model(m, str(aug))  # its weights still point at the model's own data file, beside it
         del m
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator runs it
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         so.log_severity_level = 3
         sess = ort.InferenceSession(str(aug), so, providers=["CPUExecutionProvider"])
         names = [f"zo_calib_{k}_{op}" for k in range(len(tensors)) for op in ("ReduceMin", "ReduceMax")]
