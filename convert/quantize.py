@@ -220,7 +220,7 @@ def quantize_int8(src: Path, dst: Path, calib: list[dict], op_types=WEIGHT_OPS, 
             ranges = work / "ranges.json"
             save_tensors_data(TensorsData(CalibrationMethod.MinMax, minmax_ranges(named, calib, op_types)), ranges)
             calibration = {"calibration_data_reader": None, "calibration_cache_path": str(ranges)}
-        else:  # onnxruntime < 1.26: its own calibrator (the model in memory three times)
+        else:  # an onnxruntime without the calibration cache: its own calibrator (more memory)
             calibration = {"calibration_data_reader": FeedsReader(calib)}
         logging.disable(logging.WARNING)
         try:
