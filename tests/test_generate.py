@@ -1,6 +1,5 @@
 """zo-edge generate: parity with diffusers' StableDiffusionPipeline on the same tiny model, learned
 tokens that load in diffusers and move its output the same way, PNG metadata, bad input."""
-import json
 
 import numpy as np
 import pytest
