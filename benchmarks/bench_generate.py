@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--low-memory", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="bundles take turns this many times")
-    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (OMP_NUM_THREADS; 0: ORT's default)")
+    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (ZO_EDGE_THREADS; 0: ORT's default)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--child")
     args = ap.parse_args()
@@ -75,7 +75,7 @@ def main():
         return
     import statistics
     bundles = [item.split("=", 1) for item in args.bundles.split(",")]
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    env = dict(os.environ, **({"ZO_EDGE_THREADS": str(args.threads)} if args.threads else {}))
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
     runs: dict[str, list[dict]] = {name: [] for name, _ in bundles}
     for k in range(args.rounds):
