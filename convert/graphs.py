@@ -142,13 +142,13 @@ def _stream_external(model: onnx.ModelProto, data: Path, base_dir: Path, size_th
 
 def copy_graph(src: str | Path, dst: str | Path) -> None:
     """Copy an ONNX graph with its external data, normalizing the data file to ``<dst name>_data``:
-    a single-file graph is copied byte for byte, one with external data is saved again."""
+    a single-file graph is copied byte for byte, one with external data is streamed tensor by tensor."""
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if len(graph_files(src)) == 1:
         shutil.copyfile(src, dst)
     else:
-        save_model(onnx.load(str(src)), dst, external=True)
+        save_model(load_lazy(src), dst, external=True, base_dir=src.parent)
 
 
 def graph_files(path: str | Path) -> list[Path]:

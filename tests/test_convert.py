@@ -587,6 +587,10 @@ def test_fusion_and_weight_only_keep_weights_on_disk(tiny_sd1_export, tmp_path):
     files = save_model(load_lazy(ext), tmp_path / "streamed" / "model.onnx", external=True, base_dir=ext.parent)
     assert [f.name for f in files] == ["model.onnx", "model.onnx_data"]
     _same_weights(inline, files[0])
+    from zo_edge.convert.graphs import copy_graph
+    copy_graph(ext, tmp_path / "copied" / "model.onnx")  # streamed the same way
+    assert (tmp_path / "copied" / "model.onnx_data").is_file()
+    _same_weights(inline, tmp_path / "copied" / "model.onnx")
     for bits in (8, 4):
         qa = quantize_weight_only(tmp_path / "fa" / "model.onnx", tmp_path / f"qa{bits}" / "model.onnx", bits=bits)
         qb = quantize_weight_only(tmp_path / "fb" / "model.onnx", tmp_path / f"qb{bits}" / "model.onnx", bits=bits)
