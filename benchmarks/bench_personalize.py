@@ -51,7 +51,7 @@ def child_zo(args) -> dict:
                             init="dog", out=str(work / "e.safetensors"), run_dir=str(work / "run"),
                             steps=args.warmup + args.iters, resolution=args.res,
                             batch_candidates=args.batch_candidates, checkpoint_every=10**6,
-                            low_memory=args.low_memory)
+                            low_memory=args.low_memory, provider=args.provider)
     t_setup = time.time()
     trainer = Trainer(cfg)
     setup = time.time() - t_setup
@@ -136,8 +136,8 @@ def child_ref(args) -> dict:
     return {"s_per_iter": float(np.median(times[args.warmup:])), "unet_passes_per_iter": 3}
 
 
-def run_child(kind: str, args, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--res", str(args.res_now), "--iters", str(args.iters),
+def run_child(kind: str, args, extra: list[str], python: str | None = None) -> dict:
+    cmd = [python or sys.executable, __file__, "--child", kind, "--res", str(args.res_now), "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--bundle", str(args.bundle), "--source", str(args.source)] + extra
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -159,6 +159,12 @@ def main():
     ap.add_argument("--batch-candidates", default="auto")
     ap.add_argument("--also", default="",
                     help="more bundles, each run as a candidates-batched zo-edge row: NAME=PATH,... (e.g. int4w=sd15-int4w)")
+    ap.add_argument("--also-provider", default="",
+                    help="the execution provider of --also rows: NAME=PROVIDER,... (e.g. ov=openvino; default cpu)")
+    ap.add_argument("--also-python", default="",
+                    help="the Python of --also rows: NAME=EXE,... (e.g. ov=/venv-openvino/bin/python, whose "
+                         "onnxruntime build has the provider; that environment needs zo-edge installed)")
+    ap.add_argument("--provider", default="cpu", help=argparse.SUPPRESS)  # a child's provider
     ap.add_argument("--low-memory", action="store_true",
                     help="also run every candidates-batched zo-edge bundle row with personalize --low-memory")
     ap.add_argument("--out")
@@ -189,9 +195,12 @@ def main():
         args.res_now = res
         configs = [("zo-batched", "zo", ["--batch-candidates", "on"]), ("zo-seq", "zo", ["--batch-candidates", "off"]),
                    ("torch-ti", "torch-ti", []), ("torch-fwd", "torch-fwd", []), ("ref-quanto", "ref", [])]
+        providers = dict(item.split("=", 1) for item in filter(None, args.also_provider.split(",")))
+        pythons = dict(item.split("=", 1) for item in filter(None, args.also_python.split(",")))
         for item in filter(None, args.also.split(",")):
             label, _, path = item.partition("=")
-            configs.insert(1, (f"zo-batched-{label}", "zo", ["--batch-candidates", "on", "--bundle", path]))
+            configs.insert(1, (f"zo-batched-{label}", "zo", ["--batch-candidates", "on", "--bundle", path,
+                                                              "--provider", providers.get(label, "cpu")]))
         if args.low_memory:
             zo = [c for c in configs if c[0].startswith("zo-batched")]
             at = max(i for i, c in enumerate(configs) if c[0].startswith("zo-batched")) + 1
@@ -200,7 +209,10 @@ def main():
             if name in skip:
                 continue
             print(f"{res} px {name} ...", file=sys.stderr, flush=True)
-            r = run_child(kind, args, extra)
+            label = name.removeprefix("zo-batched-").split("+")[0]
+            r = run_child(kind, args, extra, pythons.get(label) if name.startswith("zo-batched-") else None)
+            if "--provider" in extra:
+                r["provider"] = extra[extra.index("--provider") + 1]
             r.update(config=name, resolution=res)
             if "s_per_iter" in r:
                 r["unet_passes_per_s"] = r["unet_passes_per_iter"] / r["s_per_iter"]
@@ -223,6 +235,7 @@ def main():
     if args.out:
         from zo_runtime.sysinfo import source_commit
         report = {"benchmark": "bench_personalize", "commit": source_commit(), "bundle": args.bundle, "also": args.also,
+                  "also_provider": args.also_provider, "also_python": args.also_python,
                   "source": args.source, "iters": args.iters, "warmup": args.warmup,
                   "threads": "onnxruntime and torch defaults (every core)",
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -249,6 +262,8 @@ def table(report: dict) -> str:
         config, _, low = r["config"].partition("+")
         name = names.get(config) or (f"zo-edge, ORT {config[len('zo-batched-'):]}, candidates batched"
                                      if config.startswith("zo-batched-") else config)
+        if r.get("provider", "cpu") != "cpu":
+            name += f", {r['provider']} provider"
         if low:
             name += ", --low-memory"
         lines.append(f"| {r['resolution']} | {name} | {r['s_per_iter']:.2f} | "

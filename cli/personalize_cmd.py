@@ -39,8 +39,8 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
 @click.option("--mu", type=float, default=None, help=_recipe_help("RGE smoothing radius", "mu"))
 @click.option("--antithetic/--one-sided", default=None, help=_recipe_help("two-sided differences (2n passes a step)", "antithetic"))
 @click.option("--directions", type=click.Choice(list(DIRECTIONS)), default=None, help=_recipe_help("RGE directions", "directions"))
-@click.option("--rank", type=int, default=None, help=_recipe_help(f"token-pca / vocab-pca subspace rank / guided history (0: {DEFAULT_RANK['token-pca']} / {DEFAULT_RANK['guided']})", "rank"))
-@click.option("--guided-alpha", type=float, default=None, help=_recipe_help("guided, momentum: isotropic share", "guided_alpha"))
+@click.option("--rank", type=int, default=None, help=_recipe_help(f"token-pca / vocab-pca / sensitivity subspace rank / guided history (0: {DEFAULT_RANK['token-pca']} / {DEFAULT_RANK['sensitivity']} / {DEFAULT_RANK['guided']})", "rank"))
+@click.option("--guided-alpha", type=float, default=None, help=_recipe_help("guided, momentum, sensitivity: isotropic share", "guided_alpha"))
 @click.option("--guided-beta", type=float, default=None, help=_recipe_help("momentum: decay of the estimates' average that guides", "guided_beta"))
 @click.option("--sg/--no-sg", default=None, help=_recipe_help("Subspace Gradient", "sg"))
 @click.option("--tau", type=int, default=None, help=_recipe_help("SG history length / refresh period", "tau"))
@@ -68,6 +68,9 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
                                 "basis as guide; 0: the subspace only)", "pca_alpha"))
 @click.option("--subspace-steps/--no-subspace-steps", "subspace_steps", default=None,
               help=_recipe_help("token-/vocab-pca: the optimizer works in the subspace's coordinates, so the token moves only within it", "subspace_steps"))
+@click.option("--sketch", type=int, default=None,
+              help=_recipe_help("sensitivity: training samples whose full Jacobian (V·d + 1 UNet passes each, counted in the "
+                                "run's passes) picks the subspace", "sketch"))
 @click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default=DEFAULTS["batch_candidates"], show_default=True)
 @click.option("--captions", type=click.Path(), help="Per-image captions: '<file>\\t<caption with {}>' lines.")
 @click.option("--no-upscale", is_flag=True, help="Refuse images smaller than the resolution.")
@@ -132,7 +135,8 @@ def demo(subject, passes, recipe, out_dir, seed, overwrite):
 
     from zo_edge.models import SHAPES_BUNDLE, world
     from zo_runtime.bundle import Bundle
-    from zo_runtime.personalize import PersonalizeConfig, Trainer, make_estimator
+    from zo_runtime.manifest import read_bundle_manifest
+    from zo_runtime.personalize import PersonalizeConfig, Trainer, make_estimator, setup_passes
     from zo_runtime.pipeline import Pipeline, grid, save_png
 
     try:
@@ -147,9 +151,10 @@ def demo(subject, passes, recipe, out_dir, seed, overwrite):
                             out=str(out / "my-shape.safetensors"), run_dir=str(out / "run"), steps=1, seed=seed,
                             overwrite=True, recipe=recipe)
     per_step = make_estimator(cfg.resolved()).passes
-    if passes < per_step:
-        raise UserError(f"--passes {passes} is less than one step of the {recipe} recipe ({per_step} passes)")
-    cfg.steps = passes // per_step
+    setup = setup_passes(cfg.resolved(), int(read_bundle_manifest(SHAPES_BUNDLE)["embedding_dim"]))
+    if passes < setup + per_step:
+        raise UserError(f"--passes {passes} is less than one step of the {recipe} recipe ({setup + per_step} passes)")
+    cfg.steps = (passes - setup) // per_step
     refs_dir = out / "references"
     refs_dir.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.load(SHAPES_BUNDLE)

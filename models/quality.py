@@ -138,10 +138,11 @@ def generate_for_token(pipe, theta: np.ndarray, k: int, steps: int, guidance: fl
     return np.concatenate(images), bgs
 
 
-def _snapshot_steps(budgets: list[int], per_step: int, points: int) -> tuple[int, list[int]]:
-    """Steps to train and the steps to score: every budget, plus ``points`` even points on the curve."""
-    steps = max(budgets) // per_step
-    marks = {b // per_step for b in budgets} | {max(1, round(steps * j / points)) for j in range(1, points + 1)}
+def _snapshot_steps(budgets: list[int], per_step: int, points: int, setup: int = 0) -> tuple[int, list[int]]:
+    """Steps to train and the steps to score: every budget, plus ``points`` even points on the curve.
+    ``setup``: passes a method spends before its first step (counted in every budget)."""
+    steps = (max(budgets) - setup) // per_step
+    marks = {(b - setup) // per_step for b in budgets} | {max(1, round(steps * j / points)) for j in range(1, points + 1)}
     return steps, sorted(m for m in marks if m >= 1)
 
 
@@ -194,46 +195,54 @@ def run_job(job: dict) -> dict:
     for step in sorted(snaps):
         imgs, bgs = generate_for_token(pipe, snaps[step], job["k"], job["gen_steps"], job["guidance"], seed)
         sc = score(probe, imgs, subject, bgs, ref_feat)
-        sc.update(step=step, unet_passes=step * job["per_step"])
+        sc.update(step=step, unet_passes=job.get("setup_passes", 0) + step * job["per_step"])
         curve.append(sc)
-    return {key: job[key] for key in ("method", "subject", "seed", "init", "per_step")} | {
+    return {key: job[key] for key in ("method", "subject", "seed", "init", "per_step", "setup_passes")} | {
         "init_word": init, "steps": job["steps"], "unet_passes": passes, "seconds": seconds, "peak_rss_mb": peak,
         "curve": curve}
 
 
+def spent(run: dict) -> int:
+    """UNet passes a run spent (its setup, e.g. a Jacobian sketch, and its steps); TI: its steps."""
+    return run.get("setup_passes", 0) + run["steps"] * run["per_step"]
+
+
 def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int], inits: list[str],
-              budgets: list[int], ti_steps: int, points: int) -> list[dict]:
+              budgets: list[int], ti_steps: int, points: int, size: int = 768) -> list[dict]:
     """Every (method, subject, seed, init) run, with its steps and the steps to score. Methods whose
     learning rate follows a schedule of the run's length get one run per budget (a shorter budget is a
     different run); constant-rate methods score every budget on one run."""
     plans = []
     for spec in methods:
         fields = parse_method(spec, allow_arm=False)
+        setup = 0
         if fields is None:
             per_step, runs = 1, [(ti_steps, [max(1, round(ti_steps * j / points)) for j in range(1, points + 1)])]
         else:
-            from zo_runtime.personalize import make_estimator
+            from zo_runtime.personalize import make_estimator, setup_passes
 
             cfg = _resolved(fields)
-            per_step = make_estimator(cfg).passes
-            if min(budgets) < per_step:
+            per_step, setup = make_estimator(cfg).passes, setup_passes(cfg, size)
+            if min(budgets) < setup + per_step:
                 from zo_runtime.errors import UserError
-                raise UserError(f"a budget of {min(budgets)} UNet passes is less than one step of {spec} ({per_step})")
+                raise UserError(f"a budget of {min(budgets)} UNet passes is less than one step of {spec} "
+                                f"({setup} passes first and {per_step} a step)" if setup else
+                                f"a budget of {min(budgets)} UNet passes is less than one step of {spec} ({per_step})")
             if cfg.schedule == "constant":
-                runs = [_snapshot_steps(budgets, per_step, points)]
+                runs = [_snapshot_steps(budgets, per_step, points, setup)]
             else:
-                runs = [_snapshot_steps([b], per_step, points if b == max(budgets) else 1) for b in budgets]
-        plans.append((spec, fields, per_step, runs))
+                runs = [_snapshot_steps([b], per_step, points if b == max(budgets) else 1, setup) for b in budgets]
+        plans.append((spec, fields, per_step, setup, runs))
     jobs = []
     # seed-major, then subject, then method: a benchmark stopped early still compares every method
     # on the same subjects and seeds
     for seed in seeds:
         for subject in subjects:
-            for spec, fields, per_step, runs in plans:
+            for spec, fields, per_step, setup, runs in plans:
                 for init in inits:
                     for steps, marks in runs:
                         jobs.append(dict(method=spec, fields=fields, subject=str(subject), seed=seed, init=init,
-                                         steps=steps, marks=marks, per_step=per_step))
+                                         steps=steps, marks=marks, per_step=per_step, setup_passes=setup))
     return jobs
 
 
@@ -249,7 +258,10 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
     to ``out`` atomically after every run."""
     from zo_edge.runner import LocalBackend, RayBackend, run_tasks
 
-    jobs = plan_jobs(methods, subjects, list(range(seeds)), list(inits), budgets, ti_steps, points)
+    from zo_runtime.manifest import read_bundle_manifest
+
+    size = int(read_bundle_manifest(train_bundle or bundle)["embedding_dim"])   # the token's size (one vector)
+    jobs = plan_jobs(methods, subjects, list(range(seeds)), list(inits), budgets, ti_steps, points, size)
     work = Path(tempfile.mkdtemp(prefix="zo-quality-"))
     common = dict(bundle=bundle, source=source, ti_lr=ti_lr, k=k, n_refs=n_refs, gen_steps=gen_steps,
                   guidance=guidance, threads=threads, train_bundle=train_bundle, provider=provider)
@@ -403,13 +415,13 @@ def summarize(report: dict) -> list[dict]:
             for set_name, member in sets.items():
                 for budget in budgets:
                     picked = [r for r in runs if r["method"] == method and r["init"] == init and member(r["subject"])
-                              and (is_ti or r["steps"] * r["per_step"] >= budget)]  # a run that reached the budget
+                              and (is_ti or spent(r) >= budget)]  # a run that reached the budget
                     # one score per (subject, seed): a budget's own run if it has one, else the snapshot
                     scores = {}
                     for r in picked:
                         sc = r["curve"][-1] if is_ti else _at(r, budget)
                         key = (r["subject"], r["seed"])
-                        if sc is not None and (key not in scores or r["steps"] * r["per_step"] == budget):
+                        if sc is not None and (key not in scores or spent(r) == budget):
                             scores[key] = (sc, r)
                     if not scores:
                         continue
@@ -436,7 +448,7 @@ def paired(report: dict, reference: str, budget: int | None = None, init: str = 
         out = {}
         for r in report["runs"]:
             if r["method"] == method and r["init"] == init:
-                if parse_method(method) is not None and r["steps"] * r["per_step"] < budget:
+                if parse_method(method) is not None and spent(r) < budget:
                     continue  # this run stopped short of the budget
                 sc = r["curve"][-1] if parse_method(method) is None else _at(r, budget)
                 if sc is not None:
@@ -495,8 +507,8 @@ def plot(report: dict, path: str) -> None:
     for method in report["methods"]:
         for init, style in zip(report["inits"], ("-", "--")):
             runs = [r for r in report["runs"] if r["method"] == method and r["init"] == init]
-            longest = max((r["steps"] * r["per_step"] for r in runs), default=0)
-            runs = [r for r in runs if r["steps"] * r["per_step"] == longest]
+            longest = max((spent(r) for r in runs), default=0)
+            runs = [r for r in runs if spent(r) == longest]
             if not runs:
                 continue
             xs = [c["unet_passes"] for c in runs[0]["curve"]]

@@ -12,6 +12,11 @@ import numpy as np
 from .schedulers.common import add_noise, alphas_cumprod, training_target
 
 
+def mean_squares(residuals: np.ndarray) -> np.ndarray:
+    """[k, ...] -> [k]: each candidate's loss, the mean of its squared residual."""
+    return (residuals ** 2).reshape(len(residuals), -1).mean(axis=1)
+
+
 def inject(base_embeds: np.ndarray, slots, thetas: np.ndarray) -> np.ndarray:
     """base_embeds: [L, D] token-table rows of a prompt; slots: (position, placeholder, vector) triples;
     thetas: [k, V, D] candidate tokens -> inputs_embeds [k, L, D] with each slot's row replaced."""
@@ -61,10 +66,14 @@ class LossOracle:
         self.forward_passes += len(noisy)
         return self.unet.run(None, feed)[0]
 
-    def losses(self, thetas: np.ndarray, ids: np.ndarray, slots, latent: np.ndarray, noise: np.ndarray,
-               t: int) -> np.ndarray:
+    def losses(self, thetas: np.ndarray, *args, **kwargs) -> np.ndarray:
         """thetas: [k, V, D] candidate tokens; ids: int64 [L] the prompt; slots: where θ goes;
         latent, noise: [C, h, w] (latent already scaled); t: int timestep -> losses float64 [k]."""
+        return mean_squares(self.residuals(thetas, *args, **kwargs))
+
+    def residuals(self, thetas: np.ndarray, ids: np.ndarray, slots, latent: np.ndarray, noise: np.ndarray,
+                  t: int) -> np.ndarray:
+        """As :meth:`losses`, but each candidate's prediction − target, float64 [k, C, h, w]."""
         base = np.asarray(self.table[ids], np.float32)
         embeds = inject(base, slots, thetas)
         tt = np.array([t])
@@ -77,5 +86,4 @@ class LossOracle:
         else:
             pred = np.concatenate([self.predict(noisy, t, self.encode_text(ids, embeds[i:i + 1]))
                                    for i in range(len(thetas))])
-        diff = pred.astype(np.float64) - target.astype(np.float64)
-        return (diff ** 2).reshape(len(thetas), -1).mean(axis=1)
+        return pred.astype(np.float64) - target.astype(np.float64)

@@ -61,9 +61,9 @@ class PersonalizeConfig:
     mu: float | None = None             # RGE smoothing
     antithetic: bool | None = None      # two-sided differences (2n passes a step) instead of one-sided (n + 1)
     directions: str | None = None       # gaussian, orthogonal, guided, momentum, token-pca, vocab-pca
-    rank: int | None = None             # token-/vocab-pca: subspace rank; guided: estimates kept (0: the default)
+    rank: int | None = None             # token-/vocab-pca, sensitivity: subspace rank; guided: estimates kept (0: the default)
     pca_alpha: float | None = None      # token-/vocab-pca: share of isotropic directions (0: the subspace only)
-    guided_alpha: float | None = None   # guided, momentum: share of isotropic directions
+    guided_alpha: float | None = None   # guided, momentum, sensitivity: share of isotropic directions
     guided_beta: float | None = None    # momentum: decay of the estimates' average that guides the directions
     sg: bool | None = None              # Subspace Gradient
     tau: int | None = None
@@ -82,6 +82,7 @@ class PersonalizeConfig:
     normalize: bool | None = None       # each estimate scaled to length √d (FZOO's step from the losses' spread)
     clip: float | None = None           # clip each estimate at clip × the running typical length (0: off)
     subspace_steps: bool | None = None  # token-/vocab-pca: the optimizer works in the subspace's coordinates
+    sketch: int | None = None           # sensitivity: training samples whose Jacobian (D + 1 passes each) sets the subspace
     batch_candidates: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
@@ -115,6 +116,8 @@ class PersonalizeConfig:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if cfg.rank < 0:
             raise UserError(f"--rank must be >= 0, got {cfg.rank}")
+        if cfg.sketch < 1:
+            raise UserError(f"--sketch must be >= 1, got {cfg.sketch}")
         if self.steps < 1:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
         if not 1 <= self.num_vectors <= MAX_VECTORS:
@@ -147,6 +150,7 @@ class PersonalizeConfig:
                                  "choose one")
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
             optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
+            optim.sensitivity(rank=cfg.rank or DEFAULT_RANK["sensitivity"], alpha=cfg.guided_alpha)
         except ValueError as e:
             raise UserError(str(e)) from None
         if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
@@ -209,6 +213,13 @@ def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = 
     return optim.chain(*parts)
 
 
+def setup_passes(cfg: PersonalizeConfig, size: int) -> int:
+    """UNet passes spent before the first step: the Jacobian sketch of ``sensitivity`` directions (each
+    of ``sketch`` samples: θ and θ + μ·axis for the token's ``size`` = V·d axes); 0 for every other
+    direction. ``cfg`` resolved."""
+    return cfg.sketch * (size + 1) if cfg.directions == "sensitivity" else 0
+
+
 def pca_basis(cfg: PersonalizeConfig, table, vocabulary=None) -> np.ndarray | None:
     """The token-/vocab-pca subspace [rank, d] (``None`` for other directions). ``table``: the token
     table; ``vocabulary``: the ids of the rows the model was trained on (vocab-pca; ``None``, a
@@ -233,6 +244,8 @@ def make_estimator(cfg: PersonalizeConfig, basis: np.ndarray | None = None) -> o
         sampler = optim.guided(k=rank, alpha=cfg.guided_alpha)
     elif cfg.directions == "momentum":
         sampler = optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
+    elif cfg.directions == "sensitivity":
+        sampler = optim.sensitivity(rank=rank, alpha=cfg.guided_alpha)
     elif cfg.directions in PCA_DIRECTIONS and basis is not None:
         sampler = optim.subspace(basis, alpha=cfg.pca_alpha)
     else:
@@ -418,6 +431,9 @@ class Trainer:
         except ValueError as e:
             raise UserError(str(e)) from None
         self.rge = make_estimator(cfg, basis)
+        size = cfg.num_vectors * self.bundle.embedding_dim
+        if cfg.directions == "sensitivity" and not 1 <= (cfg.rank or DEFAULT_RANK["sensitivity"]) <= size:
+            raise UserError(f"--rank for sensitivity must be in [1, {size}] (the token's size), got {cfg.rank}")
         self.opt = make_optimizer(cfg, dim=cfg.num_vectors * self.bundle.embedding_dim, basis=basis)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
@@ -453,7 +469,46 @@ class Trainer:
     def fresh_state(self):
         row = self.init_row()
         theta = np.repeat(row[None], self.cfg.num_vectors, axis=0)
-        return 0, theta, self.init_state(theta), np.random.default_rng(self.cfg.seed)
+        rng = np.random.default_rng(self.cfg.seed)
+        sampler_state, chain_state = self.init_state(theta)
+        if self.cfg.directions == "sensitivity":
+            sampler_state = sampler_state._replace(basis=self.sketch_basis(theta, rng))
+        return 0, theta, (sampler_state, chain_state), rng
+
+    def sketch_basis(self, theta, rng) -> np.ndarray:
+        """The sensitivity subspace [rank, V·d]: for ``sketch`` training samples drawn as steps draw
+        them, the UNet output's Jacobian with respect to the token by forward differences along every
+        axis (θ, then θ + μ·axis, evaluated a step's worth of candidates at a time, so the peak memory
+        stays a step's), then :func:`optim.gauss_newton_basis`."""
+        cfg = self.cfg
+        size, chunk = theta.size, self.rge.passes
+        progress = Progress("sketch", total=cfg.sketch * (size + 1))
+        jacobians = []
+        try:
+            for s in range(cfg.sketch):
+                i, ids, slots, latent, noise, t = self.draw(rng)
+                cands = np.repeat(theta.reshape(1, -1), size + 1, axis=0)
+                cands[1 + np.arange(size), np.arange(size)] += np.float32(cfg.mu)
+                res = []
+                for a in range(0, size + 1, chunk):
+                    part = cands[a:a + chunk].reshape(-1, *theta.shape)
+                    res.append(self.oracle.residuals(part, ids, slots, latent, noise, t, **self.conditioning(i)))
+                    progress.update(s * (size + 1) + a + len(part))
+                flat = np.concatenate(res).reshape(size + 1, -1)
+                jacobians.append(((flat[1:] - flat[0]) / cfg.mu).T)     # [N, V·d]
+        finally:
+            progress.close()
+        return optim.gauss_newton_basis(jacobians, cfg.rank or DEFAULT_RANK["sensitivity"])
+
+    def draw(self, rng):
+        """One training sample, as a step draws it: (image index, prompt ids, slots, latent, noise, t)."""
+        cfg = self.cfg
+        i, latent = self.latents.sample(rng)
+        template = self.captions[i % len(self.files)] or cfg.templates[int(rng.integers(len(cfg.templates)))]
+        ids, slots = self.prompt(template.format(cfg.token))
+        noise = rng.standard_normal(latent.shape, dtype=np.float32)
+        t = self.sampler(rng)
+        return i, ids, slots, latent, noise, t
 
     def init_state(self, theta):
         """(direction sampler's state, the optimizer chain's state)."""
@@ -510,12 +565,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def step(self, theta, opt_state, rng):
         """One ZOODiP iteration -> (theta, opt_state, loss at θ, timestep, projected dims)."""
-        cfg = self.cfg
-        i, latent = self.latents.sample(rng)
-        template = self.captions[i % len(self.files)] or cfg.templates[int(rng.integers(len(cfg.templates)))]
-        ids, slots = self.prompt(template.format(cfg.token))
-        noise = rng.standard_normal(latent.shape, dtype=np.float32)
-        t = self.sampler(rng)
+        i, ids, slots, latent, noise, t = self.draw(rng)
         sampler_state, chain_state = opt_state
         z = self.rge.directions(rng, theta.shape, sampler_state)
         losses = self.oracle.losses(self.rge.candidates(theta, z), ids, slots, latent, noise, t,

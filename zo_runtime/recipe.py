@@ -31,10 +31,11 @@ TEMPLATES = (
     "a photo of a cool {}", "a photo of a small {}",
 )
 
-DIRECTIONS = ("gaussian", "orthogonal", "guided", "momentum", "token-pca", "vocab-pca")
+DIRECTIONS = ("gaussian", "orthogonal", "guided", "momentum", "token-pca", "vocab-pca", "sensitivity")
 # what --rank 0 means: guided keeps the last 4 estimates; token-pca and vocab-pca search the top 16
-# components (of the whole table / of the model's vocabulary rows)
-DEFAULT_RANK = {"guided": 4, "token-pca": 16, "vocab-pca": 16}
+# components (of the whole table / of the model's vocabulary rows); sensitivity the 8 leading directions
+# of the outputs' Gauss-Newton matrix
+DEFAULT_RANK = {"guided": 4, "token-pca": 16, "vocab-pca": 16, "sensitivity": 8}
 PCA_DIRECTIONS = ("token-pca", "vocab-pca")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -43,7 +44,7 @@ ZOODIP = dict(
     n=2, mu=1e-3, antithetic=False, directions="gaussian", rank=0, guided_alpha=0.5, guided_beta=0.99,
     sg=True, tau=128, nu=1e-3, puts=True, t_low=500, t_high=900,
     optimizer="adam", lr=5e-3, b1=0.9, adam_eps=1e-8, schedule="constant", reference_scaling=False,
-    weight_decay=0.0, average=0.0, normalize=False, clip=0.0, subspace_steps=False, pca_alpha=0.0,
+    weight_decay=0.0, average=0.0, normalize=False, clip=0.0, subspace_steps=False, pca_alpha=0.0, sketch=2,
 )
 
 RECIPES: dict[str, dict] = {
@@ -55,7 +56,7 @@ RECIPE_FIELDS = tuple(ZOODIP)
 # Fields added after runs were first recorded, with the value that reproduces those runs: a
 # config.json written before a field existed resumes with it (not with today's recipe default).
 ADDED_FIELDS = dict(weight_decay=0.0, average=0.0, guided_beta=0.99, normalize=False, clip=0.0,
-                    subspace_steps=False, pca_alpha=0.0)
+                    subspace_steps=False, pca_alpha=0.0, sketch=2)
 
 
 def sg_tau_for(dim: int) -> int:

@@ -33,7 +33,7 @@ from .bundle import Bundle
 from .embeddings import PICKLE_SUFFIXES, _as_matrix, _read_header, _read_tensor, _refuse_pickle
 from .errors import UserError
 from .manifest import BUNDLE_MANIFEST, inside, listed
-from .oracle import inject
+from .oracle import inject, mean_squares
 from .outputs import write_atomic
 from .schedulers.common import add_noise, alphas_cumprod, training_target
 from .tokenizer import CLIPTokenizer
@@ -196,10 +196,14 @@ class SDXLOracle:
             ids.append(np.repeat(row[None], len(thetas), axis=0))
         return self.model.text(tuple(ids), tuple(embeds))
 
-    def losses(self, thetas: np.ndarray, encoded, slots, latent: np.ndarray, noise: np.ndarray, t: int,
-               time_ids: np.ndarray | None = None) -> np.ndarray:
+    def losses(self, thetas: np.ndarray, *args, **kwargs) -> np.ndarray:
         """thetas [k, V, 2048]; encoded: :meth:`SDXLModel.encode` of the prompt (``slots`` unused:
         each encoder has its own); latent, noise [C, h, w]; time_ids [6] -> losses float64 [k]."""
+        return mean_squares(self.residuals(thetas, *args, **kwargs))
+
+    def residuals(self, thetas: np.ndarray, encoded, slots, latent: np.ndarray, noise: np.ndarray, t: int,
+                  time_ids: np.ndarray | None = None) -> np.ndarray:
+        """As :meth:`losses`, but each candidate's prediction − target, float64 [k, C, h, w]."""
         if time_ids is None:
             raise ValueError("SDXL losses need the reference image's time_ids")
         tt = np.array([t])
@@ -218,8 +222,7 @@ class SDXLOracle:
                 self.forward_passes += 1
                 outs.append(self.model.unet(noisy, t, hidden, pooled, time_ids[None]))
             pred = np.concatenate(outs)
-        diff = pred.astype(np.float64) - target.astype(np.float64)
-        return (diff ** 2).reshape(k, -1).mean(axis=1)
+        return pred.astype(np.float64) - target.astype(np.float64)
 
 
 # -- text to image -----------------------------------------------------------------------------------
