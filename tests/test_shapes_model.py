@@ -282,3 +282,22 @@ def test_merge_keeps_only_the_methods_asked_and_refuses_mixed_recipe_definitions
     # a field added later, at the value that reproduces the older runs, changes no definition
     older = {name: {k: v for k, v in f.items() if k != "subspace_steps"} for name, f in defs.items()}
     assert q.merge_reports([dict(a, recipes=older), dict(b, recipes=defs)])["recipes"] == defs
+
+
+def test_a_methods_setup_passes_count_in_its_budget():
+    """Sensitivity directions spend sketch × (d + 1) passes on a Jacobian before their first step:
+    the benchmark trains that many passes fewer, scores the curve at the passes really spent, and a
+    budget too small for the sketch and one step is one clear line."""
+    from zo_edge.models import quality as q
+    from zo_runtime.errors import UserError
+
+    (job,) = q.plan_jobs(["zo-edge+directions=sensitivity+sketch=2"], [world.Subject.parse("red:striped:star")],
+                         [0], ["class"], [3000], 1000, 1, size=64)
+    assert job["setup_passes"] == 2 * 65 and job["steps"] == (3000 - 130) // 3
+    assert q.spent(job) == 130 + job["steps"] * 3 <= 3000
+    (plain,) = q.plan_jobs(["zo-edge"], [world.Subject.parse("red:striped:star")], [0], ["class"], [3000], 1000, 1,
+                           size=64)
+    assert plain["setup_passes"] == 0 and plain["steps"] == 1000
+    with pytest.raises(UserError, match="130 passes first"):
+        q.plan_jobs(["zo-edge+directions=sensitivity"], [world.Subject.parse("red:striped:star")], [0], ["class"],
+                    [100], 1000, 1, size=64)
