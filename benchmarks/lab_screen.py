@@ -24,11 +24,13 @@ from zo_runtime.outputs import write_json  # noqa: E402
 
 
 def at_budget(run: dict, budget: int) -> dict | None:
-    """The run cut to its score at ``budget`` UNet passes (None if it has none)."""
-    point = next((c for c in run["curve"] if c["unet_passes"] == budget), None)
+    """The run cut to its score at ``budget`` UNet passes, the last snapshot within it where whole steps
+    (after any setup passes) do not land on the budget exactly (None if it has none)."""
+    setup, per_step = run.get("setup_passes", 0), run["per_step"]
+    point = next((c for c in run["curve"] if budget - per_step < c["unet_passes"] <= budget), None)
     if point is None:
         return None
-    return dict(run, curve=[point], steps=budget // run["per_step"])
+    return dict(run, curve=[point], steps=(point["unet_passes"] - setup) // per_step)
 
 
 def provider_arm(screen: dict, arm: str | None = None) -> dict:

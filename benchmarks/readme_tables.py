@@ -129,6 +129,25 @@ def _gradient_snr(report: dict, _arg=None) -> str:
     return "\n".join(lines)
 
 
+def _sensitivity(report: dict, _arg=None) -> str:
+    """benchmarks/lab_sensitivity.py: per subject, the Gauss-Newton matrix's effective rank and the share of
+    each quantity's energy in its 8 and 16 leading directions (an isotropic vector: k/d)."""
+    lines = ["| subject | d | samples | effective rank of H | H in top 8 / 16 | mean gradient in top 8 / 16 | "
+             "sample gradients in top 8 / 16 | TI's move in top 8 / 16 (norm) | zo-edge's move in top 8 / 16 (norm) | "
+             "isotropic in top 8 / 16 |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(shares):
+        return f"{shares['8']:.2f} / {shares['16']:.2f}" if shares else ""
+
+    for r in report["results"]:
+        ti = f"{pair(r['ti_move_in_topk'])} ({r['ti_move_norm']:.2f})" if "ti_move_in_topk" in r else "-"
+        zo = f"{pair(r['zo_move_in_topk'])} ({r['zo_move_norm']:.2f})" if "zo_move_in_topk" in r else "-"
+        lines.append(f"| {r['subject']} | {r['d']} | {r['samples']} | {r['effective_rank']:.1f} | {pair(r['eig_share'])} | "
+                     f"{pair(r['mean_gradient_in_topk'])} | {pair(r['sample_gradients_in_topk'])} | {ti} | {zo} | "
+                     f"{pair(r['isotropic_in_topk'])} |")
+    return "\n".join(lines)
+
+
 def _personalize_speed(data: dict, _arg=None) -> str:
     return _bench("bench_personalize").table(data)
 
@@ -191,6 +210,7 @@ RENDERERS = {
     "zo_signal": _zo_signal,
     "demo": _demo,
     "gradient_snr": _gradient_snr,
+    "sensitivity": _sensitivity,
     "tails": _tails,
     "providers_speed": _providers_speed,
     "personalize_speed": _personalize_speed,

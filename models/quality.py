@@ -207,6 +207,17 @@ def spent(run: dict) -> int:
     return run.get("setup_passes", 0) + run["steps"] * run["per_step"]
 
 
+def reached(run: dict, budget: int) -> bool:
+    """Whether a run went as far as a budget of passes allows: no further whole step fits in it (a
+    method with setup passes ends up to a step short of a round budget)."""
+    return spent(run) > budget - run["per_step"]
+
+
+def ends_at(run: dict, budget: int) -> bool:
+    """Whether the run was planned for this budget (its last step is the last that fits)."""
+    return budget - run["per_step"] < spent(run) <= budget
+
+
 def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int], inits: list[str],
               budgets: list[int], ti_steps: int, points: int, size: int = 768) -> list[dict]:
     """Every (method, subject, seed, init) run, with its steps and the steps to score. Methods whose
@@ -415,13 +426,13 @@ def summarize(report: dict) -> list[dict]:
             for set_name, member in sets.items():
                 for budget in budgets:
                     picked = [r for r in runs if r["method"] == method and r["init"] == init and member(r["subject"])
-                              and (is_ti or spent(r) >= budget)]  # a run that reached the budget
+                              and (is_ti or reached(r, budget))]  # a run that reached the budget
                     # one score per (subject, seed): a budget's own run if it has one, else the snapshot
                     scores = {}
                     for r in picked:
                         sc = r["curve"][-1] if is_ti else _at(r, budget)
                         key = (r["subject"], r["seed"])
-                        if sc is not None and (key not in scores or spent(r) == budget):
+                        if sc is not None and (key not in scores or ends_at(r, budget)):
                             scores[key] = (sc, r)
                     if not scores:
                         continue
@@ -448,7 +459,7 @@ def paired(report: dict, reference: str, budget: int | None = None, init: str = 
         out = {}
         for r in report["runs"]:
             if r["method"] == method and r["init"] == init:
-                if parse_method(method) is not None and spent(r) < budget:
+                if parse_method(method) is not None and not reached(r, budget):
                     continue  # this run stopped short of the budget
                 sc = r["curve"][-1] if parse_method(method) is None else _at(r, budget)
                 if sc is not None:
