@@ -714,8 +714,9 @@ def test_sensitivity_directions_are_isotropic_until_the_basis_is_set_then_guided
     rng = np.random.default_rng(0)
     z = sampler.sample(rng, state, 40000, theta.shape).astype(np.float64)
     np.testing.assert_allclose(z.T @ z / len(z), np.eye(d), atol=0.05)
-    u = np.linalg.qr(rng.standard_normal((d, k)))[0].T
-    state = state._replace(basis=u.astype(np.float32))
+    full = np.linalg.qr(rng.standard_normal((d, d)))[0].T                           # an eigenbasis, rows
+    u = full[:k]
+    state = state._replace(basis=full.astype(np.float32))
     z = sampler.sample(rng, state, 40000, theta.shape).astype(np.float64)
     expected = alpha * np.eye(d) + (1 - alpha) * d / k * u.T @ u                      # tr = d, as N(0, I)
     np.testing.assert_allclose(z.T @ z / len(z), expected, atol=0.12)
@@ -745,7 +746,7 @@ def test_sensitivity_directions_beat_gaussian_at_equal_passes_sketch_included():
         if sensitive:                                  # the sketch: θ and θ + μ·axis, 65 passes
             target = b + 0.5 * rng.standard_normal(b.shape)
             outs = np.stack([A @ c for c in theta[None].astype(np.float64) + mu * np.vstack([np.zeros(64), np.eye(64)])])
-            s_state = s_state._replace(basis=optim.gauss_newton_basis([((outs[1:] - outs[0]) / mu).T], 4))
+            s_state = s_state._replace(basis=optim.gauss_newton_basis([((outs[1:] - outs[0]) / mu).T], 64))
             passes += 65
         rge, opt = optim.RGE(n=2, mu=mu, sampler=sampler), optim.adam(lr=1e-2)
         o_state = opt.init(theta)
@@ -761,3 +762,69 @@ def test_sensitivity_directions_beat_gaussian_at_equal_passes_sketch_included():
     gauss = np.mean([run(False, s) for s in range(6)])
     sens = np.mean([run(True, s) for s in range(6)])
     assert sens < 0.25 * gauss, (sens, gauss)      # measured: 0.006 against 0.15
+
+
+def test_split_sensitivity_probes_alternate_between_the_subspace_and_its_complement_unbiased():
+    d, k, n = 10, 3, 4
+    rng = np.random.default_rng(0)
+    full = np.linalg.qr(rng.standard_normal((d, d)))[0].T
+    sampler = optim.sensitivity(rank=k, split=True)
+    theta = np.zeros(d, np.float32)
+    state = sampler.init(theta)._replace(basis=full.astype(np.float32))
+    z = sampler.sample(rng, state, n, theta.shape).astype(np.float64)
+    inside = np.linalg.norm(z @ full[:k].T, axis=1) / np.linalg.norm(z, axis=1)
+    np.testing.assert_allclose(inside, [1, 0, 1, 0], atol=1e-5)           # probes 0, 2 in U; 1, 3 outside
+    second = np.zeros((d, d))
+    for _ in range(20000):
+        z = sampler.sample(rng, state, n, theta.shape).astype(np.float64)
+        second += z.T @ z / n
+    np.testing.assert_allclose(second / 20000, np.eye(d), atol=0.05)     # E[(1/n) Σ z zᵀ] = I: RGE unbiased
+    with pytest.raises(ValueError, match="less one"):
+        optim.sensitivity(rank=d, split=True).init(theta)
+    with pytest.raises(ValueError, match="n >= 2"):
+        sampler.sample(rng, state, 1, theta.shape)
+
+
+def test_split_probes_measure_weak_directions_without_the_strong_ones_noise():
+    """A sample gradient whose noise lives in a strong 2-d subspace and whose steady part is weak and
+    outside it: split probes estimate the weak part with far less error than isotropic ones."""
+    d, k = 32, 2
+    rng = np.random.default_rng(1)
+    full = np.linalg.qr(rng.standard_normal((d, d)))[0].T
+    weak = 0.05 * full[k:].sum(0) / np.sqrt(d - k)                        # the steady gradient, outside U
+    rge_iso = optim.RGE(n=2, mu=1e-3)
+    split = optim.sensitivity(rank=k, split=True)
+    rge_split = optim.RGE(n=2, mu=1e-3, sampler=split)
+    state = split.init(np.zeros(d, np.float32))._replace(basis=full.astype(np.float32))
+    errs = {"iso": [], "split": []}
+    for _ in range(3000):
+        g = weak + 3.0 * rng.standard_normal(k) @ full[:k]                # large noise inside U
+        for name, rge, st in (("iso", rge_iso, None), ("split", rge_split, state)):
+            z = rge.directions(rng, (d,), st)
+            losses = [float(g @ c) for c in rge.candidates(np.zeros(d, np.float32), z)]
+            est = rge.estimate(losses, z).astype(np.float64)
+            errs[name].append(full[k:] @ (est - weak))                    # error in the weak directions
+    iso, spl = (np.mean(np.sum(np.square(errs[n]), axis=1)) for n in ("iso", "split"))
+    assert spl < 0.05 * iso, (spl, iso)
+
+
+def test_rotated_runs_the_inner_rule_in_the_basis_coordinates():
+    rng = np.random.default_rng(0)
+    theta = rng.standard_normal((2, 3)).astype(np.float32)
+    perm = np.eye(6)[[3, 0, 5, 1, 4, 2]]                                   # a rotation that permutes coordinates
+    inner = optim.adam(lr=0.1)
+    rot = optim.rotated(perm, inner)
+    s_rot, s_in = rot.init(theta), inner.init(theta.reshape(-1)[[3, 0, 5, 1, 4, 2]])
+    for _ in range(5):
+        g = rng.standard_normal((2, 3)).astype(np.float32) * np.array([1.0, 10.0, 0.1], np.float32)
+        u_rot, s_rot = rot.update(g, s_rot, theta)
+        u_in, s_in = inner.update(g.reshape(-1)[[3, 0, 5, 1, 4, 2]], s_in, None)
+        np.testing.assert_allclose(u_rot.reshape(-1)[[3, 0, 5, 1, 4, 2]], u_in, rtol=1e-5)
+        assert u_rot.shape == theta.shape
+    identity = optim.rotated(np.eye(6), optim.adam(lr=0.1))
+    u, _ = identity.update(g, identity.init(theta), theta)
+    np.testing.assert_allclose(u, optim.adam(lr=0.1).update(g, optim.adam(lr=0.1).init(theta), theta)[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="orthonormal"):
+        optim.rotated(2 * np.eye(3), inner)
+    with pytest.raises(ValueError, match="square"):
+        optim.rotated(np.eye(3)[:2], inner)

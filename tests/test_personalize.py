@@ -88,6 +88,7 @@ RECIPE_VARIANTS = [
     dict(recipe="zo-edge", clip=1.5),
     dict(recipe="zo-edge", normalize=True, sg=True),
     dict(recipe="zo-edge", directions="sensitivity", rank=3, sketch=1, guided_alpha=0.2),
+    dict(recipe="zo-edge", directions="sensitivity", rank=3, sketch=1, split=True, eigenbasis_steps=True),
 ]
 
 

@@ -101,7 +101,7 @@ class MomentumGuidedState(NamedTuple):
 
 
 class SensitivityState(NamedTuple):
-    basis: np.ndarray    # float32 [k, D]: the Gauss-Newton matrix's leading eigenvectors (zeros: not yet set)
+    basis: np.ndarray    # float32 [D, D]: the Gauss-Newton matrix's eigenvectors, strongest first (zeros: not yet set)
 
 
 class GradientTransformation(NamedTuple):
@@ -259,33 +259,76 @@ def gauss_newton_basis(jacobians, rank: int) -> np.ndarray:
     return vecs[:, ::-1][:, :rank].T.astype(np.float32)
 
 
-def sensitivity(rank: int = 8, alpha: float = 0.2) -> DirectionSampler:
-    """Directions concentrated where the model's output responds to the token: z ~ N(0, α I + (1 − α)
-    (D/k) UᵀU), U [k, D] the leading eigenvectors of the Gauss-Newton matrix H = E[Jᵀ J] of the UNet
-    output's Jacobian J with respect to the token (:func:`gauss_newton_basis`), held in the sampler's
-    state (``state._replace(basis=U)``; isotropic until it is set). Every sample's gradient lies in H's
-    range (∇L = (2/N) Jᵀ r), and measured on the shapes model at the init token
-    (benchmarks/lab_sensitivity.py, 48 samples) H has effective rank about 4 in d = 64 and its 8 leading
-    directions hold 96 % of the mean gradient's energy: probing there sees about D/k times more of
-    the gradient per pass than an isotropic probe. Guided ES's covariance (Maheswaranathan et al. 2019,
-    arXiv 1806.10230) with a guide from the outputs' curvature instead of past estimates."""
+def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False) -> DirectionSampler:
+    """Directions shaped by where the model's output responds to the token. The state holds the
+    eigenvectors of the Gauss-Newton matrix H = E[Jᵀ J] (J: the UNet output's Jacobian with respect to
+    the token), strongest first, as rows of an orthonormal [D, D] basis (:func:`gauss_newton_basis`
+    with rank D; ``state._replace(basis=...)``; isotropic until it is set); U = its first ``rank`` rows.
+
+    - ``split=False``: z ~ N(0, α I + (1 − α)(D/k) UᵀU), Guided ES's covariance (Maheswaranathan et
+      al. 2019, arXiv 1806.10230) with the outputs' curvature as the guide: probing where every
+      sample's gradient lies (∇L = (2/N) Jᵀ r is in H's range).
+    - ``split=True``: the n probes alternate between span(U) and its complement (each scaled so that
+      E[(1/n) Σ z zᵀ] = I, so RGE stays unbiased). A probe's loss difference is the sample gradient's
+      component along it; in the complement that component leaves out the large, noisy leading
+      directions, so the weak directions are measured without their noise (stratified sampling
+      across the two blocks). Needs n >= 2.
+    Measured on the shapes model (benchmarks/lab_sensitivity.py): H has effective rank 3-4.5 in
+    d = 64 and its 8 leading directions hold 97-100 % of the mean gradient, but TI's move only
+    35-61 %."""
     _check(isinstance(rank, (int, np.integer)) and rank >= 1, f"sensitivity directions need rank >= 1, got {rank}")
     _check(0 < alpha <= 1, f"sensitivity directions need 0 < alpha <= 1, got {alpha}")
 
     def init(params):
-        _check(rank <= params.size, f"sensitivity rank must be at most the token's size {params.size}, got {rank}")
-        return SensitivityState(np.zeros((rank, params.size), np.float32))
+        _check(rank <= params.size - (1 if split else 0),
+               f"sensitivity rank must be at most the token's size {params.size}"
+               + (" less one (split probes need a complement)" if split else "") + f", got {rank}")
+        return SensitivityState(np.zeros((params.size, params.size), np.float32))
 
     def sample(rng, state, n, shape):
         d = int(np.prod(shape))
+        if not np.any(state.basis):
+            return rng.standard_normal((n, *shape), dtype=np.float32)
+        basis = state.basis.astype(np.float64)
+        if split:
+            _check(n >= 2, f"split sensitivity directions need n >= 2 probes, got {n}")
+            z = np.empty((n, d))
+            blocks = (basis[:rank], basis[rank:])
+            for b, rows in enumerate(blocks):
+                mine = np.arange(b, n, 2)                               # probes 0, 2, .. in U; 1, 3, .. outside
+                z[mine] = math.sqrt(n / len(mine)) * rng.standard_normal((len(mine), len(rows))) @ rows
+            return z.astype(np.float32).reshape(n, *shape)
         iso = rng.standard_normal((n, d))
         low = rng.standard_normal((n, rank))
-        if not np.any(state.basis):
-            return iso.astype(np.float32).reshape(n, *shape)
-        z = math.sqrt(alpha) * iso + math.sqrt((1 - alpha) * d / rank) * (low @ state.basis.astype(np.float64))
+        z = math.sqrt(alpha) * iso + math.sqrt((1 - alpha) * d / rank) * (low @ basis[:rank])
         return z.astype(np.float32).reshape(n, *shape)
 
     return DirectionSampler(init, sample, lambda state, g: state)
+
+
+def rotated(basis: np.ndarray, inner: GradientTransformation) -> GradientTransformation:
+    """Runs ``inner`` in the coordinates of an orthonormal basis R [D, D] of the whole (flattened) token:
+    it sees R ĝ and R θ and its update comes back as Rᵀ u. Adam's per-coordinate scaling then acts per
+    basis direction: with H's eigenvectors (:func:`gauss_newton_basis`), each direction of the output's
+    curvature gets its own second moment, as TI's Adam gives each coordinate its own. The state is
+    ``inner``'s, shaped as the token (a rotation keeps every shape)."""
+    r = np.asarray(basis, np.float64)
+    _check(r.ndim == 2 and r.shape[0] == r.shape[1], f"a rotation must be a square [D, D] basis, got {r.shape}")
+    _check(np.allclose(r @ r.T, np.eye(len(r)), atol=1e-4), "a rotation's rows must be orthonormal")
+
+    def to(x):
+        x = np.asarray(x, np.float64)
+        return (r @ x.reshape(-1)).reshape(x.shape).astype(np.float32)
+
+    def init(params):
+        return inner.init(to(params))
+
+    def update(grads, state, params):
+        u, state = inner.update(to(grads), state, to(params))
+        u = np.asarray(u, np.float64)
+        return (r.T @ u.reshape(-1)).reshape(u.shape).astype(np.float32), state
+
+    return GradientTransformation(init, update)
 
 
 def token_pca_basis(table: np.ndarray, rank: int, rows=None, sample: int = 8192, seed: int = 0) -> np.ndarray:

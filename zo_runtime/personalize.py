@@ -83,6 +83,8 @@ class PersonalizeConfig:
     clip: float | None = None           # clip each estimate at clip × the running typical length (0: off)
     subspace_steps: bool | None = None  # token-/vocab-pca: the optimizer works in the subspace's coordinates
     sketch: int | None = None           # sensitivity: training samples whose Jacobian (D + 1 passes each) sets the subspace
+    split: bool | None = None           # sensitivity: probes alternate between the leading subspace and its complement
+    eigenbasis_steps: bool | None = None  # sensitivity: the step rule runs in the Gauss-Newton eigenbasis
     batch_candidates: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
@@ -150,7 +152,12 @@ class PersonalizeConfig:
                                  "choose one")
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
             optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
-            optim.sensitivity(rank=cfg.rank or DEFAULT_RANK["sensitivity"], alpha=cfg.guided_alpha)
+            optim.sensitivity(rank=cfg.rank or DEFAULT_RANK["sensitivity"], alpha=cfg.guided_alpha, split=cfg.split)
+            for flag, on in (("--split", cfg.split), ("--eigenbasis-steps", cfg.eigenbasis_steps)):
+                if on and cfg.directions != "sensitivity":
+                    raise ValueError(f"{flag} needs --directions sensitivity, not {cfg.directions}")
+            if cfg.split and cfg.n < 2:
+                raise ValueError(f"--split needs n >= 2 probes a step (one in the subspace, one outside), got {cfg.n}")
         except ValueError as e:
             raise UserError(str(e)) from None
         if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
@@ -186,11 +193,13 @@ def default_run_dir(token: str) -> str:
     return str(Path("runs") / name)
 
 
-def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = None) -> optim.GradientTransformation:
+def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = None,
+                   rotation: np.ndarray | None = None) -> optim.GradientTransformation:
     """(normalize or clip the estimate) → (SG) → (the reference's scaling) → (Adam's scaling) → (decay
     toward θ₀) → a constant or cosine learning rate → (iterate averaging). ``cfg`` resolved; ``dim``: the
     token's size (for the reference scaling); ``basis``: the token-/vocab-pca subspace, in whose
-    coordinates everything before the averaging runs when ``cfg.subspace_steps``."""
+    coordinates everything before the averaging runs when ``cfg.subspace_steps``; ``rotation``: the
+    sensitivity directions' eigenbasis [D, D], in whose coordinates it runs when ``cfg.eigenbasis_steps``."""
     parts = []
     if cfg.normalize:
         parts.append(optim.normalize())
@@ -208,6 +217,8 @@ def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = 
     parts.append(optim.scale_by_learning_rate(lr))
     if cfg.subspace_steps and basis is not None:
         parts = [optim.in_subspace(basis, optim.chain(*parts))]
+    if cfg.eigenbasis_steps and rotation is not None and np.any(rotation):
+        parts = [optim.rotated(rotation, optim.chain(*parts))]
     if cfg.average:
         parts.append(optim.average_iterates(cfg.average))
     return optim.chain(*parts)
@@ -245,7 +256,7 @@ def make_estimator(cfg: PersonalizeConfig, basis: np.ndarray | None = None) -> o
     elif cfg.directions == "momentum":
         sampler = optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
     elif cfg.directions == "sensitivity":
-        sampler = optim.sensitivity(rank=rank, alpha=cfg.guided_alpha)
+        sampler = optim.sensitivity(rank=rank, alpha=cfg.guided_alpha, split=cfg.split)
     elif cfg.directions in PCA_DIRECTIONS and basis is not None:
         sampler = optim.subspace(basis, alpha=cfg.pca_alpha)
     else:
@@ -432,8 +443,10 @@ class Trainer:
             raise UserError(str(e)) from None
         self.rge = make_estimator(cfg, basis)
         size = cfg.num_vectors * self.bundle.embedding_dim
-        if cfg.directions == "sensitivity" and not 1 <= (cfg.rank or DEFAULT_RANK["sensitivity"]) <= size:
-            raise UserError(f"--rank for sensitivity must be in [1, {size}] (the token's size), got {cfg.rank}")
+        top = size - 1 if cfg.split else size
+        if cfg.directions == "sensitivity" and not 1 <= (cfg.rank or DEFAULT_RANK["sensitivity"]) <= top:
+            raise UserError(f"--rank for sensitivity must be in [1, {top}] (the token's size"
+                            + (" less one, with --split" if cfg.split else "") + f"), got {cfg.rank}")
         self.opt = make_optimizer(cfg, dim=cfg.num_vectors * self.bundle.embedding_dim, basis=basis)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
@@ -473,10 +486,21 @@ class Trainer:
         sampler_state, chain_state = self.init_state(theta)
         if self.cfg.directions == "sensitivity":
             sampler_state = sampler_state._replace(basis=self.sketch_basis(theta, rng))
+            if self.use_rotation(sampler_state):
+                chain_state = self.opt.init(theta)
         return 0, theta, (sampler_state, chain_state), rng
 
+    def use_rotation(self, sampler_state) -> bool:
+        """With ``eigenbasis_steps``, rebuild the step rule in the sketched eigenbasis (the state keeps
+        its shapes, so a checkpoint loads either way)."""
+        if not self.cfg.eigenbasis_steps:
+            return False
+        self.opt = make_optimizer(self.cfg, dim=self.cfg.num_vectors * self.bundle.embedding_dim,
+                                  rotation=sampler_state.basis)
+        return True
+
     def sketch_basis(self, theta, rng) -> np.ndarray:
-        """The sensitivity subspace [rank, V·d]: for ``sketch`` training samples drawn as steps draw
+        """The Gauss-Newton eigenbasis [V·d, V·d], strongest first: for ``sketch`` training samples drawn as steps draw
         them, the UNet output's Jacobian with respect to the token by forward differences along every
         axis (θ, then θ + μ·axis, evaluated a step's worth of candidates at a time, so the peak memory
         stays a step's), then :func:`optim.gauss_newton_basis`."""
@@ -498,7 +522,7 @@ class Trainer:
                 jacobians.append(((flat[1:] - flat[0]) / cfg.mu).T)     # [N, V·d]
         finally:
             progress.close()
-        return optim.gauss_newton_basis(jacobians, cfg.rank or DEFAULT_RANK["sensitivity"])
+        return optim.gauss_newton_basis(jacobians, size)
 
     def draw(self, rng):
         """One training sample, as a step draws it: (image index, prompt ids, slots, latent, noise, t)."""
@@ -550,6 +574,8 @@ class Trainer:
             raise UserError(f"{path}: {e} (was it written by another zo-edge version?)") from None
         self.oracle.forward_passes = passes
         self.last_checkpoint = step
+        if self.cfg.directions == "sensitivity":
+            self.use_rotation(state[0])
         return step, theta, state, rng
 
     def prompt(self, text: str):

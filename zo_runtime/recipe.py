@@ -45,6 +45,7 @@ ZOODIP = dict(
     sg=True, tau=128, nu=1e-3, puts=True, t_low=500, t_high=900,
     optimizer="adam", lr=5e-3, b1=0.9, adam_eps=1e-8, schedule="constant", reference_scaling=False,
     weight_decay=0.0, average=0.0, normalize=False, clip=0.0, subspace_steps=False, pca_alpha=0.0, sketch=2,
+    split=False, eigenbasis_steps=False,
 )
 
 RECIPES: dict[str, dict] = {
@@ -56,7 +57,8 @@ RECIPE_FIELDS = tuple(ZOODIP)
 # Fields added after runs were first recorded, with the value that reproduces those runs: a
 # config.json written before a field existed resumes with it (not with today's recipe default).
 ADDED_FIELDS = dict(weight_decay=0.0, average=0.0, guided_beta=0.99, normalize=False, clip=0.0,
-                    subspace_steps=False, pca_alpha=0.0, sketch=2)
+                    subspace_steps=False, pca_alpha=0.0, sketch=2, split=False,
+                    eigenbasis_steps=False)
 
 
 def sg_tau_for(dim: int) -> int:
