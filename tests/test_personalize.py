@@ -441,3 +441,28 @@ def test_low_memory_turns_the_arena_off_and_changes_no_arithmetic(tiny_bundle_in
     r = CliRunner().invoke(cli, ["personalize", "--resume", str(tmp_path / "a" / "run"), "--steps", "6",
                                  "--low-memory", "--out", str(tmp_path / "longer.safetensors")])
     assert r.exit_code == 0, r.output
+
+
+def test_sensitivity_flags_are_validated_up_front(base_args, tmp_path):
+    for extra, words in ((["--directions", "sensitivity", "--sketch", "0"], "--sketch must be >= 1"),
+                         (["--split"], "--split needs --directions sensitivity"),
+                         (["--eigenbasis-steps"], "--eigenbasis-steps needs --directions sensitivity"),
+                         (["--directions", "sensitivity", "--split", "--n", "1"], "--split needs n >= 2"),
+                         (["--directions", "sensitivity", "--guided-alpha", "0"], "alpha <= 1"),
+                         (["--directions", "sensitivity", "--rank", "100000"], "--rank for sensitivity")):
+        line = cli_err(base_args + extra)
+        assert line.startswith("zo-edge: error:") and words in line, (extra, line)
+
+
+def test_sensitivity_sketch_passes_are_counted_and_its_basis_is_the_jacobians(tiny_bundle_int8, ref_images, tmp_path):
+    """The sketch spends sketch × (V·d + 1) passes before the first step; its basis is orthonormal and
+    the probes it guides put most of their energy in its leading rows."""
+    cfg = make_cfg(tiny_bundle_int8, ref_images, tmp_path, recipe="zo-edge", directions="sensitivity", rank=2,
+                   sketch=1, guided_alpha=0.2, steps=3)
+    trainer = Trainer(cfg)
+    size = trainer.bundle.embedding_dim
+    res = trainer.train()
+    assert res.forward_passes == (size + 1) + 3 * 3
+    ckpt = np.load(Path(cfg.run_dir) / "checkpoint.npz")
+    basis = next(ckpt[k] for k in ckpt.files if k.endswith("basis")).astype(np.float64)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(size), atol=1e-4)

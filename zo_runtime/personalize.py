@@ -217,7 +217,7 @@ def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = 
     parts.append(optim.scale_by_learning_rate(lr))
     if cfg.subspace_steps and basis is not None:
         parts = [optim.in_subspace(basis, optim.chain(*parts))]
-    if cfg.eigenbasis_steps and rotation is not None and np.any(rotation):
+    if cfg.eigenbasis_steps and rotation is not None:
         parts = [optim.rotated(rotation, optim.chain(*parts))]
     if cfg.average:
         parts.append(optim.average_iterates(cfg.average))
@@ -447,7 +447,9 @@ class Trainer:
         if cfg.directions == "sensitivity" and not 1 <= (cfg.rank or DEFAULT_RANK["sensitivity"]) <= top:
             raise UserError(f"--rank for sensitivity must be in [1, {top}] (the token's size"
                             + (" less one, with --split" if cfg.split else "") + f"), got {cfg.rank}")
-        self.opt = make_optimizer(cfg, dim=cfg.num_vectors * self.bundle.embedding_dim, basis=basis)
+        # eigenbasis steps: rotated from the start (by the identity until the sketch, or the checkpoint,
+        # gives the basis), so the state has one layout before and after
+        self.opt = make_optimizer(cfg, dim=size, basis=basis, rotation=np.eye(size) if cfg.eigenbasis_steps else None)
         self.sampler = puts(cfg.t_low, cfg.t_high) if cfg.puts else uniform(
             int(self.bundle.noise_schedule.get("num_train_timesteps", 1000)))
 
