@@ -502,26 +502,26 @@ class Trainer:
         return True
 
     def sketch_basis(self, theta, rng) -> np.ndarray:
-        """The Gauss-Newton eigenbasis [V·d, V·d], strongest first: for ``sketch`` training samples drawn as steps draw
-        them, the UNet output's Jacobian with respect to the token by forward differences along every
-        axis (θ, then θ + μ·axis, evaluated a step's worth of candidates at a time, so the peak memory
-        stays a step's), then :func:`optim.gauss_newton_basis`."""
+        """The Gauss-Newton eigenbasis [V·d, V·d], strongest first: for ``sketch`` training samples
+        drawn as steps draw them, the UNet output's Jacobian with respect to the token by forward
+        differences along every axis (θ, then θ + μ·axis with the estimator's μ, a step's worth of
+        candidates at a time, so the peak memory stays a step's), then :func:`optim.gauss_newton_basis`."""
         cfg = self.cfg
-        size, chunk = theta.size, self.rge.passes
+        size, chunk, mu = theta.size, self.rge.passes, self.rge.mu
         progress = Progress("sketch", total=cfg.sketch * (size + 1))
         jacobians = []
         try:
             for s in range(cfg.sketch):
                 i, ids, slots, latent, noise, t = self.draw(rng)
                 cands = np.repeat(theta.reshape(1, -1), size + 1, axis=0)
-                cands[1 + np.arange(size), np.arange(size)] += np.float32(cfg.mu)
+                cands[1 + np.arange(size), np.arange(size)] += np.float32(mu)
                 res = []
                 for a in range(0, size + 1, chunk):
                     part = cands[a:a + chunk].reshape(-1, *theta.shape)
                     res.append(self.oracle.residuals(part, ids, slots, latent, noise, t, **self.conditioning(i)))
                     progress.update(s * (size + 1) + a + len(part))
                 flat = np.concatenate(res).reshape(size + 1, -1)
-                jacobians.append(((flat[1:] - flat[0]) / cfg.mu).T)     # [N, V·d]
+                jacobians.append(((flat[1:] - flat[0]) / mu).T)         # [N, V·d]
         finally:
             progress.close()
         return optim.gauss_newton_basis(jacobians, size)
