@@ -272,7 +272,7 @@ def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False) -> Direc
       E[(1/n) Σ z zᵀ] = I, so RGE stays unbiased). A probe's loss difference is the sample gradient's
       component along it; in the complement that component leaves out the large, noisy leading
       directions, so the weak directions are measured without their noise (stratified sampling
-      across the two blocks). Needs n >= 2.
+      across the two blocks; ``alpha`` unused). Needs n >= 2.
     Measured on the shapes model (benchmarks/lab_sensitivity.py): H has effective rank 3-4.5 in
     d = 64 and its 8 leading directions hold 97-100 % of the mean gradient, but TI's move only
     35-61 %."""

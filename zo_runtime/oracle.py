@@ -66,10 +66,11 @@ class LossOracle:
         self.forward_passes += len(noisy)
         return self.unet.run(None, feed)[0]
 
-    def losses(self, thetas: np.ndarray, *args, **kwargs) -> np.ndarray:
+    def losses(self, thetas: np.ndarray, ids: np.ndarray, slots, latent: np.ndarray, noise: np.ndarray,
+               t: int) -> np.ndarray:
         """thetas: [k, V, D] candidate tokens; ids: int64 [L] the prompt; slots: where θ goes;
         latent, noise: [C, h, w] (latent already scaled); t: int timestep -> losses float64 [k]."""
-        return mean_squares(self.residuals(thetas, *args, **kwargs))
+        return mean_squares(self.residuals(thetas, ids, slots, latent, noise, t))
 
     def residuals(self, thetas: np.ndarray, ids: np.ndarray, slots, latent: np.ndarray, noise: np.ndarray,
                   t: int) -> np.ndarray:

@@ -196,10 +196,11 @@ class SDXLOracle:
             ids.append(np.repeat(row[None], len(thetas), axis=0))
         return self.model.text(tuple(ids), tuple(embeds))
 
-    def losses(self, thetas: np.ndarray, *args, **kwargs) -> np.ndarray:
+    def losses(self, thetas: np.ndarray, encoded, slots, latent: np.ndarray, noise: np.ndarray, t: int,
+               time_ids: np.ndarray | None = None) -> np.ndarray:
         """thetas [k, V, 2048]; encoded: :meth:`SDXLModel.encode` of the prompt (``slots`` unused:
         each encoder has its own); latent, noise [C, h, w]; time_ids [6] -> losses float64 [k]."""
-        return mean_squares(self.residuals(thetas, *args, **kwargs))
+        return mean_squares(self.residuals(thetas, encoded, slots, latent, noise, t, time_ids))
 
     def residuals(self, thetas: np.ndarray, encoded, slots, latent: np.ndarray, noise: np.ndarray, t: int,
                   time_ids: np.ndarray | None = None) -> np.ndarray:
