@@ -74,7 +74,8 @@ def combine(baseline: dict, method: str, budget: int, screens: list[dict], arm: 
                 runs.append(cut)
     methods = [method] + list(dict.fromkeys(r["method"] for s in screens for r in s["runs"] if r["method"] != method))
     report = {k: screens[0][k] for k in ("k", "n_refs", "prompts", "gen_steps", "guidance", "ti_steps", "generic_init")}
-    report.update(bundle=screens[0].get("bundle") or baseline.get("bundle") or "models/shapes/bundle", budgets=[budget], seeds=len(seeds), inits=["class"],
+    bundle = screens[0].get("bundle") or baseline.get("bundle") or "models/shapes/bundle"
+    report.update(bundle=bundle, budgets=[budget], seeds=len(seeds), inits=["class"],
                   subjects=sorted(subjects), methods=methods, runs=runs, complete=all(s.get("complete") for s in screens),
                   baseline_from={"method": method, "machine": baseline.get("machine"), "runs": len(stored)},
                   screens_from=[{"machine": s.get("machine"), "methods": s["methods"], "runs": len(s["runs"]),

@@ -222,7 +222,8 @@ def plan_jobs(methods: list[str], subjects: list[world.Subject], seeds: list[int
               budgets: list[int], ti_steps: int, points: int, size: int = 768) -> list[dict]:
     """Every (method, subject, seed, init) run, with its steps and the steps to score. Methods whose
     learning rate follows a schedule of the run's length get one run per budget (a shorter budget is a
-    different run); constant-rate methods score every budget on one run."""
+    different run); constant-rate methods score every budget on one run. ``size``: the token's width
+    (the model's), for methods that spend passes on it before their first step (a Jacobian sketch)."""
     plans = []
     for spec in methods:
         fields = parse_method(spec, allow_arm=False)
