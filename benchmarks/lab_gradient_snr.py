@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -29,38 +30,64 @@ ROOT = Path(__file__).resolve().parents[1]
 BANDS = [(0, 250), (250, 500), (500, 900), (900, 1000), (0, 1000)]
 
 
-def per_sample_gradients(source: Path, subject: str, samples: int, seed: int = 0):
+def load_source(source: Path, subject: str, seed: int = 0, double: bool = False) -> SimpleNamespace:
+    """A shapes model's diffusers source as an instrument: tokenizer, text encoder, VAE, UNet and
+    scheduler (no gradients to their weights; text encoder and UNet in float64 with ``double``), the
+    subject, its class noun's token id and row θ₀, and the VAE posteriors of its references (and their
+    mirrors) rendered at the model's own resolution."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from zo_edge.models import world
-    from zo_runtime.recipe import TEMPLATES
 
     subj = world.Subject.parse(subject)
     tok = CLIPTokenizer.from_pretrained(source / "tokenizer")
     text = CLIPTextModel.from_pretrained(source / "text_encoder").eval()
     vae = AutoencoderKL.from_pretrained(source / "vae").eval()
     unet = UNet2DConditionModel.from_pretrained(source / "unet").eval()
+    if double:
+        text, unet = text.double(), unet.double()
     sched = DDPMScheduler.from_pretrained(source / "scheduler")
     for m in (text, vae, unet):
         m.requires_grad_(False)
-    refs = np.stack(world.reference_images(subj, n=5, seed=seed, size=unet.config.sample_size * 8 // 8 * 8))
+    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    refs = np.stack(world.reference_images(subj, n=5, seed=seed, size=size))
     init_id = tok.encode(subj.shape, add_special_tokens=False)[0]
     theta0 = text.get_input_embeddings().weight[init_id].detach().clone()
     with torch.no_grad():
         x = torch.from_numpy(np.concatenate([refs, refs[:, :, ::-1]]).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
         post = vae.encode(x).latent_dist
+    return SimpleNamespace(tok=tok, text=text, vae=vae, unet=unet, sched=sched, subj=subj, init_id=init_id,
+                           theta0=theta0, post=post)
+
+
+def draw(rng: np.random.Generator, src: SimpleNamespace):
+    """One training draw's reference latent and prompt, as personalize draws them: (scaled latent z,
+    prompt ids [1, 77], position of the token). Noise and timestep are the caller's, drawn after."""
+    import torch
+
+    from zo_runtime.recipe import TEMPLATES
+
+    post = src.post
+    i = int(rng.integers(len(post.mean)))
+    z = (post.mean[i] + post.std[i] * torch.from_numpy(rng.standard_normal(post.mean.shape[1:], dtype=np.float32)))
+    z = z * src.vae.config.scaling_factor
+    prompt = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(src.subj.shape)
+    ids = src.tok(prompt, padding="max_length", max_length=src.tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+    return z, ids, int((ids[0] == src.init_id).nonzero()[-1])
+
+
+def per_sample_gradients(source: Path, subject: str, samples: int, seed: int = 0):
+    import torch
+
+    src = load_source(source, subject, seed)
+    text, unet, sched, theta0 = src.text, src.unet, src.sched, src.theta0
     rng = np.random.default_rng(seed)
     grads, ts = [], []
     for _ in range(samples):
-        i = int(rng.integers(len(post.mean)))
-        z = (post.mean[i] + post.std[i] * torch.from_numpy(rng.standard_normal(post.mean.shape[1:], dtype=np.float32)))
-        z = z * vae.config.scaling_factor
-        prompt = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(subj.shape)
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        pos = int((ids[0] == init_id).nonzero()[-1])
+        z, ids, pos = draw(rng, src)
         noise = torch.from_numpy(rng.standard_normal(z.shape, dtype=np.float32))[None]
         t = int(rng.integers(0, sched.config.num_train_timesteps))
         theta = theta0.clone().requires_grad_(True)

@@ -31,47 +31,27 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # lab_gradient_snr's loader
 KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def jacobians(source: Path, subject: str, samples: int, t_range, seed: int = 0, eps: float = 1e-4,
               chunk: int = 128):
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    from zo_edge.models import world
-    from zo_runtime.recipe import TEMPLATES
+    from lab_gradient_snr import draw, load_source
 
-    subj = world.Subject.parse(subject)
-    tok = CLIPTokenizer.from_pretrained(source / "tokenizer")
-    text = CLIPTextModel.from_pretrained(source / "text_encoder").eval().double()
-    vae = AutoencoderKL.from_pretrained(source / "vae").eval()
-    unet = UNet2DConditionModel.from_pretrained(source / "unet").eval().double()
-    sched = DDPMScheduler.from_pretrained(source / "scheduler")
-    for m in (text, vae, unet):
-        m.requires_grad_(False)
+    src = load_source(source, subject, seed, double=True)
+    text, unet, sched, theta0 = src.text, src.unet, src.sched, src.theta0
     torch.set_default_dtype(torch.float64)      # transformers builds its causal mask in the default dtype
-    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    refs = np.stack(world.reference_images(subj, n=5, seed=seed, size=size))
-    init_id = tok.encode(subj.shape, add_special_tokens=False)[0]
-    theta0 = text.get_input_embeddings().weight[init_id].detach().clone()
     d = theta0.numel()
-    with torch.no_grad():
-        x = torch.from_numpy(np.concatenate([refs, refs[:, :, ::-1]]).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
-        post = vae.encode(x).latent_dist
     rng = np.random.default_rng(seed)
     basis = torch.eye(d, dtype=torch.float64)
     thetas = torch.cat([theta0 + eps * basis, theta0 - eps * basis, theta0[None]])   # [2d + 1, d]
     Js, rs = [], []
     for _ in range(samples):
-        i = int(rng.integers(len(post.mean)))
-        z = (post.mean[i] + post.std[i] * torch.from_numpy(rng.standard_normal(post.mean.shape[1:], dtype=np.float32)))
-        z = (z * vae.config.scaling_factor).double()
-        prompt = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(subj.shape)
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        pos = int((ids[0] == init_id).nonzero()[-1])
+        z, ids, pos = draw(rng, src)
+        z = z.double()
         noise = torch.from_numpy(rng.standard_normal(z.shape)).double()[None]
         t = int(rng.integers(*t_range))
         preds = []

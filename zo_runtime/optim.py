@@ -289,10 +289,10 @@ def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False) -> Direc
         d = int(np.prod(shape))
         if not np.any(state.basis):
             return rng.standard_normal((n, *shape), dtype=np.float32)
-        basis = state.basis.astype(np.float64)
         if split:
             _check(n >= 2, f"split sensitivity directions need n >= 2 probes, got {n}")
             z = np.empty((n, d))
+            basis = state.basis.astype(np.float64)
             blocks = (basis[:rank], basis[rank:])
             for b, rows in enumerate(blocks):
                 mine = np.arange(b, n, 2)                               # probes 0, 2, .. in U; 1, 3, .. outside
@@ -300,7 +300,7 @@ def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False) -> Direc
             return z.astype(np.float32).reshape(n, *shape)
         iso = rng.standard_normal((n, d))
         low = rng.standard_normal((n, rank))
-        z = math.sqrt(alpha) * iso + math.sqrt((1 - alpha) * d / rank) * (low @ basis[:rank])
+        z = math.sqrt(alpha) * iso + math.sqrt((1 - alpha) * d / rank) * (low @ state.basis[:rank].astype(np.float64))
         return z.astype(np.float32).reshape(n, *shape)
 
     return DirectionSampler(init, sample, lambda state, g: state)
