@@ -13,12 +13,13 @@ from zo_runtime.errors import UserError
               help="cpu: onnxruntime CPU fusions, dynamic shapes; portable: standard ONNX ops only, finite masks "
                    "(OpenVINO, DirectML, other providers); qnn: portable with fixed shapes and A16W8 QDQ for "
                    "Qualcomm's HTP (--provider qnn).")
-@click.option("--weights", type=click.Choice(["int8", "int8w", "int4w", "int4", "fp32", "a16w8", "a8w8"]), default=None,
+@click.option("--weights", type=click.Choice(["int8", "int8w", "int4w", "int4", "fp32", "a16w8", "a8w8", "fp16"]),
+              default=None,
               help="cpu: int8 (default; static QDQ, fastest, for generation), int8w (weight-only INT8, float "
                    "activations: keeps the zeroth-order signal), int4w (int8w with the UNet's weights 4-bit: less memory), "
                    "int4 (UNet MatMuls 4-bit, rest static INT8), fp32. portable: int8w "
                    "(default), fp32, int8. qnn: a16w8 (default; 16-bit activations, keeps the signal at a larger "
-                   "mu), a8w8.")
+                   "mu), a8w8, fp16 (float graphs the HTP runs in half precision).")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Fix the shapes: text encoder and UNet batch (1, or n+1 to run personalize's candidates in one "
                    "call); VAE batch 1. qnn: 1 unless given; portable: dynamic unless given.")

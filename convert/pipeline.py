@@ -33,7 +33,7 @@ from .export import GRAPHS, export_onnx
 from .graphs import copy_graph, session
 from .manifest import check_bundle_out, graph_entry, replace_dir, write_manifest
 from .quantize import WEIGHTS, quantize_int4, quantize_int8, quantize_weight_only
-from .portable import PORTABLE_OPSET, TARGET_WEIGHTS, TARGETS
+from .portable import FLOAT_WEIGHTS, PORTABLE_OPSET, TARGET_WEIGHTS, TARGETS
 from .source import SourceInfo, inspect_source
 from .surgery import check_parity, rewrite_text_encoder
 
@@ -160,10 +160,11 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, weights: st
     if target == "qnn" and batch is None:
         batch = 1
     if target == "qnn" and text_encoder_fp32:
-        raise UserError("--text-encoder-fp32 does not go with --target qnn: HTP runs quantized graphs")
+        raise UserError("--text-encoder-fp32 does not go with --target qnn: HTP runs every graph at one precision "
+                        "(--weights a16w8, a8w8 or fp16)")
     if provider not in PROVIDERS:
         raise UserError(f"unknown --provider {provider!r}; supported: {', '.join(PROVIDERS)}")
-    if weights not in ("fp32", *WEIGHT_ONLY_BITS) and calibration_samples < 1:
+    if weights not in (*FLOAT_WEIGHTS, *WEIGHT_ONLY_BITS) and calibration_samples < 1:
         raise UserError("--calibration-samples must be at least 1")
     if heldout_samples < 1 or heldout_per_band < 1:
         raise UserError("held-out sample counts must be at least 1")
@@ -313,7 +314,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
     # -- calibrate + quantize
     recipes: dict[str, dict] = {}
     precision: dict[str, str] = {}
-    if weights != "fp32":
+    if weights not in FLOAT_WEIGHTS:
         if weights in WEIGHT_ONLY_BITS:
             calib = None
             st.say("[calibrate] skipped (weight-only: activations stay float)")
@@ -371,13 +372,14 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
                 precision["unet"] = "int4"
         st.run("quantize", f"weights {weights}", quantize)
     else:
-        st.say("[calibrate] skipped (weights fp32)")
+        st.say(f"[calibrate] skipped (weights {weights})")
 
-        def copy_fp32():
+        def copy_float():
             for g in GRAPHS:
                 copy_graph(unet_src if g == "unet" else sources[g], bundle / g / "model.onnx")
-                precision[g] = "fp32"
-        st.run("quantize", "weights fp32: graphs copied unchanged", copy_fp32)
+                precision[g] = weights
+        st.run("quantize", f"weights {weights}: graphs copied unchanged"
+               + (" (stored FP32; HTP computes them in FP16)" if weights == "fp16" else ""), copy_float)
 
     if target != "cpu":  # the promise of the portable targets, checked on what is shipped
         from .portable import nonstandard_ops
@@ -431,7 +433,7 @@ def _build(info: SourceInfo, tmp: Path, weights: str, te_fp32: bool, n_calib: in
             graphs[g] = graph_entry(bundle, g, precision[g], extra)
         quant = {"weights": weights, "text_encoder_fp32": te_fp32, "fuse": fuse, "provider": provider,
                  "per_channel": per_channel,
-                 "calibration": None if weights in ("fp32", *WEIGHT_ONLY_BITS) else {
+                 "calibration": None if weights in (*FLOAT_WEIGHTS, *WEIGHT_ONLY_BITS) else {
                      "samples": n_calib, "seed": seed,
                      "text_encoder": data.description["text_encoder"],
                      "vae_encoder": data.description["vae_encoder"],

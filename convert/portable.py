@@ -15,7 +15,9 @@ shapes (:func:`fixed_shapes`). The graphs for OpenVINO, DirectML and other provi
 static QDQ) with onnxruntime's QNN helpers (``qnn_preprocess_model`` then
 ``get_qnn_qdq_config`` + ``quantize``), calibrated on the model's own data (calibrate.py). Measured
 on the shapes model (docs/results/zo_signal.json): A16W8 keeps the zeroth-order signal at a larger
-smoothing radius; 8-bit activations (``a8w8``) do not.
+smoothing radius; 8-bit activations (``a8w8``) do not. ``--weights fp16``: the same fixed-shape graphs left
+float, for the HTP's half-precision mode (no calibration; the graphs are stored FP32 and HTP computes them
+in FP16).
 """
 from __future__ import annotations
 
@@ -40,7 +42,10 @@ MASK_VALUE = -100.0           # softmax(-100) ~ 4e-44: FP32 parity, and a range 
 HUGE = 1e30                   # a float constant at or below -HUGE is a mask fill
 # weights each target accepts, the first being its default
 TARGET_WEIGHTS = {"cpu": ("int8", "int8w", "int4w", "int4", "fp32"), "portable": ("int8w", "fp32", "int8"),
-                  "qnn": ("a16w8", "a8w8")}
+                  "qnn": ("a16w8", "a8w8", "fp16")}
+# weights that leave the graphs float (copied as exported); fp16: the qnn target's float graphs, which HTP runs
+# in half precision (zo_runtime.providers turns that on from the manifest)
+FLOAT_WEIGHTS = ("fp32", "fp16")
 QNN_TYPES = {"a16w8": ("QUInt16", "QUInt8"), "a8w8": ("QUInt8", "QUInt8")}
 
 

@@ -288,7 +288,7 @@ class Bundle:
             opts = self.session_options(name)
             path = listed(self.root, self.manifest, self.graph(name)["path"], f"graph {name} path")
             spec = _providers.parse(self.provider)
-            providers = _providers.configure(spec, opts)
+            providers = _providers.configure(spec, opts, self.graph(name).get("precision"))
             try:
                 if providers is None:  # a plugin provider, attached to opts
                     sess = ort.InferenceSession(str(path), sess_options=opts)

@@ -12,6 +12,8 @@
   is set). On x86-64 Linux that backend simulates the HTP (slowly: about 2 s per shapes-UNet
   forward here). Needs a bundle converted with ``--target qnn``; every node must run on HTP (CPU
   fallback disabled), so a graph HTP cannot take fails to load instead of silently running on CPU.
+  Graphs the manifest calls ``fp16`` (``--weights fp16``: float graphs) run in HTP's FP16 mode
+  (:data:`QNN_FP16_DEFAULTS`).
 * ``openvino``: the onnxruntime-openvino build (a separate onnxruntime: install it in its own
   environment instead of onnxruntime). ``precision`` defaults to ACCURACY: its default CPU precision
   hint changes int8w outputs and drops the zeroth-order signal (docs/results/zo_signal.json). Needs
@@ -39,6 +41,10 @@ BUILTIN = {
 QNN_EP = "QNNExecutionProvider"
 QNN_BACKEND_ENV = "ZO_EDGE_QNN_BACKEND_PATH"
 OPENVINO_DEFAULTS = {"device_type": "CPU", "precision": "ACCURACY"}
+# A --target qnn --weights fp16 bundle's graphs are float: HTP runs them in half precision, which onnxruntime-qnn
+# enables only together with a SoC model. 60 is the Snapdragon X Elite (SC8380XP, HTP v73), the laptop NPU this
+# is for; on another device pass its own: --provider qnn:soc_model=N.
+QNN_FP16_DEFAULTS = {"enable_htp_fp16_precision": "1", "soc_model": "60"}
 INSTALL = {
     "qnn": 'pip install "zo-edge[qnn]" (the onnxruntime-qnn package, 2.x)',
     "openvino": "pip install onnxruntime-openvino in its own environment (it replaces the onnxruntime package)",
@@ -142,8 +148,8 @@ def check(spec: ProviderSpec | str, manifest: dict | None = None) -> ProviderSpe
         qnn_devices(spec)
         qnn_options(spec)
         if manifest is not None and target != "qnn":
-            raise UserError(f"--provider qnn needs a bundle converted with --target qnn (fixed shapes, quantized "
-                            f"activations for the HTP); this one is --target {target}")
+            raise UserError(f"--provider qnn needs a bundle converted with --target qnn (fixed shapes; A16W8 "
+                            f"or FP16 for the HTP); this one is --target {target}")
         return spec
     full = spec.ort_name
     available = ort.get_available_providers()
@@ -171,16 +177,20 @@ def standard_ops(manifest: dict) -> bool:
     return not q.get("fuse") and not unet.get("fused") and q.get("weights") != "int4"
 
 
-def configure(spec: ProviderSpec, opts) -> list | None:
+def configure(spec: ProviderSpec, opts, precision: str | None = None) -> list | None:
     """Set up ``opts`` (SessionOptions) for ``spec``; returns the ``providers`` list for
-    InferenceSession, or None when the provider was attached to ``opts`` (plugin providers)."""
+    InferenceSession, or None when the provider was attached to ``opts`` (plugin providers).
+    ``precision``: the graph's, from the bundle's manifest (``fp16`` graphs run in HTP's FP16 mode)."""
     if spec.name == "qnn":
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         # One intra-op thread: with more, the x86 HTP simulator is not deterministic (measured on the shapes
         # UNet: the same input twice differs by 4e-3 in an output of norm 33, more than the differences RGE
         # measures); with one, repeated runs are bit-identical. The NPU itself does not use this pool.
         opts.intra_op_num_threads = 1
-        opts.add_provider_for_devices(qnn_devices(spec), qnn_options(spec))
+        qnn = qnn_options(spec)
+        if precision == "fp16":
+            qnn = {**QNN_FP16_DEFAULTS, **qnn}
+        opts.add_provider_for_devices(qnn_devices(spec), qnn)
         return None
     full = spec.ort_name
     if full == "CPUExecutionProvider":
