@@ -57,6 +57,14 @@ def tiny_qnn(tiny_sd1_dir, tiny_export20, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_qnn_fp16(tiny_sd1_dir, tiny_export20, tmp_path_factory):
+    from zo_edge.convert import convert_pipeline
+    out = tmp_path_factory.mktemp("bundles") / "tiny_qnn_fp16"
+    convert_pipeline(tiny_sd1_dir, out, target="qnn", weights="fp16", export_dir=tiny_export20, data=SHAPES_WORLD)
+    return out
+
+
+@pytest.fixture(scope="module")
 def tiny_portable(tiny_sd1_dir, tiny_export20, tmp_path_factory):
     from zo_edge.convert import convert_pipeline
     out = tmp_path_factory.mktemp("bundles") / "tiny_portable_fp32"
@@ -95,6 +103,20 @@ def test_qnn_bundle_is_standard_fixed_and_a16w8(tiny_qnn):
         for t in model.graph.initializer:
             if t.data_type == onnx.TensorProto.FLOAT and 0 < np.prod(t.dims) <= 1 << 16:
                 assert numpy_helper.to_array(t).min() > -1e30, (g, t.name)
+
+
+@pytest.mark.slow
+def test_qnn_fp16_bundle_is_standard_fixed_and_float(tiny_qnn_fp16):
+    m = Bundle.load(tiny_qnn_fp16).manifest
+    assert m["target"]["name"] == "qnn" and m["target"]["fixed_shapes"] and m["quantization"]["weights"] == "fp16"
+    assert m["quantization"]["calibration"] is None
+    for g, model in graphs(tiny_qnn_fp16).items():
+        entry = m["graphs"][g]
+        assert entry["precision"] == "fp16"
+        assert all(all(isinstance(d, int) for d in i["shape"]) for i in entry["inputs"]), (g, entry["inputs"])
+        ops = {n.op_type for n in model.graph.node}
+        assert all(n.domain in ("", "ai.onnx") for n in model.graph.node), g
+        assert "Erf" not in ops and "QuantizeLinear" not in ops, g
 
 
 @pytest.mark.slow
@@ -195,20 +217,48 @@ def test_every_node_runs_on_htp_with_fallback_disabled(tiny_qnn, tiny_bundle_int
 
 @needs_qnn
 @pytest.mark.slow
-def test_personalize_and_generate_on_htp(tiny_qnn, refs, tmp_path):
+def test_fp16_graphs_run_on_htp_in_half_precision(tiny_qnn_fp16, tiny_portable):
+    """Float graphs run on HTP in its FP16 mode (with a SoC model: onnxruntime-qnn refuses the mode without one),
+    which zo-edge turns on from the manifest. The outputs are the FP32 graphs' up to half-precision rounding,
+    the same on every run."""
+    b = Bundle.load(tiny_qnn_fp16, provider="qnn")
+    for g in GRAPHS:
+        b.session(g)  # CPU fallback disabled: a node HTP cannot take fails the load
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32), "timestep": np.array(300, np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 32)).astype(np.float32) * 0.5}
+    runs = [b.session("unet").run(None, feed)[0] for _ in range(2)]
+    assert np.array_equal(runs[0], runs[1])
+    ref = Bundle.load(tiny_portable).session("unet").run(None, feed)[0]
+    rel = np.linalg.norm(runs[0] - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 2e-2, rel   # not bit-identical (so not FP32), close (so not garbage)
+    seen = {}
+
+    class Options:  # records what configure asks of a SessionOptions
+        def add_session_config_entry(self, *a): pass
+        def add_provider_for_devices(self, devices, opts): seen.update(opts)
+    providers.configure(providers.parse("qnn:soc_model=57"), Options(), "fp16")
+    assert seen["enable_htp_fp16_precision"] == "1" and seen["soc_model"] == "57"   # the user's SoC stands
+
+
+@needs_qnn
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["a16w8", "fp16"])
+def test_personalize_and_generate_on_htp(flavour, tiny_qnn, tiny_qnn_fp16, refs, tmp_path):
+    model = tiny_qnn if flavour == "a16w8" else tiny_qnn_fp16
     out = tmp_path / "tok.safetensors"
-    r = CliRunner().invoke(cli, ["personalize", "--model", str(tiny_qnn), "--provider", "qnn", "--images", str(refs),
+    r = CliRunner().invoke(cli, ["personalize", "--model", str(model), "--provider", "qnn", "--images", str(refs),
                                  "--token", "<npu-tok>", "--init", "star", "--out", str(out), "--run-dir",
                                  str(tmp_path / "run"), "--steps", "2", "--resolution", "16"])
     assert r.exit_code == 0, r.output
-    mu = precision.recipe_for("a16w8", "qnn", BAND)[0]
-    assert f"mu {mu:g} for a16w8 on qnn" in r.output    # the precision's recipe, said
+    mu = precision.recipe_for(flavour, "qnn", BAND)[0]
+    assert f"mu {mu:g} for {flavour} on qnn" in r.output    # the precision's recipe, said
     assert json.loads((tmp_path / "run" / "config.json").read_text())["mu"] == mu
     from zo_runtime.embeddings import load_embeddings
     theta = load_embeddings(str(out))["<npu-tok>"]
     assert np.isfinite(theta).all()
     img = tmp_path / "x.png"
-    r = CliRunner().invoke(cli, ["generate", "a photo of a <npu-tok>", "--model", str(tiny_qnn), "--provider", "qnn",
+    r = CliRunner().invoke(cli, ["generate", "a photo of a <npu-tok>", "--model", str(model), "--provider", "qnn",
                                  "--embedding", str(out), "--steps", "2", "--out", str(img)])
     assert r.exit_code == 0, r.output
     assert Image.open(img).size == (16, 16)

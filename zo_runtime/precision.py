@@ -6,7 +6,8 @@ and on the backend that runs it: weight-only INT8 (CPU, OpenVINO) keeps the FP32
 paper's μ = 1e-3; weight-only with a 4-bit UNet (int4w) correlates 0.95 with FP32 at every μ (a slightly
 different model, not rounding: the plateau rule of :func:`choose_mu` keeps μ = 1e-3); 16-bit activations (A16W8, the HTP recipe) need μ = 3e-2 at t ∈ [500, 900), keep only
 a weak signal on the simulated HTP there (0.70), and a weak one on the CPU provider at the default recipe's
-t ∈ [0, 500) (0.63); 8-bit activations lose it at every measured μ. ``benchmarks/bench_zo_signal.py``
+t ∈ [0, 500) (0.63); the HTP's FP16 mode (``--target qnn --weights fp16``) keeps it at μ = 3e-2 in both bands
+(0.98-0.99); 8-bit activations lose it at every measured μ. ``benchmarks/bench_zo_signal.py``
 measures the correlation of each bundle's directional
 derivatives with FP32's (docs/results/zo_signal.json); :data:`MEASURED` is what it found, and
 ``tests/test_precision.py`` checks this table against that file with :func:`choose_mu`.
@@ -31,6 +32,7 @@ RESULTS = "docs/results/zo_signal.json"
 MEASURED: dict[tuple[str, str, tuple[int, int]], tuple[float | None, float, int]] = {
     ('a16w8', 'cpu', (0, 500)): (0.03, 0.6293, 96),
     ('a8w8', 'cpu', (0, 500)): (None, 0.1445, 96),
+    ('fp16', 'qnn', (0, 500)): (0.03, 0.9839, 96),
     ('fp32', 'cpu', (0, 500)): (0.001, 1.0, 96),
     ('fp32', 'openvino', (0, 500)): (0.001, 1.0, 96),
     ('int4w', 'cpu', (0, 500)): (0.001, 0.946, 96),
@@ -41,6 +43,7 @@ MEASURED: dict[tuple[str, str, tuple[int, int]], tuple[float | None, float, int]
     ('a16w8', 'qnn', (500, 900)): (0.03, 0.6961, 96),
     ('a8w8', 'cpu', (500, 900)): (None, 0.2117, 96),
     ('a8w8', 'qnn', (500, 900)): (None, 0.1914, 96),
+    ('fp16', 'qnn', (500, 900)): (0.03, 0.9879, 96),
     ('fp32', 'cpu', (500, 900)): (0.001, 1.0, 96),
     ('fp32', 'openvino', (500, 900)): (0.001, 1.0, 96),
     ('int4w', 'cpu', (500, 900)): (0.001, 0.9558, 96),
