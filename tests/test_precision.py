@@ -76,3 +76,16 @@ def test_the_run_s_timestep_band_picks_the_row_and_a_better_band_is_named(monkey
     assert cfg.mu == 3e-2 and "0.95" in said[-1] and "--t-low" not in said[-1]
     assert precision.recipe_for("int8w", "cpu", (0, 500)) == (1e-3, 1.0, 96, (500, 900))    # nearest measured
     assert precision.recipe_for("int8w", "qnn", (0, 500)) is None
+
+
+def test_a_weak_npu_bundle_names_the_precision_that_keeps_the_signal():
+    """On the (simulated) HTP, A16W8 is weak and FP16 is not (the stored table): personalize on an A16W8 bundle
+    says how to convert one that keeps the signal."""
+    said = []
+    given = PersonalizeConfig(model="m", images="i", token="<t>", init="dog", out="o.safetensors", provider="qnn",
+                              t_low=500, t_high=900)
+    precision.precision_recipe(given, given.resolved(), FakeBundle("a16w8"), said.append)
+    assert "--weights fp16" in said[-1] and "0.99" in said[-1], said
+    said.clear()
+    precision.precision_recipe(given, given.resolved(), FakeBundle("fp16"), said.append)
+    assert "mu 0.03 for fp16 on qnn" in said[-1] and "--weights fp16" not in said[-1]
