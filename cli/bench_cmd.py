@@ -39,7 +39,9 @@ def _int_list(text: str, flag: str) -> list[int]:
                    "optionally with +key=value overrides of recipe fields, e.g. zo-edge+lr=0.01+n=4.")
 @click.option("--passes", default="3000,9000", show_default=True, help="UNet-pass budgets to compare methods at.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Seeds 0..N-1 per subject: references, noise and directions all follow the seed.")
+              help="Seeds per subject (from --first-seed on): references, noise and directions all follow the seed.")
+@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The first seed: more seeds for stored runs without repeating them (--first-seed 3 --seeds 3).")
 @click.option("--init", "inits", type=click.Choice(["class", "generic", "both"]), default="both", show_default=True,
               help="Init word: the subject's class noun (the paper's protocol), 'shape' for all, or both.")
 @click.option("--ti-steps", type=click.IntRange(min=1), default=1000, show_default=True)
@@ -56,7 +58,7 @@ def _int_list(text: str, flag: str) -> list[int]:
               help="Train the ZO methods on this bundle instead (e.g. the model converted with --target qnn); "
                    "tokens are still scored by generating on --model.")
 @click.option("--provider", default="cpu", show_default=True, help="Execution provider the ZO methods train on.")
-def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k, points, threads, workers, ray_address,
+def quality(model, source, subjects, methods, passes, seeds, first_seed, inits, ti_steps, k, points, threads, workers, ray_address,
             out, plot_path, train_model, provider):
     """Personalization quality on held-out shapes subjects at equal UNet-pass budgets, over seeds."""
     from zo_edge.models import quality as q
@@ -77,6 +79,7 @@ def quality(model, source, subjects, methods, passes, seeds, inits, ti_steps, k,
         from zo_runtime.bundle import Bundle
         Bundle.load(resolve_model(train_model or model), provider=provider, verify=False)
     report = q.quality_benchmark(resolve_model(model), source, subs, meths, budgets, out, seeds=seeds,
+                                 first_seed=first_seed,
                                  inits=q.INIT_PROTOCOLS if inits == "both" else (inits,), ti_steps=ti_steps, k=k,
                                  points=points, threads=threads, workers=workers, ray=ray_address,
                                  log=lambda m: click.echo(m, err=True),

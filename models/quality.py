@@ -263,24 +263,26 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
                       ti_steps: int = 1000, ti_lr: float = 5e-3, k: int = 4, n_refs: int = 5, points: int = 4,
                       gen_steps: int = 25, guidance: float = 7.5, threads: int = 1, workers: int = 1,
                       ray: str | None = None, log=print, train_bundle: str | None = None,
-                      provider: str = "cpu") -> dict:
-    """Every method × subject × seed × init word, each run in its own process on personalize-many's
-    runner (``workers`` at once, give each ``threads`` = cores / workers; or Ray tasks on the cluster
-    at ``ray``). A run that fails is listed under ``failed`` and the others go on. Writes the report
+                      provider: str = "cpu", first_seed: int = 0) -> dict:
+    """Every method × subject × seed (``first_seed`` .. ``first_seed + seeds - 1``) × init word, each run in
+    its own process on personalize-many's runner (``workers`` at once, give each ``threads`` = cores /
+    workers; or Ray tasks on the cluster at ``ray``). A run that fails is listed under ``failed`` and the others go on. Writes the report
     to ``out`` atomically after every run."""
     from zo_edge.runner import LocalBackend, RayBackend, run_tasks
 
     from zo_runtime.manifest import read_bundle_manifest
 
     size = int(read_bundle_manifest(train_bundle or bundle)["embedding_dim"])   # the token's size (one vector)
-    jobs = plan_jobs(methods, subjects, list(range(seeds)), list(inits), budgets, ti_steps, points, size)
+    jobs = plan_jobs(methods, subjects, list(range(first_seed, first_seed + seeds)), list(inits), budgets, ti_steps,
+                     points, size)
     work = Path(tempfile.mkdtemp(prefix="zo-quality-"))
     common = dict(bundle=bundle, source=source, ti_lr=ti_lr, k=k, n_refs=n_refs, gen_steps=gen_steps,
                   guidance=guidance, threads=threads, train_bundle=train_bundle, provider=provider)
     for i, job in enumerate(jobs):
         job.update(common, work=str(work / f"job{i:04d}"))
     runs: list[dict | None] = [None] * len(jobs)
-    settings = {"bundle": bundle, "source": source, "budgets": budgets, "seeds": seeds, "inits": list(inits),
+    settings = {"bundle": bundle, "source": source, "budgets": budgets, "seeds": seeds, "first_seed": first_seed,
+                "inits": list(inits),
                 "generic_init": GENERIC_INIT, "ti_steps": ti_steps, "k": k, "n_refs": n_refs,
                 "prompts": list(EVAL_PROMPTS), "gen_steps": gen_steps, "guidance": guidance, "workers": workers,
                 "threads": threads, "subjects": [str(s) for s in subjects], "methods": methods,
@@ -358,9 +360,11 @@ def merge_reports(reports: list[dict], keep: list[str] | None = None) -> dict:
         merged["recipes"] = recorded[0]
     merged["methods"] = list(dict.fromkeys(m for r in reports for m in r["methods"]))
     merged["budgets"] = sorted(set(b for r in reports for b in r["budgets"]))
-    merged["seeds"] = max(r["seeds"] for r in reports)
     merged["inits"] = list(dict.fromkeys(i for r in reports for i in r["inits"]))
     merged["runs"] = [run for r in reports for run in r["runs"]]
+    seeds = sorted({run["seed"] for run in merged["runs"]}) or [0]
+    merged["seeds"] = max(max(r["seeds"] for r in reports), len(seeds))
+    merged["first_seed"] = seeds[0]
     merged["complete"] = all(r.get("complete", True) for r in reports)
     merged["merged_from"] = [{"machine": r.get("machine"), "methods": r["methods"], "workers": r.get("workers"),
                               "wall_seconds": r.get("wall_seconds"), "complete": r.get("complete", True)}

@@ -301,3 +301,19 @@ def test_a_methods_setup_passes_count_in_its_budget():
     with pytest.raises(UserError, match="130 passes first"):
         q.plan_jobs(["zo-edge+directions=sensitivity"], [world.Subject.parse("red:striped:star")], [0], ["class"],
                     [100], 1000, 1, size=64)
+
+
+def test_more_seeds_for_stored_runs(tmp_path):
+    """--first-seed runs seeds that a stored report lacks; merged, the report counts every seed it holds."""
+    from zo_edge.models import quality as q
+
+    out = tmp_path / "q.json"
+    r = CliRunner().invoke(cli, ["bench", "quality", "--subjects", "red:striped:star", "--methods", "zo-naive",
+                                 "--passes", "6", "--seeds", "1", "--first-seed", "2", "--init", "class", "--k", "1",
+                                 "--points", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert [x["seed"] for x in rep["runs"]] == [2] and rep["first_seed"] == 2 and rep["seeds"] == 1
+    stored = dict(rep, seeds=2, first_seed=0, runs=[dict(rep["runs"][0], seed=s) for s in (0, 1)])  # seeds 0, 1
+    merged = q.merge_reports([stored, rep])
+    assert merged["seeds"] == 3 and merged["first_seed"] == 0 and len(merged["runs"]) == 3
