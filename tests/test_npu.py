@@ -86,37 +86,27 @@ def graphs(bundle):
 
 # -- convert --------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_qnn_bundle_is_standard_fixed_and_a16w8(tiny_qnn):
-    m = Bundle.load(tiny_qnn).manifest
+@pytest.mark.parametrize("flavour", ["a16w8", "fp16"])
+def test_qnn_bundle_is_standard_and_fixed(flavour, tiny_qnn, tiny_qnn_fp16):
+    """A16W8 (the default): 16-bit QDQ calibrated on the model's data; fp16: the same graphs left float."""
+    bundle = tiny_qnn if flavour == "a16w8" else tiny_qnn_fp16
+    m = Bundle.load(bundle).manifest
     assert m["target"]["name"] == "qnn" and m["target"]["batch"] == 1 and m["target"]["fixed_shapes"]
     assert m["target"]["finite_masks"]["text_encoder"] == 1   # the CLIP causal mask
-    assert m["quantization"]["weights"] == "a16w8"
-    for g, model in graphs(tiny_qnn).items():
+    assert m["quantization"]["weights"] == flavour and (m["quantization"]["calibration"] is None) == (flavour == "fp16")
+    for g, model in graphs(bundle).items():
         entry = m["graphs"][g]
-        assert entry["precision"] == "a16w8"
+        assert entry["precision"] == flavour
         assert all(all(isinstance(d, int) for d in i["shape"]) for i in entry["inputs"]), (g, entry["inputs"])
         ops = {n.op_type for n in model.graph.node}
         assert all(n.domain in ("", "ai.onnx") for n in model.graph.node), g
-        assert "Erf" not in ops and "QuantizeLinear" in ops, g
-        q16 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT16]
-        assert q16, f"{g}: no 16-bit activation zero points"
+        assert "Erf" not in ops and ("QuantizeLinear" in ops) == (flavour == "a16w8"), g
+        if flavour == "a16w8":
+            q16 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT16]
+            assert q16, f"{g}: no 16-bit activation zero points"
         for t in model.graph.initializer:
             if t.data_type == onnx.TensorProto.FLOAT and 0 < np.prod(t.dims) <= 1 << 16:
                 assert numpy_helper.to_array(t).min() > -1e30, (g, t.name)
-
-
-@pytest.mark.slow
-def test_qnn_fp16_bundle_is_standard_fixed_and_float(tiny_qnn_fp16):
-    m = Bundle.load(tiny_qnn_fp16).manifest
-    assert m["target"]["name"] == "qnn" and m["target"]["fixed_shapes"] and m["quantization"]["weights"] == "fp16"
-    assert m["quantization"]["calibration"] is None
-    for g, model in graphs(tiny_qnn_fp16).items():
-        entry = m["graphs"][g]
-        assert entry["precision"] == "fp16"
-        assert all(all(isinstance(d, int) for d in i["shape"]) for i in entry["inputs"]), (g, entry["inputs"])
-        ops = {n.op_type for n in model.graph.node}
-        assert all(n.domain in ("", "ai.onnx") for n in model.graph.node), g
-        assert "Erf" not in ops and "QuantizeLinear" not in ops, g
 
 
 @pytest.mark.slow
