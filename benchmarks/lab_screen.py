@@ -3,7 +3,8 @@
 The quality benchmark is deterministic (references, noise, directions and sampling follow the seed),
 so a baseline method need not be rerun beside every screen: its stored runs are reused, after a
 check that every run of the baseline the screens did repeat scored exactly what is stored (listed
-under ``reproduced``; a mismatch stops the script). A screen trained on another execution provider
+under ``reproduced``; a mismatch stops the script). Baseline runs a screen made for pairs the stored file
+lacks (more seeds: ``bench quality --first-seed``) join the baseline. A screen trained on another execution provider
 (its report's ``provider``) is another arm: its runs are named ``METHOD@PROVIDER``; so is a screen
 trained on another bundle (``--train-model``), named by ``--arm`` (e.g. ``--arm int4w``).
 
@@ -55,7 +56,7 @@ def combine(baseline: dict, method: str, budget: int, screens: list[dict], arm: 
             cut = at_budget(r, budget)
             if cut is not None and (r["subject"], r["seed"], r["init"]) not in stored:
                 stored[(r["subject"], r["seed"], r["init"])] = cut
-    reproduced, runs = [], list(stored.values())
+    reproduced, runs, added = [], list(stored.values()), 0
     for s in screens:
         for r in s["runs"]:
             cut = at_budget(r, budget)
@@ -63,7 +64,10 @@ def combine(baseline: dict, method: str, budget: int, screens: list[dict], arm: 
                 continue
             if r["method"] == method:
                 old = stored.get((r["subject"], r["seed"], r["init"]))
-                if old is None:
+                if old is None:   # a pair the baseline lacks (e.g. more seeds): the screen's own run joins it
+                    stored[(r["subject"], r["seed"], r["init"])] = cut
+                    runs.append(cut)
+                    added += 1
                     continue
                 a, b = old["curve"][0]["subject_fidelity"], cut["curve"][0]["subject_fidelity"]
                 if a != b:
@@ -77,7 +81,8 @@ def combine(baseline: dict, method: str, budget: int, screens: list[dict], arm: 
     bundle = screens[0].get("bundle") or baseline.get("bundle") or "models/shapes/bundle"
     report.update(bundle=bundle, budgets=[budget], seeds=len(seeds), inits=["class"],
                   subjects=sorted(subjects), methods=methods, runs=runs, complete=all(s.get("complete") for s in screens),
-                  baseline_from={"method": method, "machine": baseline.get("machine"), "runs": len(stored)},
+                  baseline_from={"method": method, "machine": baseline.get("machine"), "runs": len(stored) - added,
+                                 "run_beside_the_screens": added},
                   screens_from=[{"machine": s.get("machine"), "methods": s["methods"], "runs": len(s["runs"]),
                                  "provider": s.get("provider") or "cpu", "train_bundle": s.get("train_bundle"),
                                  "complete": s.get("complete"), "wall_seconds": s.get("wall_seconds")} for s in screens],

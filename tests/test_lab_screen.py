@@ -54,3 +54,16 @@ def test_a_screen_on_another_bundle_is_the_arm_it_is_named():
         lab_screen.combine(BASELINE, "zo-edge", 3000, [other])      # else it would pass for a rerun
     report = lab_screen.combine(BASELINE, "zo-edge", 3000, [other], arm="int4w")
     assert report["methods"] == ["zo-edge", "zo-edge@int4w"] and report["paired"][0]["pairs"] == 3
+
+
+def test_baseline_runs_made_beside_a_screen_for_new_seeds_join_the_baseline():
+    """More seeds: the screen ran the baseline too where nothing is stored; those runs pair with the variant's."""
+    base_new = _screen("zo-edge", None, 0.0)
+    variant = _screen("zo-edge+lr=0.03", None, 0.1)
+    for s in (base_new, variant):
+        for r in s["runs"]:
+            r["seed"] = 7   # a seed the stored file does not have
+    report = lab_screen.combine(BASELINE, "zo-edge", 3000, [base_new, variant])
+    (row,) = report["paired"]
+    assert row["pairs"] == 3 and report["baseline_from"]["run_beside_the_screens"] == 3
+    assert report["reproduced"] == []
