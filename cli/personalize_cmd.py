@@ -48,7 +48,7 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
 @click.option("--puts/--no-puts", default=None, help=_recipe_help("PUTS timestep range (else uniform)", "puts"))
 @click.option("--t-low", type=int, default=None, help=_recipe_help("PUTS T_L", "t_low"))
 @click.option("--t-high", type=int, default=None, help=_recipe_help("PUTS T_U", "t_high"))
-@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=None, help=_recipe_help("step rule", "optimizer"))
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=None, help=_recipe_help("step rule: adam (ZO-Adam), sgd, or sphere (the token turns on the sphere of its starting norm; --lr is then an angle per step)", "optimizer"))
 @click.option("--lr", type=float, default=None, help=_recipe_help("learning rate", "lr"))
 @click.option("--b1", type=float, default=None, help=_recipe_help("Adam first-moment decay", "b1"))
 @click.option("--adam-eps", type=float, default=None, help=_recipe_help("Adam epsilon", "adam_eps"))

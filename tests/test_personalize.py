@@ -89,6 +89,7 @@ RECIPE_VARIANTS = [
     dict(recipe="zo-edge", normalize=True, sg=True),
     dict(recipe="zo-edge", directions="sensitivity", rank=3, sketch=1, guided_alpha=0.2),
     dict(recipe="zo-edge", directions="sensitivity", rank=3, sketch=1, split=True, eigenbasis_steps=True),
+    dict(recipe="zo-edge", optimizer="sphere", lr=0.05),
 ]
 
 
@@ -341,6 +342,19 @@ def test_recipes_resolve_and_record(tiny_bundle_int8, ref_images, tmp_path):
 def test_unknown_choices_refused_with_exit_2(base_args, flag, value):
     r = CliRunner().invoke(cli, ["personalize", *base_args, flag, value])
     assert r.exit_code == 2 and flag in r.output and value in r.output
+
+
+def test_sphere_keeps_the_token_norm_and_refuses_what_it_cannot_run(tiny_bundle_int8, ref_images, tmp_path, base_args):
+    """--optimizer sphere: the learned token keeps the init word's norm and has turned; an angle above 1 rad a
+    step, or the step rule in a subspace's coordinates, is one line before the run."""
+    res = Trainer(make_cfg(tiny_bundle_int8, ref_images, tmp_path, recipe="zo-edge", optimizer="sphere", lr=0.05,
+                           steps=6)).train()
+    init = Bundle.load(tiny_bundle_int8).token_table[1929]   # "dog</w>"
+    assert np.linalg.norm(res.theta[0]) == pytest.approx(np.linalg.norm(init), rel=1e-5)
+    assert not np.allclose(res.theta[0], init)
+    assert "angle" in cli_err(base_args + ["--optimizer", "sphere", "--lr", "2"])
+    assert "--subspace-steps" in cli_err(base_args + ["--optimizer", "sphere", "--directions", "vocab-pca",
+                                                      "--subspace-steps"])
 
 
 def test_rank_larger_than_the_token_is_refused(base_args):

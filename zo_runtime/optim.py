@@ -12,7 +12,8 @@ Three kinds of piece, each with typed, explicit state (NamedTuples of NumPy arra
   :func:`subspace_gradient` (SG), :func:`scale_by_adam`, :func:`scale`,
   :func:`scale_by_learning_rate` (a constant or a schedule: :func:`constant_schedule`,
   :func:`cosine_decay_schedule`), :func:`normalize`, :func:`clip_by_running_norm`,
-  :func:`decay_to_init`, :func:`average_iterates`
+  :func:`decay_to_init`, :func:`average_iterates`, the sphere's :func:`scale_by_sphere` and
+  :func:`retract_to_sphere` (:func:`spherical`)
   (read back with :func:`averaged_params`), :func:`in_subspace` (another transformation run in a
   subspace's coordinates), and the usual compositions :func:`adam`, :func:`sgd`;
   :func:`chain` composes them (its state is a tuple), :func:`apply_updates` adds the step.
@@ -88,6 +89,15 @@ class AnchorState(NamedTuple):
 class AverageState(NamedTuple):
     count: np.ndarray    # int64 scalar: iterates averaged
     average: np.ndarray  # bias-corrected exponential average of the iterates θ₁…θ_k
+
+
+class SphereState(NamedTuple):
+    count: np.ndarray    # int64 scalar: estimates seen
+    nu: np.ndarray       # [..., 1] EMA of each vector's squared tangent-estimate length (not bias-corrected)
+
+
+class RadiusState(NamedTuple):
+    radius: np.ndarray   # [..., 1] each vector's starting norm, kept
 
 
 class RunningNormState(NamedTuple):
@@ -696,6 +706,59 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def adam(lr: float | Schedule = 5e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """ZO-Adam: Adam on the gradient estimate; updates = −lr · m̂ / (√v̂ + ε)."""
     return chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr))
+
+
+def scale_by_sphere(beta: float = 0.0, eps: float = 1e-8) -> GradientTransformation:
+    """The estimate as a step on the sphere the token lives on (each vector of ``params`` [..., d] on its
+    own): projected on the tangent space at θ (g − ⟨g, θ̂⟩θ̂), divided by the root of a bias-corrected EMA
+    (``beta``) of its squared length (β = 0: unit length), times ‖θ‖, so that a learning rate lr after it turns the
+    token by arctan(lr) ≈ lr radians a step. Riemannian SGD's direction as in Directional Textual Inversion (Kim et
+    al., ICLR 2026, arXiv 2512.13672; github kunheek/dti, ``SphericalSGD``), where it fixes the token's
+    magnitude: a token whose norm grows out of the vocabulary's scale drowns the position embedding and
+    the residual updates of CLIP's pre-norm layers. Chain :func:`retract_to_sphere` after the rate."""
+    _unit_interval("sphere EMA decay", beta)
+    _check(isinstance(eps, (int, float, np.floating)) and math.isfinite(eps) and eps > 0, f"eps must be > 0, got {eps}")
+
+    def init(params):
+        return SphereState(np.int64(0), np.zeros((*np.shape(params)[:-1], 1), np.float64))
+
+    def update(grads, state, params):
+        theta = np.asarray(params, np.float64)
+        norm = np.linalg.norm(theta, axis=-1, keepdims=True)
+        unit = theta / np.where(norm > 0, norm, 1.0)
+        g = np.asarray(grads, np.float64)
+        g = g - np.sum(g * unit, axis=-1, keepdims=True) * unit
+        count = int(state.count) + 1
+        nu = beta * state.nu + (1 - beta) * np.sum(g * g, axis=-1, keepdims=True)
+        step = g / (np.sqrt(nu / (1 - beta ** count)) + eps) * norm
+        return step.astype(np.float32), SphereState(np.int64(count), nu)
+
+    return GradientTransformation(init, update)
+
+
+def retract_to_sphere() -> GradientTransformation:
+    """updates ← r (θ + u)/‖θ + u‖ − θ: the step lands back on the sphere of radius r = the vector's norm
+    when the run started (the retraction of Riemannian SGD; DTI, arXiv 2512.13672). Goes after the
+    learning rate; with :func:`scale_by_sphere` before it, the token's direction learns and its norm
+    stays in the vocabulary's range."""
+
+    def init(params):
+        return RadiusState(np.linalg.norm(np.asarray(params, np.float64), axis=-1, keepdims=True))
+
+    def update(updates, state, params):
+        theta = np.asarray(params, np.float64)
+        moved = theta + np.asarray(updates, np.float64)
+        norm = np.linalg.norm(moved, axis=-1, keepdims=True)
+        landed = np.where(norm > 0, state.radius * moved / np.where(norm > 0, norm, 1.0), theta)
+        return (landed - theta).astype(np.float32), state
+
+    return GradientTransformation(init, update)
+
+
+def spherical(lr: float | Schedule = 1e-2, beta: float = 0.0) -> GradientTransformation:
+    """Riemannian SGD on the token's sphere (DTI's ``SphericalSGD``, arXiv 2512.13672): each step turns the
+    token by arctan(``lr``) ≈ ``lr`` radians along the tangent estimate, its norm fixed at the start's."""
+    return chain(scale_by_sphere(beta), scale_by_learning_rate(lr), retract_to_sphere())
 
 
 def sgd(lr: float | Schedule) -> GradientTransformation:

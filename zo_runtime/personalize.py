@@ -163,6 +163,12 @@ class PersonalizeConfig:
         if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
             raise UserError(f"--lr must be at most {MAX_LR} with Adam (it moves every coordinate by about lr per "
                             f"step; a token row has norm about 1), got {cfg.lr}")
+        if cfg.optimizer == "sphere" and cfg.lr > MAX_LR:
+            raise UserError(f"--lr must be at most {MAX_LR} with --optimizer sphere (an angle in radians per step), "
+                            f"got {cfg.lr}")
+        if cfg.optimizer == "sphere" and (cfg.subspace_steps or cfg.eigenbasis_steps):
+            raise UserError("--optimizer sphere steps in the token's own coordinates; it does not go with "
+                            "--subspace-steps or --eigenbasis-steps")
 
     def check_types(self) -> None:
         """Each field has the type its annotation names (a config.json edited by hand, or damaged,
@@ -195,8 +201,9 @@ def default_run_dir(token: str) -> str:
 
 def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = None,
                    rotation: np.ndarray | None = None) -> optim.GradientTransformation:
-    """(normalize or clip the estimate) → (SG) → (the reference's scaling) → (Adam's scaling) → (decay
-    toward θ₀) → a constant or cosine learning rate → (iterate averaging). ``cfg`` resolved; ``dim``: the
+    """(normalize or clip the estimate) → (SG) → (the reference's scaling) → (Adam's scaling, or the sphere's
+    tangent step) → (decay toward θ₀) → a constant or cosine learning rate → (back onto the sphere) →
+    (iterate averaging). ``cfg`` resolved; ``dim``: the
     token's size (for the reference scaling); ``basis``: the token-/vocab-pca subspace, in whose
     coordinates everything before the averaging runs when ``cfg.subspace_steps``; ``rotation``: the
     sensitivity directions' eigenbasis [D, D], in whose coordinates it runs when ``cfg.eigenbasis_steps``."""
@@ -211,10 +218,14 @@ def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = 
         parts.append(optim.scale(optim.reference_scale(dim, cfg.n)))
     if cfg.optimizer == "adam":
         parts.append(optim.scale_by_adam(b1=cfg.b1, eps=cfg.adam_eps))
+    elif cfg.optimizer == "sphere":
+        parts.append(optim.scale_by_sphere())
     if cfg.weight_decay:
         parts.append(optim.decay_to_init(cfg.weight_decay))
     lr = cfg.lr if cfg.schedule == "constant" else optim.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.1)
     parts.append(optim.scale_by_learning_rate(lr))
+    if cfg.optimizer == "sphere":
+        parts.append(optim.retract_to_sphere())
     if cfg.subspace_steps and basis is not None:
         parts = [optim.in_subspace(basis, optim.chain(*parts))]
     if cfg.eigenbasis_steps and rotation is not None:

@@ -37,7 +37,7 @@ DIRECTIONS = ("gaussian", "orthogonal", "guided", "momentum", "token-pca", "voca
 # of the outputs' Gauss-Newton matrix
 DEFAULT_RANK = {"guided": 4, "token-pca": 16, "vocab-pca": 16, "sensitivity": 8}
 PCA_DIRECTIONS = ("token-pca", "vocab-pca")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "sphere")   # sphere: Riemannian SGD on the token's sphere (DTI)
 SCHEDULES = ("constant", "cosine")
 
 ZOODIP = dict(
