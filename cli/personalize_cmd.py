@@ -75,6 +75,8 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
               help=_recipe_help("sensitivity: probes alternate between the leading subspace and its complement", "split"))
 @click.option("--eigenbasis-steps/--no-eigenbasis-steps", "eigenbasis_steps", default=None,
               help=_recipe_help("sensitivity: the step rule (Adam) runs in the Gauss-Newton eigenbasis", "eigenbasis_steps"))
+@click.option("--sphere-scale", type=float, default=None,
+              help=_recipe_help("--optimizer sphere: the token's fixed norm, as a multiple of the init word's", "sphere_scale"))
 @click.option("--batch-candidates", type=click.Choice(["auto", "on", "off"]), default=DEFAULTS["batch_candidates"], show_default=True)
 @click.option("--captions", type=click.Path(), help="Per-image captions: '<file>\\t<caption with {}>' lines.")
 @click.option("--no-upscale", is_flag=True, help="Refuse images smaller than the resolution.")

@@ -353,6 +353,7 @@ def test_sphere_keeps_the_token_norm_and_refuses_what_it_cannot_run(tiny_bundle_
     assert np.linalg.norm(res.theta[0]) == pytest.approx(np.linalg.norm(init), rel=1e-5)
     assert not np.allclose(res.theta[0], init)
     assert "angle" in cli_err(base_args + ["--optimizer", "sphere", "--lr", "2"])
+    assert "scale" in cli_err(base_args + ["--optimizer", "sphere", "--sphere-scale", "0"])
     assert "--subspace-steps" in cli_err(base_args + ["--optimizer", "sphere", "--directions", "vocab-pca",
                                                       "--subspace-steps"])
 

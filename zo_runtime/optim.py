@@ -736,14 +736,16 @@ def scale_by_sphere(beta: float = 0.0, eps: float = 1e-8) -> GradientTransformat
     return GradientTransformation(init, update)
 
 
-def retract_to_sphere() -> GradientTransformation:
-    """updates ← r (θ + u)/‖θ + u‖ − θ: the step lands back on the sphere of radius r = the vector's norm
-    when the run started (the retraction of Riemannian SGD; DTI, arXiv 2512.13672). Goes after the
-    learning rate; with :func:`scale_by_sphere` before it, the token's direction learns and its norm
-    stays in the vocabulary's range."""
+def retract_to_sphere(scale: float = 1.0) -> GradientTransformation:
+    """updates ← r (θ + u)/‖θ + u‖ − θ: the step lands back on the sphere of radius r = ``scale`` × the
+    vector's norm when the run started (the retraction of Riemannian SGD; DTI, arXiv 2512.13672, keeps
+    the token at an in-distribution norm: ``scale`` = 1). Goes after the learning rate; with
+    :func:`scale_by_sphere` before it, the token's direction learns and its norm stays fixed."""
+    _check(isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0,
+           f"the sphere's scale must be > 0, got {scale}")
 
     def init(params):
-        return RadiusState(np.linalg.norm(np.asarray(params, np.float64), axis=-1, keepdims=True))
+        return RadiusState(scale * np.linalg.norm(np.asarray(params, np.float64), axis=-1, keepdims=True))
 
     def update(updates, state, params):
         theta = np.asarray(params, np.float64)
@@ -755,10 +757,11 @@ def retract_to_sphere() -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def spherical(lr: float | Schedule = 1e-2, beta: float = 0.0) -> GradientTransformation:
+def spherical(lr: float | Schedule = 1e-2, beta: float = 0.0, scale: float = 1.0) -> GradientTransformation:
     """Riemannian SGD on the token's sphere (DTI's ``SphericalSGD``, arXiv 2512.13672): each step turns the
-    token by arctan(``lr``) ≈ ``lr`` radians along the tangent estimate, its norm fixed at the start's."""
-    return chain(scale_by_sphere(beta), scale_by_learning_rate(lr), retract_to_sphere())
+    token by arctan(``lr``) ≈ ``lr`` radians along the tangent estimate, its norm fixed at ``scale`` × the
+    start's."""
+    return chain(scale_by_sphere(beta), scale_by_learning_rate(lr), retract_to_sphere(scale))
 
 
 def sgd(lr: float | Schedule) -> GradientTransformation:

@@ -85,6 +85,7 @@ class PersonalizeConfig:
     sketch: int | None = None           # sensitivity: training samples whose Jacobian (D + 1 passes each) sets the subspace
     split: bool | None = None           # sensitivity: probes alternate between the leading subspace and its complement
     eigenbasis_steps: bool | None = None  # sensitivity: the step rule runs in the Gauss-Newton eigenbasis
+    sphere_scale: float | None = None   # --optimizer sphere: the token's norm, as a multiple of the init word's
     batch_candidates: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
@@ -142,6 +143,7 @@ class PersonalizeConfig:
             make_optimizer(dataclasses.replace(cfg, sg=True), dim=1)  # every given value, in use or not
             optim.decay_to_init(cfg.weight_decay)
             optim.average_iterates(cfg.average)
+            optim.retract_to_sphere(cfg.sphere_scale)
             make_estimator(cfg)
             if cfg.subspace_steps and cfg.directions not in PCA_DIRECTIONS:
                 raise ValueError(f"--subspace-steps needs --directions {' or '.join(PCA_DIRECTIONS)}, "
@@ -225,7 +227,7 @@ def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = 
     lr = cfg.lr if cfg.schedule == "constant" else optim.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.1)
     parts.append(optim.scale_by_learning_rate(lr))
     if cfg.optimizer == "sphere":
-        parts.append(optim.retract_to_sphere())
+        parts.append(optim.retract_to_sphere(cfg.sphere_scale))
     if cfg.subspace_steps and basis is not None:
         parts = [optim.in_subspace(basis, optim.chain(*parts))]
     if cfg.eigenbasis_steps and rotation is not None:
