@@ -710,12 +710,13 @@ def adam(lr: float | Schedule = 5e-3, b1: float = 0.9, b2: float = 0.999, eps: f
 
 def scale_by_sphere(beta: float = 0.0, eps: float = 1e-8) -> GradientTransformation:
     """The estimate as a step on the sphere the token lives on (each vector of ``params`` [..., d] on its
-    own): projected on the tangent space at θ (g − ⟨g, θ̂⟩θ̂), divided by the root of a bias-corrected EMA
-    (``beta``) of its squared length (β = 0: unit length), times ‖θ‖, so that a learning rate lr after it turns the
-    token by arctan(lr) ≈ lr radians a step. Riemannian SGD's direction as in Directional Textual Inversion (Kim et
-    al., ICLR 2026, arXiv 2512.13672; github kunheek/dti, ``SphericalSGD``), where it fixes the token's
-    magnitude: a token whose norm grows out of the vocabulary's scale drowns the position embedding and
-    the residual updates of CLIP's pre-norm layers. Chain :func:`retract_to_sphere` after the rate."""
+    own): projected on the tangent space at θ (g − ⟨g, θ̂⟩θ̂), divided by the root of a bias-corrected
+    EMA (``beta``) of its squared length (β = 0: unit length), times ‖θ‖, so that a learning rate lr
+    after it turns the token by arctan(lr) ≈ lr radians a step. Riemannian SGD's direction as in
+    Directional Textual Inversion (Kim et al., ICLR 2026, arXiv 2512.13672; github kunheek/dti,
+    ``SphericalSGD``), where it fixes the token's magnitude: a token whose norm grows out of the
+    vocabulary's scale drowns the position embedding and the residual updates of CLIP's pre-norm
+    layers. Chain :func:`retract_to_sphere` after the rate."""
     _unit_interval("sphere EMA decay", beta)
     _check(isinstance(eps, (int, float, np.floating)) and math.isfinite(eps) and eps > 0, f"eps must be > 0, got {eps}")
 

@@ -162,12 +162,10 @@ class PersonalizeConfig:
                 raise ValueError(f"--split needs n >= 2 probes a step (one in the subspace, one outside), got {cfg.n}")
         except ValueError as e:
             raise UserError(str(e)) from None
-        if cfg.optimizer == "adam" and cfg.lr > MAX_LR:  # Adam moves each coordinate by about lr a step
-            raise UserError(f"--lr must be at most {MAX_LR} with Adam (it moves every coordinate by about lr per "
-                            f"step; a token row has norm about 1), got {cfg.lr}")
-        if cfg.optimizer == "sphere" and cfg.lr > MAX_LR:
-            raise UserError(f"--lr must be at most {MAX_LR} with --optimizer sphere (an angle in radians per step), "
-                            f"got {cfg.lr}")
+        why = {"adam": "Adam (it moves every coordinate by about lr per step; a token row has norm about 1)",
+               "sphere": "--optimizer sphere (an angle in radians per step)"}
+        if cfg.optimizer in why and cfg.lr > MAX_LR:
+            raise UserError(f"--lr must be at most {MAX_LR} with {why[cfg.optimizer]}, got {cfg.lr}")
         if cfg.optimizer == "sphere" and (cfg.subspace_steps or cfg.eigenbasis_steps):
             raise UserError("--optimizer sphere steps in the token's own coordinates; it does not go with "
                             "--subspace-steps or --eigenbasis-steps")
