@@ -3,9 +3,9 @@
 The quality benchmark is deterministic (references, noise, directions and sampling follow the seed),
 so a baseline method need not be rerun beside every screen: its stored runs are reused, after a
 check that every run of the baseline the screens did repeat scored exactly what is stored (listed
-under ``reproduced``; a mismatch stops the script). Baseline runs a screen made for pairs the stored file
-lacks (more seeds: ``bench quality --first-seed``) join the baseline. A screen trained on another execution provider
-(its report's ``provider``) is another arm: its runs are named ``METHOD@PROVIDER``; so is a screen
+under ``reproduced``; a mismatch stops the script). Baseline runs a screen made for pairs the stored
+file lacks (more seeds: ``bench quality --first-seed``) join the baseline. A screen trained on another
+execution provider (its report's ``provider``) is another arm: its runs are named ``METHOD@PROVIDER``; so is a screen
 trained on another bundle (``--train-model``), named by ``--arm`` (e.g. ``--arm int4w``).
 
     python benchmarks/lab_screen.py --baseline docs/results/quality-seeds.json --method zo-edge \\

@@ -264,10 +264,10 @@ def quality_benchmark(bundle: str, source: str | None, subjects: list[world.Subj
                       gen_steps: int = 25, guidance: float = 7.5, threads: int = 1, workers: int = 1,
                       ray: str | None = None, log=print, train_bundle: str | None = None,
                       provider: str = "cpu", first_seed: int = 0) -> dict:
-    """Every method × subject × seed (``first_seed`` .. ``first_seed + seeds - 1``) × init word, each run in
-    its own process on personalize-many's runner (``workers`` at once, give each ``threads`` = cores /
-    workers; or Ray tasks on the cluster at ``ray``). A run that fails is listed under ``failed`` and the others go on. Writes the report
-    to ``out`` atomically after every run."""
+    """Every method × subject × seed (``first_seed`` .. ``first_seed + seeds - 1``) × init word, each run
+    in its own process on personalize-many's runner (``workers`` at once, give each ``threads`` = cores /
+    workers; or Ray tasks on the cluster at ``ray``). A run that fails is listed under ``failed`` and the
+    others go on. Writes the report to ``out`` atomically after every run."""
     from zo_edge.runner import LocalBackend, RayBackend, run_tasks
 
     from zo_runtime.manifest import read_bundle_manifest

@@ -24,9 +24,9 @@ MIN_CORR = 0.95   # correlation with FP32's directional derivative a recipe shou
 WEAK_CORR = 0.5   # below this at every measured μ: no usable signal
 PLATEAU = 0.01    # a smaller μ within this of the best correlation is as good: what differs is the model
 RESULTS = "docs/results/zo_signal.json"
-# Where a bundle's precision loses the signal on a backend, the precision to convert to instead (named in the
-# warning when it keeps the signal at the run's band).
-BETTER_ON = {"qnn": {"fp16": "zo-edge convert SRC OUT --target qnn --weights fp16"}}
+# Per backend, the precision to convert to where a bundle's loses the signal (named in the warning when it
+# keeps the signal at the run's band), and how.
+BETTER_ON = {"qnn": ("fp16", "zo-edge convert SRC OUT --target qnn --weights fp16")}
 
 # (UNet precision, backend, timestep band) -> (μ, correlation with FP32 at that μ, draws), from RESULTS.
 # The band matters: differences at low timesteps are smaller, and rounding swallows more of them.
@@ -121,9 +121,10 @@ def precision_recipe(given, cfg, bundle, say=None):
               if (p, k) == (precision, backend) and b != at and v[1] >= MIN_CORR > corr]
     hint = "".join(f"; at {_band_text(b)} it keeps {v[1]:.2f} at mu {v[0]:g} (--t-low {b[0]} --t-high {b[1]})"
                    for b, v in better)
-    other = [(p, v) for (p, k, b), v in MEASURED.items()
-             if k == backend and b == at and p != precision and corr < MIN_CORR <= v[1] and p in BETTER_ON.get(backend, ())]
-    hint += "".join(f"; {p} bundles keep {v[1]:.2f} on {backend} at mu {v[0]:g} ({BETTER_ON[backend][p]})" for p, v in other)
+    alt, how = BETTER_ON.get(backend, (None, None))
+    kept = MEASURED.get((alt, backend, at))
+    if alt != precision and kept is not None and corr < MIN_CORR <= kept[1]:
+        hint += f"; {alt} bundles keep {kept[1]:.2f} on {backend} at mu {kept[0]:g} ({how})"
     if mu is None:
         say(f"warning: {precision} on {backend} keeps no zeroth-order signal at any measured mu (best correlation "
             f"with FP32 {corr:.2f}, {where}, {RESULTS}){hint}; personalization will mostly follow noise")
