@@ -53,7 +53,7 @@ def train_tokens(subject_s: str, seed: int, methods: list[str], cache: Path, thr
         if not path.exists():
             t0 = time.time()
             if name == "ti":
-                from eval.textual_inversion import textual_inversion
+                from zo_edge.eval.textual_inversion import textual_inversion
                 from zo_runtime.data import list_images, load_image
 
                 images = np.stack([load_image(f, bundle.resolution) for f in list_images(str(refs_dir))])

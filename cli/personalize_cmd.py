@@ -73,6 +73,9 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
                                 "run's passes) picks the subspace", "sketch"))
 @click.option("--split/--no-split", default=None,
               help=_recipe_help("sensitivity: probes alternate between the leading subspace and its complement", "split"))
+@click.option("--axes/--no-axes", default=None,
+              help=_recipe_help("sensitivity: each probe is one of the leading directions itself (n <= rank; n = rank "
+                                "probes each once a step)", "axes"))
 @click.option("--eigenbasis-steps/--no-eigenbasis-steps", "eigenbasis_steps", default=None,
               help=_recipe_help("sensitivity: the step rule (Adam) runs in the Gauss-Newton eigenbasis", "eigenbasis_steps"))
 @click.option("--sphere-scale", type=float, default=None,

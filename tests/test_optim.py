@@ -785,6 +785,37 @@ def test_split_sensitivity_probes_alternate_between_the_subspace_and_its_complem
         sampler.sample(rng, state, 1, theta.shape)
 
 
+def test_axes_probes_are_the_leading_directions_and_with_n_equal_rank_give_the_exact_projection():
+    """n = rank probes along U's rows measure the gradient's part in span(U) exactly on a quadratic (no
+    noise from drawing directions); fewer probes draw a subset of them, unbiased for that part."""
+    d, k = 12, 4
+    rng = np.random.default_rng(0)
+    full = np.linalg.qr(rng.standard_normal((d, d)))[0].T.astype(np.float32)
+    A = rng.standard_normal((d, d))
+    A = A @ A.T / d
+    b = rng.standard_normal(d)
+    theta = rng.standard_normal(d).astype(np.float32)
+    grad = A @ theta.astype(np.float64) - b
+    loss = lambda x: 0.5 * x.astype(np.float64) @ A @ x.astype(np.float64) - b @ x.astype(np.float64)
+    want = full[:k].T.astype(np.float64) @ (full[:k].astype(np.float64) @ grad)      # P_U ∇L
+    sampler = optim.sensitivity(rank=k, axes=True)
+    state = sampler.init(theta)._replace(basis=full)
+    rge = optim.RGE(n=k, mu=1e-4, sampler=sampler)
+    for _ in range(3):                                                     # every step the same, exact part
+        z = rge.directions(rng, theta.shape, state)
+        np.testing.assert_allclose(np.abs(z @ full[:k].T), np.sqrt(k) * np.eye(k), atol=1e-5)
+        est = rge.estimate([loss(c) for c in rge.candidates(theta, z)], z)
+        np.testing.assert_allclose(est, want, atol=2e-3 * np.linalg.norm(want))
+    rge2 = optim.RGE(n=2, mu=1e-4, sampler=sampler)
+    mean = np.mean([rge2.estimate([loss(c) for c in rge2.candidates(theta, z)], z)
+                    for z in (rge2.directions(rng, theta.shape, state) for _ in range(3000))], axis=0)
+    np.testing.assert_allclose(mean, want, atol=0.05 * np.linalg.norm(want))          # unbiased for P_U ∇L
+    with pytest.raises(ValueError, match="n <= rank"):
+        sampler.sample(rng, state, k + 1, theta.shape)
+    with pytest.raises(ValueError, match="not both"):
+        optim.sensitivity(rank=k, split=True, axes=True)
+
+
 def test_split_probes_measure_weak_directions_without_the_strong_ones_noise():
     """A sample gradient whose noise lives in a strong 2-d subspace and whose steady part is weak and
     outside it: split probes estimate the weak part with far less error than isotropic ones."""

@@ -89,6 +89,7 @@ RECIPE_VARIANTS = [
     dict(recipe="zo-edge", normalize=True, sg=True),
     dict(recipe="zo-edge", directions="sensitivity", rank=3, sketch=1, guided_alpha=0.2),
     dict(recipe="zo-edge", directions="sensitivity", rank=3, sketch=1, split=True, eigenbasis_steps=True),
+    dict(recipe="zo-edge", directions="sensitivity", rank=4, n=2, sketch=1, axes=True),
     dict(recipe="zo-edge", optimizer="sphere", lr=0.05),
 ]
 
@@ -463,6 +464,9 @@ def test_sensitivity_flags_are_validated_up_front(base_args, tmp_path):
                          (["--split"], "--split needs --directions sensitivity"),
                          (["--eigenbasis-steps"], "--eigenbasis-steps needs --directions sensitivity"),
                          (["--directions", "sensitivity", "--split", "--n", "1"], "--split needs n >= 2"),
+                         (["--axes"], "--axes needs --directions sensitivity"),
+                         (["--directions", "sensitivity", "--axes", "--rank", "2", "--n", "3"], "n <= rank"),
+                         (["--directions", "sensitivity", "--axes", "--split"], "split or axes, not both"),
                          (["--directions", "sensitivity", "--guided-alpha", "0"], "alpha <= 1"),
                          (["--directions", "sensitivity", "--rank", "100000"], "--rank for sensitivity")):
         line = cli_err(base_args + extra)

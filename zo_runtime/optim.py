@@ -269,7 +269,7 @@ def gauss_newton_basis(jacobians, rank: int) -> np.ndarray:
     return vecs[:, ::-1][:, :rank].T.astype(np.float32)
 
 
-def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False) -> DirectionSampler:
+def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False, axes: bool = False) -> DirectionSampler:
     """Directions shaped by where the model's output responds to the token. The state holds the
     eigenvectors of the Gauss-Newton matrix H = E[Jᵀ J] (J: the UNet output's Jacobian with respect to
     the token), strongest first, as rows of an orthonormal [D, D] basis (:func:`gauss_newton_basis`
@@ -283,11 +283,18 @@ def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False) -> Direc
       component along it; in the complement that component leaves out the large, noisy leading
       directions, so the weak directions are measured without their noise (stratified sampling
       across the two blocks; ``alpha`` unused). Needs n >= 2.
+    - ``axes=True``: each probe is one of the k leading eigenvectors itself, √k·u_i, n of them drawn
+      without replacement (n <= k), so E[(1/n) Σ z zᵀ] = UᵀU and RGE estimates the gradient's part in
+      span(U). With n = k every step probes each leading direction once and the estimate is exactly
+      that part of the sample's gradient (to O(μ)): no noise from the draw of directions, only the
+      sample's own, as a backprop gradient restricted to span(U) has (forward differences along a
+      fixed basis; ``alpha`` unused).
     Measured on the shapes model (benchmarks/lab_sensitivity.py): H has effective rank 3-4.5 in
     d = 64 and its 8 leading directions hold 97-100 % of the mean gradient, but TI's move only
     35-61 %."""
     _check(isinstance(rank, (int, np.integer)) and rank >= 1, f"sensitivity directions need rank >= 1, got {rank}")
     _check(0 < alpha <= 1, f"sensitivity directions need 0 < alpha <= 1, got {alpha}")
+    _check(not (split and axes), "sensitivity directions take split or axes, not both")
 
     def init(params):
         _check(rank <= params.size - (1 if split else 0),
@@ -299,6 +306,12 @@ def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False) -> Direc
         d = int(np.prod(shape))
         if not np.any(state.basis):
             return rng.standard_normal((n, *shape), dtype=np.float32)
+        if axes:
+            _check(n <= rank, f"sensitivity axes need n <= rank probes a step (each a leading direction), got n = {n}, "
+                              f"rank {rank}")
+            pick = rng.choice(rank, size=n, replace=False) if n < rank else np.arange(rank)
+            z = math.sqrt(rank) * state.basis[pick].astype(np.float64)
+            return z.astype(np.float32).reshape(n, *shape)
         if split:
             _check(n >= 2, f"split sensitivity directions need n >= 2 probes, got {n}")
             z = np.empty((n, d))

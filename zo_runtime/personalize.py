@@ -85,6 +85,7 @@ class PersonalizeConfig:
     sketch: int | None = None           # sensitivity: training samples whose Jacobian (D + 1 passes each) sets the subspace
     split: bool | None = None           # sensitivity: probes alternate between the leading subspace and its complement
     eigenbasis_steps: bool | None = None  # sensitivity: the step rule runs in the Gauss-Newton eigenbasis
+    axes: bool | None = None            # sensitivity: each probe is one of the leading eigenvectors (n <= rank)
     sphere_scale: float | None = None   # --optimizer sphere: the token's norm, as a multiple of the init word's
     batch_candidates: str = "auto"
     seed: int = 0
@@ -154,10 +155,14 @@ class PersonalizeConfig:
                                  "choose one")
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
             optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
-            optim.sensitivity(rank=cfg.rank or DEFAULT_RANK["sensitivity"], alpha=cfg.guided_alpha, split=cfg.split)
-            for flag, on in (("--split", cfg.split), ("--eigenbasis-steps", cfg.eigenbasis_steps)):
+            optim.sensitivity(rank=cfg.rank or DEFAULT_RANK["sensitivity"], alpha=cfg.guided_alpha, split=cfg.split,
+                              axes=cfg.axes)
+            for flag, on in (("--split", cfg.split), ("--eigenbasis-steps", cfg.eigenbasis_steps), ("--axes", cfg.axes)):
                 if on and cfg.directions != "sensitivity":
                     raise ValueError(f"{flag} needs --directions sensitivity, not {cfg.directions}")
+            if cfg.axes and cfg.n > (cfg.rank or DEFAULT_RANK["sensitivity"]):
+                raise ValueError(f"--axes probes n <= rank leading directions a step, got n = {cfg.n}, rank "
+                                 f"{cfg.rank or DEFAULT_RANK['sensitivity']}")
             if cfg.split and cfg.n < 2:
                 raise ValueError(f"--split needs n >= 2 probes a step (one in the subspace, one outside), got {cfg.n}")
         except ValueError as e:
@@ -267,7 +272,7 @@ def make_estimator(cfg: PersonalizeConfig, basis: np.ndarray | None = None) -> o
     elif cfg.directions == "momentum":
         sampler = optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
     elif cfg.directions == "sensitivity":
-        sampler = optim.sensitivity(rank=rank, alpha=cfg.guided_alpha, split=cfg.split)
+        sampler = optim.sensitivity(rank=rank, alpha=cfg.guided_alpha, split=cfg.split, axes=cfg.axes)
     elif cfg.directions in PCA_DIRECTIONS and basis is not None:
         sampler = optim.subspace(basis, alpha=cfg.pca_alpha)
     else:

@@ -45,7 +45,7 @@ ZOODIP = dict(
     sg=True, tau=128, nu=1e-3, puts=True, t_low=500, t_high=900,
     optimizer="adam", lr=5e-3, b1=0.9, adam_eps=1e-8, schedule="constant", reference_scaling=False,
     weight_decay=0.0, average=0.0, normalize=False, clip=0.0, subspace_steps=False, pca_alpha=0.0, sketch=2,
-    split=False, eigenbasis_steps=False, sphere_scale=1.0,
+    split=False, eigenbasis_steps=False, sphere_scale=1.0, axes=False,
 )
 
 RECIPES: dict[str, dict] = {
@@ -58,7 +58,7 @@ RECIPE_FIELDS = tuple(ZOODIP)
 # config.json written before a field existed resumes with it (not with today's recipe default).
 ADDED_FIELDS = dict(weight_decay=0.0, average=0.0, guided_beta=0.99, normalize=False, clip=0.0,
                     subspace_steps=False, pca_alpha=0.0, sketch=2, split=False,
-                    eigenbasis_steps=False, sphere_scale=1.0)
+                    eigenbasis_steps=False, sphere_scale=1.0, axes=False)
 
 
 def sg_tau_for(dim: int) -> int:
