@@ -78,11 +78,22 @@ def train_tokens(subject_s: str, seed: int, methods: list[str], cache: Path, thr
     return tokens, trainer
 
 
-def candidates(tokens: dict, methods: list[str]) -> dict:
-    """The tokens to evaluate: init, TI, each method, and each method's move split along / across TI's."""
+def candidates(tokens: dict, methods: list[str], valley: bool = False) -> dict:
+    """The tokens to evaluate: init, TI, each method, and each method's move split along / across TI's.
+    ``valley``: also points on the line from init through TI's token, and TI's token plus random offsets
+    perpendicular to that line of a few sizes (how wide the basin TI's token sits in is)."""
     init, ti = tokens["init"], tokens["ti"]
     u = (ti - init) / np.linalg.norm(ti - init)
     out = {"init": init, "ti": ti}
+    if valley:
+        rng = np.random.default_rng(7)
+        for a in (0.25, 0.5, 0.75, 1.5, 2.0):
+            out[f"line@{a}"] = init + a * (ti - init)
+        for r in (0.25, 0.5, 1.0, 2.0, 4.0):
+            for k in range(2):
+                e = rng.standard_normal(ti.shape)
+                e -= float(e.ravel() @ u.ravel()) * u
+                out[f"ti+perp{r}#{k}"] = ti + r * e / np.linalg.norm(e)
     for m in methods:
         move = tokens[m] - init
         par = float(move.ravel() @ u.ravel()) * u
@@ -138,6 +149,7 @@ def main() -> None:
     ap.add_argument("--methods", default="zo-edge")
     ap.add_argument("--draws", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--valley", action="store_true", help="also the line through TI's token and random offsets from it")
     ap.add_argument("--cache", default="/tmp/zo-edge-loss-gap")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -150,7 +162,7 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             tokens, trainer = train_tokens(subject, seed, methods, Path(args.cache), args.threads)
             t0 = time.time()
-            bands = evaluate(trainer, candidates(tokens, methods), args.draws)
+            bands = evaluate(trainer, candidates(tokens, methods, args.valley), args.draws)
             report["runs"] = [r for r in report["runs"] if (r["subject"], r["seed"]) != (subject, seed)]
             report["runs"].append({"subject": subject, "seed": seed, "methods": methods, "bands": bands,
                                    "geometry": geometry(tokens, methods), "eval_seconds": time.time() - t0})

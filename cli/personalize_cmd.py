@@ -73,6 +73,11 @@ RESUME_OVERRIDES = ("resume_dir", "out", "steps", "overwrite", "provider", "thre
                                 "run's passes) picks the subspace", "sketch"))
 @click.option("--split/--no-split", default=None,
               help=_recipe_help("sensitivity: probes alternate between the leading subspace and its complement", "split"))
+@click.option("--whiten-power", "whiten_power", type=float, default=None,
+              help=_recipe_help("whitened: probes drawn with covariance (H + λI)^(-power) in the Gauss-Newton eigenbasis "
+                                "(1: a Newton step; 0.5: Adam-like)", "whiten_power"))
+@click.option("--whiten-floor", "whiten_floor", type=float, default=None,
+              help=_recipe_help("whitened: λ, as a share of the Gauss-Newton matrix's mean eigenvalue", "whiten_floor"))
 @click.option("--axes/--no-axes", default=None,
               help=_recipe_help("sensitivity: each probe is one of the leading directions itself (n <= rank; n = rank "
                                 "probes each once a step)", "axes"))

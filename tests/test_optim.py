@@ -816,6 +816,55 @@ def test_axes_probes_are_the_leading_directions_and_with_n_equal_rank_give_the_e
         optim.sensitivity(rank=k, split=True, axes=True)
 
 
+def test_whitened_directions_have_the_curvatures_inverse_power_as_covariance():
+    d = 8
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0].T
+    h = np.array([50.0, 10, 5, 1, 1, 0.5, 0.1, 0.0])
+    sampler = optim.whitened(power=1.0, floor=0.1)
+    theta = np.zeros(d, np.float32)
+    state = sampler.init(theta)
+    z0 = sampler.sample(rng, state, 20000, theta.shape).astype(np.float64)
+    np.testing.assert_allclose(z0.T @ z0 / len(z0), np.eye(d), atol=0.06)         # isotropic until sketched
+    state = state._replace(basis=q.astype(np.float32), values=h.astype(np.float32))
+    z = sampler.sample(rng, state, 40000, theta.shape).astype(np.float64)
+    want = q.T @ np.diag(1 / (h + 0.1 * h.mean())) @ q
+    want *= d / np.trace(want)                                                      # tr Σ = D
+    np.testing.assert_allclose(z.T @ z / len(z), want, atol=0.06 * np.abs(want).max())
+    for bad in (dict(power=0.0), dict(floor=0.0)):
+        with pytest.raises(ValueError):
+            optim.whitened(**bad)
+
+
+def test_whitened_probes_beat_gaussian_on_a_noisy_ill_conditioned_quadratic():
+    """A sample gradient whose noise has the curvature's shape (∇L = H(θ − θ*) + H^½ ξ, as a denoising
+    loss's J^T r has): at each sampler's best rate on a grid, probes with covariance H⁻¹ (power 1) reach a
+    far lower loss than Gaussian ones in the same passes, since the weakly curved directions, which
+    hold most of the loss here, are no longer measured under the strong ones' noise."""
+    d = 16
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0].T
+    h = np.array([100.0, 30, 10, 3] + [1.0] * 4 + [0.3] * 8)
+    H = q.T @ np.diag(h) @ q
+    star = rng.standard_normal(d)
+
+    def run(sampler, state, lr, seed):
+        r = np.random.default_rng(seed)
+        rge, theta = optim.RGE(n=2, mu=1e-4, sampler=sampler), np.zeros(d, np.float32)
+        for _ in range(600):
+            xi = q.T @ (np.sqrt(h) * r.standard_normal(d))
+            z = rge.directions(r, (d,), state)
+            losses = [0.5 * (x - star) @ H @ (x - star) + xi @ x for x in rge.candidates(theta, z).astype(np.float64)]
+            theta = (theta - lr * rge.estimate(losses, z)).astype(np.float32)
+        return 0.5 * (theta - star) @ H @ (theta - star)
+
+    white = optim.whitened(power=1.0, floor=0.1)
+    w_state = white.init(np.zeros(d, np.float32))._replace(basis=q.astype(np.float32), values=h.astype(np.float32))
+    best = {name: min(np.mean([run(s, st, lr, seed) for seed in range(3)]) for lr in (1e-3, 3e-3, 1e-2))
+            for name, s, st in (("gaussian", optim.gaussian(), None), ("whitened", white, w_state))}
+    assert best["whitened"] < 0.3 * best["gaussian"], best                      # measured: 0.24 against 1.81
+
+
 def test_split_probes_measure_weak_directions_without_the_strong_ones_noise():
     """A sample gradient whose noise lives in a strong 2-d subspace and whose steady part is weak and
     outside it: split probes estimate the weak part with far less error than isotropic ones."""

@@ -90,6 +90,7 @@ RECIPE_VARIANTS = [
     dict(recipe="zo-edge", directions="sensitivity", rank=3, sketch=1, guided_alpha=0.2),
     dict(recipe="zo-edge", directions="sensitivity", rank=3, sketch=1, split=True, eigenbasis_steps=True),
     dict(recipe="zo-edge", directions="sensitivity", rank=4, n=2, sketch=1, axes=True),
+    dict(recipe="zo-edge", directions="whitened", sketch=1, whiten_power=1.0, whiten_floor=0.5),
     dict(recipe="zo-edge", optimizer="sphere", lr=0.05),
 ]
 
@@ -465,6 +466,8 @@ def test_sensitivity_flags_are_validated_up_front(base_args, tmp_path):
                          (["--eigenbasis-steps"], "--eigenbasis-steps needs --directions sensitivity"),
                          (["--directions", "sensitivity", "--split", "--n", "1"], "--split needs n >= 2"),
                          (["--axes"], "--axes needs --directions sensitivity"),
+                         (["--directions", "whitened", "--whiten-power", "0"], "power > 0"),
+                         (["--directions", "whitened", "--whiten-floor", "-1"], "floor > 0"),
                          (["--directions", "sensitivity", "--axes", "--rank", "2", "--n", "3"], "n <= rank"),
                          (["--directions", "sensitivity", "--axes", "--split"], "split or axes, not both"),
                          (["--directions", "sensitivity", "--guided-alpha", "0"], "alpha <= 1"),

@@ -32,7 +32,8 @@ from .oracle import LossOracle
 from .precision import precision_recipe
 from .progress import Progress
 from .sysinfo import peak_rss_mb
-from .recipe import ADDED_FIELDS, DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, PCA_DIRECTIONS, RECIPE_FIELDS, SCHEDULES, TEMPLATES, recipe_values, sg_tau_for
+from .recipe import (ADDED_FIELDS, DEFAULT_RANK, DEFAULT_RECIPE, DIRECTIONS, OPTIMIZERS, PCA_DIRECTIONS, RECIPE_FIELDS,
+                     SCHEDULES, SKETCHED, TEMPLATES, recipe_values, sg_tau_for)
 from .timesteps import puts, uniform
 from .tokenizer import CLIPTokenizer
 
@@ -86,6 +87,8 @@ class PersonalizeConfig:
     split: bool | None = None           # sensitivity: probes alternate between the leading subspace and its complement
     eigenbasis_steps: bool | None = None  # sensitivity: the step rule runs in the Gauss-Newton eigenbasis
     axes: bool | None = None            # sensitivity: each probe is one of the leading eigenvectors (n <= rank)
+    whiten_power: float | None = None   # whitened: probe covariance (H + λI)^(−power) in the Gauss-Newton eigenbasis
+    whiten_floor: float | None = None   # whitened: λ as a share of H's mean eigenvalue
     sphere_scale: float | None = None   # --optimizer sphere: the token's norm, as a multiple of the init word's
     batch_candidates: str = "auto"
     seed: int = 0
@@ -160,6 +163,7 @@ class PersonalizeConfig:
             for flag, on in (("--split", cfg.split), ("--eigenbasis-steps", cfg.eigenbasis_steps), ("--axes", cfg.axes)):
                 if on and cfg.directions != "sensitivity":
                     raise ValueError(f"{flag} needs --directions sensitivity, not {cfg.directions}")
+            optim.whitened(power=cfg.whiten_power, floor=cfg.whiten_floor)
             if cfg.axes and cfg.n > (cfg.rank or DEFAULT_RANK["sensitivity"]):
                 raise ValueError(f"--axes probes n <= rank leading directions a step, got n = {cfg.n}, rank "
                                  f"{cfg.rank or DEFAULT_RANK['sensitivity']}")
@@ -241,10 +245,10 @@ def make_optimizer(cfg: PersonalizeConfig, dim: int, basis: np.ndarray | None = 
 
 
 def setup_passes(cfg: PersonalizeConfig, size: int) -> int:
-    """UNet passes spent before the first step: the Jacobian sketch of ``sensitivity`` directions (each
+    """UNet passes spent before the first step: the Jacobian sketch of ``sensitivity`` / ``whitened`` directions (each
     of ``sketch`` samples: θ and θ + μ·axis for the token's ``size`` = V·d axes); 0 for every other
     direction. ``cfg`` resolved."""
-    return cfg.sketch * (size + 1) if cfg.directions == "sensitivity" else 0
+    return cfg.sketch * (size + 1) if cfg.directions in SKETCHED else 0
 
 
 def pca_basis(cfg: PersonalizeConfig, table, vocabulary=None) -> np.ndarray | None:
@@ -271,6 +275,8 @@ def make_estimator(cfg: PersonalizeConfig, basis: np.ndarray | None = None) -> o
         sampler = optim.guided(k=rank, alpha=cfg.guided_alpha)
     elif cfg.directions == "momentum":
         sampler = optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
+    elif cfg.directions == "whitened":
+        sampler = optim.whitened(power=cfg.whiten_power, floor=cfg.whiten_floor)
     elif cfg.directions == "sensitivity":
         sampler = optim.sensitivity(rank=rank, alpha=cfg.guided_alpha, split=cfg.split, axes=cfg.axes)
     elif cfg.directions in PCA_DIRECTIONS and basis is not None:
@@ -502,8 +508,11 @@ class Trainer:
         theta = np.repeat(row[None], self.cfg.num_vectors, axis=0)
         rng = np.random.default_rng(self.cfg.seed)
         sampler_state, chain_state = self.init_state(theta)
-        if self.cfg.directions == "sensitivity":
-            sampler_state = sampler_state._replace(basis=self.sketch_basis(theta, rng))
+        if self.cfg.directions in SKETCHED:
+            values, basis = self.sketch(theta, rng)
+            sampler_state = sampler_state._replace(basis=basis)
+            if self.cfg.directions == "whitened":
+                sampler_state = sampler_state._replace(values=values)
             if self.use_rotation(sampler_state):
                 chain_state = self.opt.init(theta)
         return 0, theta, (sampler_state, chain_state), rng
@@ -517,11 +526,11 @@ class Trainer:
                                   rotation=sampler_state.basis)
         return True
 
-    def sketch_basis(self, theta, rng) -> np.ndarray:
-        """The Gauss-Newton eigenbasis [V·d, V·d], strongest first: for ``sketch`` training samples
+    def sketch(self, theta, rng) -> tuple[np.ndarray, np.ndarray]:
+        """The Gauss-Newton eigenvalues [V·d] and eigenbasis [V·d, V·d], strongest first: for ``sketch`` training samples
         drawn as steps draw them, the UNet output's Jacobian with respect to the token by forward
         differences along every axis (θ, then θ + μ·axis with the estimator's μ, a step's worth of
-        candidates at a time, so the peak memory stays a step's), then :func:`optim.gauss_newton_basis`."""
+        candidates at a time, so the peak memory stays a step's), then :func:`optim.gauss_newton_eig`."""
         cfg = self.cfg
         size, chunk, mu = theta.size, self.rge.passes, self.rge.mu
         progress = Progress("sketch", total=cfg.sketch * (size + 1))
@@ -540,7 +549,7 @@ class Trainer:
                 jacobians.append(((flat[1:] - flat[0]) / mu).T)         # [N, V·d]
         finally:
             progress.close()
-        return optim.gauss_newton_basis(jacobians, size)
+        return optim.gauss_newton_eig(jacobians)
 
     def draw(self, rng):
         """One training sample, as a step draws it: (image index, prompt ids, slots, latent, noise, t)."""

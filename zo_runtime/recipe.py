@@ -31,7 +31,8 @@ TEMPLATES = (
     "a photo of a cool {}", "a photo of a small {}",
 )
 
-DIRECTIONS = ("gaussian", "orthogonal", "guided", "momentum", "token-pca", "vocab-pca", "sensitivity")
+DIRECTIONS = ("gaussian", "orthogonal", "guided", "momentum", "token-pca", "vocab-pca", "sensitivity", "whitened")
+SKETCHED = ("sensitivity", "whitened")   # directions that measure the Gauss-Newton matrix first
 # what --rank 0 means: guided keeps the last 4 estimates; token-pca and vocab-pca search the top 16
 # components (of the whole table / of the model's vocabulary rows); sensitivity the 8 leading directions
 # of the outputs' Gauss-Newton matrix
@@ -45,7 +46,7 @@ ZOODIP = dict(
     sg=True, tau=128, nu=1e-3, puts=True, t_low=500, t_high=900,
     optimizer="adam", lr=5e-3, b1=0.9, adam_eps=1e-8, schedule="constant", reference_scaling=False,
     weight_decay=0.0, average=0.0, normalize=False, clip=0.0, subspace_steps=False, pca_alpha=0.0, sketch=2,
-    split=False, eigenbasis_steps=False, sphere_scale=1.0, axes=False,
+    split=False, eigenbasis_steps=False, sphere_scale=1.0, axes=False, whiten_power=0.5, whiten_floor=0.1,
 )
 
 RECIPES: dict[str, dict] = {
@@ -58,7 +59,7 @@ RECIPE_FIELDS = tuple(ZOODIP)
 # config.json written before a field existed resumes with it (not with today's recipe default).
 ADDED_FIELDS = dict(weight_decay=0.0, average=0.0, guided_beta=0.99, normalize=False, clip=0.0,
                     subspace_steps=False, pca_alpha=0.0, sketch=2, split=False,
-                    eigenbasis_steps=False, sphere_scale=1.0, axes=False)
+                    eigenbasis_steps=False, sphere_scale=1.0, axes=False, whiten_power=0.5, whiten_floor=0.1)
 
 
 def sg_tau_for(dim: int) -> int:
