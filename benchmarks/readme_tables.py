@@ -202,7 +202,46 @@ def _zo_signal(report: dict, _arg=None) -> str:
     return "\n".join(lines)
 
 
+def _loss_gap(report: dict, arg=None) -> str:
+    """benchmarks/lab_loss_gap.py: the training loss (t in [0, 1000), common draws) as the share of TI's drop
+    from the init word that a token reaches. ``arg`` absent: per subject and ZO token, the token, its move's
+    component along TI's move alone (init + par), and TI's token plus the rest (TI + perp). ``arg`` "valley":
+    points on the line from init through TI's token, and TI's token plus random offsets across that line."""
+
+    def share(v, drop):
+        return f"{1 - v['minus_ti'] / drop:.0%}"
+
+    if arg == "valley":
+        alphas = sorted({k[5:] for r in report["runs"] for k in r["bands"]["0-1000"] if k.startswith("line@")}, key=float)
+        radii = sorted({k[7:].split("#")[0] for r in report["runs"] for k in r["bands"]["0-1000"]
+                        if k.startswith("ti+perp")}, key=float)
+        lines = ["| subject | TI's move (norm) | " + " | ".join(f"init + {a} x TI's move" for a in alphas) + " | "
+                 + " | ".join(f"TI + {r} across" for r in radii) + " |", "|---|---|" + "---|" * (len(alphas) + len(radii))]
+        for run in report["runs"]:
+            whole = run["bands"]["0-1000"]
+            if f"line@{alphas[0]}" not in whole:
+                continue
+            drop = whole["init"]["minus_ti"]
+            cells = [share(whole[f"line@{a}"], drop) for a in alphas]
+            cells += [" / ".join(share(v, drop) for k, v in whole.items() if k.startswith(f"ti+perp{r}#")) for r in radii]
+            lines.append(f"| {run['subject']} (seed {run['seed']}) | {run['geometry']['ti_move']:.2f} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    lines = ["| subject | ZO token | loss minus TI's (s.e.) | share of TI's drop: the token | its move along TI's alone | "
+             "TI's token + its move across | move along TI's (x its length) | move across (norm) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        whole, geo = run["bands"]["0-1000"], run["geometry"]
+        drop = whole["init"]["minus_ti"]
+        for name in run["methods"]:
+            v, g = whole[name], geo[name]
+            lines.append(f"| {run['subject']} (seed {run['seed']}) | {name} | {v['minus_ti']:+.5f} ({v['se']:.5f}) | "
+                         f"{share(v, drop)} | {share(whole[name + '|par'], drop)} | {share(whole[name + '|ti+perp'], drop)} | "
+                         f"{g['along_ti_over_ti_move']:.2f} | {g['perp']:.2f} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
+    "loss_gap": _loss_gap,
     "sdxl": _sdxl,
     "sdxl-convert": _sdxl_convert,
     "convert": _convert,
