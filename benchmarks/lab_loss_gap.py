@@ -156,15 +156,17 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {"runs": []}
-    report.update(command=" ".join(sys.argv), machine=platform.processor() or platform.machine(),
-                  python=platform.python_version(), draws=args.draws)
+    report.update(machine=platform.processor() or platform.machine(), python=platform.python_version(),
+                  draws=args.draws)
+    report.pop("command", None)      # each run records its own
     for subject in args.subjects.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             tokens, trainer = train_tokens(subject, seed, methods, Path(args.cache), args.threads)
             t0 = time.time()
             bands = evaluate(trainer, candidates(tokens, methods, args.valley), args.draws)
             report["runs"] = [r for r in report["runs"] if (r["subject"], r["seed"]) != (subject, seed)]
-            report["runs"].append({"subject": subject, "seed": seed, "methods": methods, "bands": bands,
+            report["runs"].append({"subject": subject, "seed": seed, "command": " ".join(sys.argv), "methods": methods,
+                                   "bands": bands,
                                    "geometry": geometry(tokens, methods), "eval_seconds": time.time() - t0})
             out.write_text(json.dumps(report, indent=1))
             whole = bands["0-1000"]
