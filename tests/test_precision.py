@@ -85,7 +85,7 @@ def test_a_weak_npu_bundle_names_the_precision_that_keeps_the_signal():
     given = PersonalizeConfig(model="m", images="i", token="<t>", init="dog", out="o.safetensors", provider="qnn",
                               t_low=500, t_high=900)
     precision.precision_recipe(given, given.resolved(), FakeBundle("a16w8"), said.append)
-    assert "--weights fp16" in said[-1] and "0.99" in said[-1], said
+    assert "--weights fp16" in said[-1] and "0.92 on qnn at mu 0.01" in said[-1], said
     said.clear()
     precision.precision_recipe(given, given.resolved(), FakeBundle("fp16"), said.append)
-    assert "mu 0.03 for fp16 on qnn" in said[-1] and "--weights fp16" not in said[-1]
+    assert "mu 0.01 for fp16 on qnn" in said[-1] and "--weights fp16" not in said[-1]

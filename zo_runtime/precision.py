@@ -6,8 +6,8 @@ and on the backend that runs it: weight-only INT8 (CPU, OpenVINO) keeps the FP32
 paper's μ = 1e-3; weight-only with a 4-bit UNet (int4w) correlates 0.95 with FP32 at every μ (a slightly
 different model, not rounding: the plateau rule of :func:`choose_mu` keeps μ = 1e-3); 16-bit activations (A16W8, the HTP recipe) need μ = 3e-2 at t ∈ [500, 900), keep only
 a weak signal on the simulated HTP there (0.70), and a weak one on the CPU provider at the default recipe's
-t ∈ [0, 500) (0.63); the HTP's FP16 mode (``--target qnn --weights fp16``) keeps it at μ = 3e-2 in both bands
-(0.98-0.99); 8-bit activations lose it at every measured μ. ``benchmarks/bench_zo_signal.py``
+t ∈ [0, 500) (0.63); the HTP's FP16 mode (``--target qnn --weights fp16``) keeps 0.88-0.92 at μ = 1e-2 and
+0.98-0.99 at 3e-2, and trains better at 1e-2; 8-bit activations lose it at every measured μ. ``benchmarks/bench_zo_signal.py``
 measures the correlation of each bundle's directional
 derivatives with FP32's (docs/results/zo_signal.json); :data:`MEASURED` is what it found, and
 ``tests/test_precision.py`` checks this table against that file with :func:`choose_mu`.
@@ -20,7 +20,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-MIN_CORR = 0.95   # correlation with FP32's directional derivative a recipe should reach
+# Correlation with FP32's directional derivative a recipe should reach. 0.85, not more: a larger μ smooths the
+# loss and costs quality of its own. On the HTP's FP16 mode μ = 1e-2 (correlation 0.88) trained two subjects to
+# 50 % against 30 % at μ = 3e-2 (0.98), and on the CPU, where the signal is exact at every μ, 1e-2 and 3e-2
+# scored 45 and 22.5 % (docs/results/lab/npu-quality-fp16-1500.json; one seed each, so the threshold is a
+# judgement from few runs, not a fit).
+MIN_CORR = 0.85
 WEAK_CORR = 0.5   # below this at every measured μ: no usable signal
 PLATEAU = 0.01    # a smaller μ within this of the best correlation is as good: what differs is the model
 RESULTS = "docs/results/zo_signal.json"
@@ -35,7 +40,7 @@ BETTER_ON = {"qnn": ("fp16", "zo-edge convert SRC OUT --target qnn --weights fp1
 MEASURED: dict[tuple[str, str, tuple[int, int]], tuple[float | None, float, int]] = {
     ('a16w8', 'cpu', (0, 500)): (0.03, 0.6293, 96),
     ('a8w8', 'cpu', (0, 500)): (None, 0.1445, 96),
-    ('fp16', 'qnn', (0, 500)): (0.03, 0.9839, 96),
+    ('fp16', 'qnn', (0, 500)): (0.01, 0.8752, 96),
     ('fp32', 'cpu', (0, 500)): (0.001, 1.0, 96),
     ('fp32', 'openvino', (0, 500)): (0.001, 1.0, 96),
     ('int4w', 'cpu', (0, 500)): (0.001, 0.946, 96),
@@ -46,7 +51,7 @@ MEASURED: dict[tuple[str, str, tuple[int, int]], tuple[float | None, float, int]
     ('a16w8', 'qnn', (500, 900)): (0.03, 0.6961, 96),
     ('a8w8', 'cpu', (500, 900)): (None, 0.2117, 96),
     ('a8w8', 'qnn', (500, 900)): (None, 0.1914, 96),
-    ('fp16', 'qnn', (500, 900)): (0.03, 0.9879, 96),
+    ('fp16', 'qnn', (500, 900)): (0.01, 0.9219, 96),
     ('fp32', 'cpu', (500, 900)): (0.001, 1.0, 96),
     ('fp32', 'openvino', (500, 900)): (0.001, 1.0, 96),
     ('int4w', 'cpu', (500, 900)): (0.001, 0.9558, 96),
