@@ -32,7 +32,8 @@ BANDS = ((0, 1000), (0, 250), (250, 500), (500, 750), (750, 1000))
 
 
 def train_tokens(subject_s: str, seed: int, methods: list[str], cache: Path, threads: int = 1) -> dict:
-    """{name: token [V, D]} for "init", "ti" and every method ("METHOD*STEPS" trains STEPS steps, else 1,000)."""
+    """{name: token [V, D]} for "init", "ti" and every method ("METHOD*STEPS" trains STEPS steps, else 1,000;
+    "METHOD~K" runs it with seed + K: the same references, other draws and directions)."""
     from zo_edge.models import resolve_model, world
     from zo_edge.models.quality import TOKEN, _write_refs, init_word, parse_method
     from zo_runtime.bundle import Bundle
@@ -60,11 +61,12 @@ def train_tokens(subject_s: str, seed: int, methods: list[str], cache: Path, thr
                 theta = textual_inversion(str(Path(bundle_dir).parent / "source"), images, TOKEN, init, 1000,
                                           lr=5e-3, seed=seed, threads=threads)["theta"]
             else:
-                spec, _, steps = name.partition("*")
+                spec, _, offset = name.partition("~")
+                spec, _, steps = spec.partition("*")
                 fields, steps = parse_method(spec, allow_arm=False), int(steps or 1000)
                 cfg = PersonalizeConfig(model=bundle_dir, images=str(refs_dir), token=TOKEN, init=init,
                                         out=str(work / "t.safetensors"), run_dir=str(work / f"run-{len(tokens)}"),
-                                        steps=steps, seed=seed, threads=threads, checkpoint_every=steps,
+                                        steps=steps, seed=seed + int(offset or 0), threads=threads, checkpoint_every=steps,
                                         overwrite=True, **fields)
                 theta = Trainer(cfg).train().theta
             np.save(path, np.asarray(theta, np.float32))
@@ -149,6 +151,9 @@ def main() -> None:
     ap.add_argument("--methods", default="zo-edge")
     ap.add_argument("--draws", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ensemble", type=int, default=1,
+                    help="run every method with K seeds (seed + 0 .. K - 1: the same references, other draws and "
+                         "directions), and evaluate each and the mean of its K tokens")
     ap.add_argument("--valley", action="store_true", help="also the line through TI's token and random offsets from it")
     ap.add_argument("--cache", default="/tmp/zo-edge-loss-gap")
     ap.add_argument("--out", required=True)
@@ -161,13 +166,19 @@ def main() -> None:
     report.pop("command", None)      # each run records its own
     for subject in args.subjects.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
-            tokens, trainer = train_tokens(subject, seed, methods, Path(args.cache), args.threads)
+            runs = [f"{m}~{k}" if k else m for m in methods for k in range(args.ensemble)]
+            tokens, trainer = train_tokens(subject, seed, runs, Path(args.cache), args.threads)
+            if args.ensemble > 1:
+                for m in methods:
+                    tokens[f"mean of {args.ensemble} x {m}"] = np.mean([tokens[r] for r in runs
+                                                                        if r.partition("~")[0] == m], axis=0)
+                runs += [f"mean of {args.ensemble} x {m}" for m in methods]
             t0 = time.time()
-            bands = evaluate(trainer, candidates(tokens, methods, args.valley), args.draws)
+            bands = evaluate(trainer, candidates(tokens, runs, args.valley), args.draws)
             report["runs"] = [r for r in report["runs"] if (r["subject"], r["seed"]) != (subject, seed)]
-            report["runs"].append({"subject": subject, "seed": seed, "command": " ".join(sys.argv), "methods": methods,
+            report["runs"].append({"subject": subject, "seed": seed, "command": " ".join(sys.argv), "methods": runs,
                                    "bands": bands,
-                                   "geometry": geometry(tokens, methods), "eval_seconds": time.time() - t0})
+                                   "geometry": geometry(tokens, runs), "eval_seconds": time.time() - t0})
             out.write_text(json.dumps(report, indent=1))
             whole = bands["0-1000"]
             print(f"{subject} seed {seed}: loss minus TI's (t in [0, 1000), {args.draws} draws)")

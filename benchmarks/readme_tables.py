@@ -206,11 +206,26 @@ def _loss_gap(report: dict, arg=None) -> str:
     """benchmarks/lab_loss_gap.py: the training loss (t in [0, 1000), common draws) as the share of TI's drop
     from the init word that a token reaches. ``arg`` absent: per subject and ZO token, the token, its move's
     component along TI's move alone (init + par), and TI's token plus the rest (TI + perp). ``arg`` "valley":
-    points on the line from init through TI's token, and TI's token plus random offsets across that line."""
+    points on the line from init through TI's token, and TI's token plus random offsets across that line;
+    "seeds": per method run with several seeds (``--ensemble``), each run's share, their mean, and the mean token's."""
 
     def share(v, drop):
         return f"{1 - v['minus_ti'] / drop:.0%}"
 
+    if arg == "seeds":
+        lines = ["| subject | ZO method | runs (seeds) | share of TI's drop, each run | mean of the runs | the runs' mean token |",
+                 "|---|---|---|---|---|---|"]
+        for run in report["runs"]:
+            whole = run["bands"]["0-1000"]
+            drop = whole["init"]["minus_ti"]
+            for mean in (m for m in run["methods"] if m.startswith("mean of ")):
+                method = mean.split(" x ", 1)[1]
+                each = [m for m in run["methods"] if m.partition("~")[0] == method]
+                shares = [1 - whole[m]["minus_ti"] / drop for m in each]
+                lines.append(f"| {run['subject']} (seed {run['seed']}) | {method} | {len(each)} | "
+                             f"{', '.join(f'{s:.0%}' for s in shares)} | {sum(shares) / len(shares):.0%} | "
+                             f"{share(whole[mean], drop)} |")
+        return "\n".join(lines)
     if arg == "valley":
         alphas = sorted({k[5:] for r in report["runs"] for k in r["bands"]["0-1000"] if k.startswith("line@")}, key=float)
         radii = sorted({k[7:].split("#")[0] for r in report["runs"] for k in r["bands"]["0-1000"]
@@ -233,6 +248,8 @@ def _loss_gap(report: dict, arg=None) -> str:
         whole, geo = run["bands"]["0-1000"], run["geometry"]
         drop = whole["init"]["minus_ti"]
         for name in run["methods"]:
+            if "~" in name or name.startswith("mean of "):
+                continue                    # the "seeds" table's
             v, g = whole[name], geo[name]
             lines.append(f"| {run['subject']} (seed {run['seed']}) | {name} | {v['minus_ti']:+.5f} ({v['se']:.5f}) | "
                          f"{share(v, drop)} | {share(whole[name + '|par'], drop)} | {share(whole[name + '|ti+perp'], drop)} | "
