@@ -300,7 +300,8 @@ def sensitivity(rank: int = 8, alpha: float = 0.2, split: bool = False, axes: bo
       span(U). With n = k every step probes each leading direction once and the estimate is exactly
       that part of the sample's gradient (to O(μ)): no noise from the draw of directions, only the
       sample's own, as a backprop gradient restricted to span(U) has (forward differences along a
-      fixed basis; ``alpha`` unused).
+      fixed basis; ``alpha`` unused). On the shapes model it loses (k = n = 8: 17-23 % of TI's loss
+      drop on a hard subject, four seeds, against the default's 54 %; docs/estimator-lab.md session 14).
     Measured on the shapes model (benchmarks/lab_sensitivity.py): H has effective rank 3-4.5 in
     d = 64 and its 8 leading directions hold 97-100 % of the mean gradient, but TI's move only
     35-61 %."""
@@ -354,7 +355,9 @@ def whitened(power: float = 0.5, floor: float = 0.1) -> DirectionSampler:
     whole sample gradient's spread, which the strongly curved directions dominate, into every
     direction it estimates. Weighting probes toward weak curvature gives those directions back the
     share of each step that TI's Adam gives them. Measured on the shapes model: TI's move lies only
-    35-61 % in H's 8 leading directions, and probing mostly there loses (``sensitivity``)."""
+    35-61 % in H's 8 leading directions, and probing mostly there loses (``sensitivity``); these
+    probes lose too (about 20 % of TI's loss drop on a hard subject against the default's 54 %, four
+    seeds; benchmarks/lab_loss_gap.py, docs/estimator-lab.md session 14)."""
     _check(power > 0, f"whitened directions need power > 0, got {power}")
     _check(floor > 0, f"whitened directions need floor > 0, got {floor}")
 
