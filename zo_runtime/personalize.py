@@ -158,15 +158,15 @@ class PersonalizeConfig:
                                  "choose one")
             optim.guided(k=cfg.rank or DEFAULT_RANK["guided"], alpha=cfg.guided_alpha)
             optim.momentum_guided(beta=cfg.guided_beta, alpha=cfg.guided_alpha)
-            optim.sensitivity(rank=cfg.rank or DEFAULT_RANK["sensitivity"], alpha=cfg.guided_alpha, split=cfg.split,
-                              axes=cfg.axes)
+            sensitivity_rank = cfg.rank or DEFAULT_RANK["sensitivity"]
+            optim.sensitivity(rank=sensitivity_rank, alpha=cfg.guided_alpha, split=cfg.split, axes=cfg.axes)
             for flag, on in (("--split", cfg.split), ("--eigenbasis-steps", cfg.eigenbasis_steps), ("--axes", cfg.axes)):
                 if on and cfg.directions != "sensitivity":
                     raise ValueError(f"{flag} needs --directions sensitivity, not {cfg.directions}")
             optim.whitened(power=cfg.whiten_power, floor=cfg.whiten_floor)
-            if cfg.axes and cfg.n > (cfg.rank or DEFAULT_RANK["sensitivity"]):
+            if cfg.axes and cfg.n > sensitivity_rank:
                 raise ValueError(f"--axes probes n <= rank leading directions a step, got n = {cfg.n}, rank "
-                                 f"{cfg.rank or DEFAULT_RANK['sensitivity']}")
+                                 f"{sensitivity_rank}")
             if cfg.split and cfg.n < 2:
                 raise ValueError(f"--split needs n >= 2 probes a step (one in the subspace, one outside), got {cfg.n}")
         except ValueError as e:
