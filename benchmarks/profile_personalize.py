@@ -34,6 +34,7 @@ the ratios between configurations of one run are what counts.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -64,6 +65,12 @@ CONFIGS = {  # name -> (changes to SessionOptions, other switches)
     "basic-opt": ({"graph_optimization_level": "ORT_ENABLE_BASIC"}, {}),
     "trim": ({}, {"trim": True}),
     "keep-vae": ({}, {"keep_vae": True}),
+    # onnxruntime's CPU MultiHeadAttention runs as tiled (flash) attention, no N x N scores, unless this
+    # variable is set when the session is created: the plain kernel, to measure what tiling is worth
+    "no-flash": ({}, {"env": {"ORT_DISABLE_FLASH_ATTENTION": "1"}}),
+    # the UNet's weights in an external data file, every tensor at a 64 KiB-aligned offset, so that
+    # onnxruntime can map them from disk instead of copying them (the bundle's own file is not changed)
+    "external-unet": ({}, {"external_unet": True}),
 }
 
 
@@ -164,11 +171,61 @@ def _refs(folder: Path, res: int) -> Path:
     return folder
 
 
+EXTERNAL_ALIGN = 1 << 16
+
+
+def external_copy(src: Path, out_dir: Path) -> Path:
+    """``src`` saved again with every initializer of 1 KiB or more in ``<name>.data`` at an offset aligned to
+    64 KiB (cached: made once per source file)."""
+    import onnx
+    from onnx import numpy_helper
+
+    dst = out_dir / src.name
+    if dst.exists():
+        return dst
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src))
+    data = dst.with_name(dst.name + ".data")
+    with open(data, "wb") as f:
+        for t in model.graph.initializer:
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            if len(raw) < 1024:
+                continue
+            f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
+            offset = f.tell()
+            f.write(raw)
+            t.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+    onnx.save_model(model, str(dst))
+    return dst
+
+
+def use_external_unet(bundle_dir: str, copy: str) -> None:
+    """Open ``copy`` wherever the runtime opens the bundle's UNet graph (this process only)."""
+    import onnxruntime as ort
+
+    manifest = json.loads((Path(bundle_dir) / "zo-edge.json").read_text())
+    unet = str(Path(bundle_dir) / manifest["graphs"]["unet"]["path"])
+    original = ort.InferenceSession
+
+    def session(path, *a, **k):
+        return original(copy if str(path) == unet else path, *a, **k)
+    ort.InferenceSession = session
+
+
 def child_phases(args) -> dict:
     from zo_runtime.personalize import PersonalizeConfig, Trainer
 
     changes, switches = CONFIGS[args.config]
     apply_config(args.config)
+    os.environ.update(switches.get("env", {}))
+    if switches.get("external_unet"):
+        use_external_unet(args.bundle, args.external_unet)
     work = Path(tempfile.mkdtemp(prefix="zo-profile-"))
     refs = _refs(work / "refs", args.res)
     status0 = proc_status()
@@ -354,9 +411,18 @@ def child_ab(args) -> dict:
     import onnxruntime as ort
     for name in names:
         opts = bundle.session_options("unet")
-        set_options(opts, CONFIGS[name][0])
-        sessions[name] = ort.InferenceSession(str(bundle.root / bundle.graph("unet")["path"]), sess_options=opts,
-                                              providers=["CPUExecutionProvider"])
+        changes, switches = CONFIGS[name]
+        set_options(opts, changes)
+        env = switches.get("env", {})
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # read by the kernels when the session creates them
+        path = args.external_unet if switches.get("external_unet") else str(bundle.root / bundle.graph("unet")["path"])
+        sessions[name] = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     k, h = args.batch, args.res // 8
     rng = np.random.default_rng(0)
     feed = {"sample": rng.standard_normal((k, 4, h, h)).astype(np.float32),
@@ -417,7 +483,7 @@ def child_gemm(args) -> dict:
 def run_child(kind: str, args, **kw) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--bundle", str(args.bundle), "--threads", str(args.threads),
            "--iters", str(kw.pop("iters", args.iters)), "--warmup", str(args.warmup),
-           "--gemm-n", str(args.gemm_n), "--gemm-reps", str(args.gemm_reps)]
+           "--gemm-n", str(args.gemm_n), "--gemm-reps", str(args.gemm_reps), "--external-unet", args.external_unet]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
@@ -612,6 +678,9 @@ def main():
     ap.add_argument("--ab", default="", help="paired UNet timing of these configurations (session options only), "
                     "in one process, alternated; e.g. default,no-mem-pattern,no-arena")
     ap.add_argument("--ab-rounds", type=int, default=5)
+    ap.add_argument("--external-unet", default="", help="the external-data copy of the UNet (made by the driver)")
+    ap.add_argument("--external-dir", default=os.path.join(tempfile.gettempdir(), "zo-profile-external"),
+                    help="where the external-unet configuration's copy of the UNet is written (once)")
     args = ap.parse_args()
 
     if args.child:
@@ -629,6 +698,13 @@ def main():
         pass
     manifest = json.loads((Path(args.bundle) / "zo-edge.json").read_text())
     report["unet_precision"] = manifest["graphs"]["unet"].get("precision")
+    wanted = [spec.rpartition(":")[2] for spec in filter(None, (args.configs + "," + args.ab).split(","))]
+    if any(CONFIGS[n][1].get("external_unet") for n in wanted):
+        src = Path(args.bundle) / manifest["graphs"]["unet"]["path"]
+        st = src.resolve().stat()
+        key = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        args.external_unet = str(external_copy(src, Path(args.external_dir) / key))
+        report["external_unet"] = args.external_unet
     print("gemm ...", file=sys.stderr, flush=True)
     report["gemm"] = run_child("gemm", args)
     print(json.dumps(report["gemm"]), file=sys.stderr, flush=True)

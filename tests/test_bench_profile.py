@@ -73,3 +73,31 @@ def test_sessions_open_without_a_memory_pattern():
         opts = b.session_options(graph)
         assert opts.enable_mem_pattern is False and opts.enable_cpu_mem_arena is True
     b.session("unet")  # and a session opens with them
+
+
+def test_external_copy_is_aligned_and_computes_the_same(prof, tmp_path):
+    """The external-unet configuration's copy: every large initializer in the data file at a 64 KiB-aligned
+    offset (so onnxruntime may map it), and the UNet's output unchanged bit for bit."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from zo_edge.models import SHAPES_BUNDLE
+    from zo_runtime.bundle import Bundle
+
+    b = Bundle.load(SHAPES_BUNDLE, verify=False)
+    src = b.root / b.graph("unet")["path"]
+    copy = prof.external_copy(src, tmp_path / "ext")
+    assert prof.external_copy(src, tmp_path / "ext") == copy  # made once
+    model = onnx.load(str(copy), load_external_data=False)
+    offsets = [int({e.key: e.value for e in t.external_data}["offset"]) for t in model.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert offsets and all(o % prof.EXTERNAL_ALIGN == 0 for o in offsets)
+    rng = np.random.default_rng(0)
+    h = b.resolution // b.vae_scale_factor
+    feed = {"sample": rng.standard_normal((1, b.latent_channels, h, h)).astype(np.float32),
+            "timestep": b.timestep_feed(500, 1),
+            "encoder_hidden_states": rng.standard_normal((1, 77, b.embedding_dim)).astype(np.float32)}
+    outs = [ort.InferenceSession(str(p), b.session_options("unet"), providers=["CPUExecutionProvider"])
+            .run(None, feed)[0] for p in (src, copy)]
+    assert np.array_equal(outs[0], outs[1])
