@@ -38,6 +38,19 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 
+# A weight-only graph whose weights pass this size is saved with its weights in an external data file:
+# onnxruntime then maps them from disk instead of copying them into the process. Measured on the
+# SD1.5-shaped int8w UNet (benchmarks/profile_personalize.py, configuration external-unet): personalize
+# peaks 102-136 MB lower, losses bit-identical, the UNet as fast (docs/results/profile_sd15_mapped.json).
+# The mapped pages are the page cache's: shared between processes, dropped and re-read under pressure.
+MAPPED_WEIGHTS_THRESHOLD = 32 * 2 ** 20
+
+
+def maps_weights(model: onnx.ModelProto) -> bool:
+    """Whether a weight-only graph is saved with external data (see MAPPED_WEIGHTS_THRESHOLD)."""
+    return initializer_bytes(model) >= MAPPED_WEIGHTS_THRESHOLD
+
+
 @contextlib.contextmanager
 def working_directory(path: str | Path):
     """Run the block in ``path``: onnxruntime's graph tools and ONNX's checker resolve a lazily loaded

@@ -40,8 +40,8 @@ import onnx
 from zo_runtime.errors import UserError
 
 from .calibrate import FeedsReader
-from .graphs import (WEIGHT_ONLY_KEY, copy_graph, has_external_refs, load_lazy, needs_external_data, prune,
-                     save_model, tensor_array, working_directory)
+from .graphs import (WEIGHT_ONLY_KEY, copy_graph, has_external_refs, load_lazy, maps_weights, needs_external_data,
+                     prune, save_model, tensor_array, working_directory)
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization",
@@ -392,7 +392,7 @@ def quantize_weight_only(src: Path, dst: Path, bits: int = 8, block_size: int = 
                 o.version = max(o.version, INT4_OPSET)
         model.ir_version = max(model.ir_version, 10)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, WEIGHT_ONLY_KEY: "1"})
-    save_model(model, dst, external=needs_external_data(model), base_dir=src.parent)
+    save_model(model, dst, external=needs_external_data(model) or maps_weights(model), base_dir=src.parent)
     if bits == 8:
         return {"method": "weight-only", "weight_type": "QInt8", "symmetric": True, "per_channel": True,
                 "activations": "float32", "weights_quantized": len(done),

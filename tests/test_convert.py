@@ -639,3 +639,43 @@ def test_minmax_ranges_match_onnxruntimes_calibrator(tiny_sd1_export, tmp_path):
     for k, (lo, hi) in ours.items():
         np.testing.assert_array_equal(lo, theirs[k].range_value[0], err_msg=k)
         np.testing.assert_array_equal(hi, theirs[k].range_value[1], err_msg=k)
+
+
+def test_weight_only_graphs_over_the_threshold_map_their_weights(tiny_sd1_dir, tiny_sd1_export, tiny_bundle_int8w,
+                                                                 tmp_path, monkeypatch):
+    """A weight-only graph whose weights pass graphs.MAPPED_WEIGHTS_THRESHOLD is written with an external data
+    file (onnxruntime maps it instead of copying it; the SD1.5-sized graphs are over it, the tiny ones here
+    and the shipped models under it): the manifest lists and verifies the data files, and the graphs compute
+    what the single-file bundle's do, bit for bit."""
+    import numpy as np
+
+    from zo_edge.convert import convert_pipeline, graphs
+    from zo_edge.models.calibration import SHAPES_WORLD
+    from zo_runtime.bundle import Bundle
+
+    monkeypatch.setattr(graphs, "MAPPED_WEIGHTS_THRESHOLD", 0)
+    out = tmp_path / "mapped"
+    convert_pipeline(tiny_sd1_dir, out, weights="int8w", export_dir=tiny_sd1_export, data=SHAPES_WORLD)
+    mapped, single = Bundle.load(out), Bundle.load(tiny_bundle_int8w)
+    rng = np.random.default_rng(0)
+    for g in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        entry = mapped.graph(g)
+        assert entry["external_data"] == f"{g}/model.onnx_data" and entry["external_data"] in mapped.manifest["files"]
+        assert "external_data" not in single.graph(g)
+        sa, sb = mapped.session(g), single.session(g)
+        feed = {}
+        for i in sa.get_inputs():
+            shape = [d if isinstance(d, int) else (77 if "sequence" in str(d) else 1) for d in i.shape]
+            if i.type == "tensor(int64)":
+                feed[i.name] = rng.integers(0, 100, shape).astype(np.int64)
+            elif g == "unet" and i.name == "timestep":
+                feed[i.name] = mapped.timestep_feed(500, 1)
+            else:
+                if g == "unet" and i.name == "sample":
+                    shape = [1, mapped.latent_channels, 8, 8]
+                elif g == "vae_encoder":
+                    shape = [1, 3, 64, 64]
+                elif g == "vae_decoder":
+                    shape = [1, mapped.latent_channels, 8, 8]
+                feed[i.name] = rng.standard_normal(shape).astype(np.float32)
+        assert np.array_equal(sa.run(None, feed)[0], sb.run(None, feed)[0]), g
