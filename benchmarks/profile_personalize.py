@@ -68,8 +68,8 @@ CONFIGS = {  # name -> (changes to SessionOptions, other switches)
     # onnxruntime's CPU MultiHeadAttention runs as tiled (flash) attention, no N x N scores, unless this
     # variable is set when the session is created: the plain kernel, to measure what tiling is worth
     "no-flash": ({}, {"env": {"ORT_DISABLE_FLASH_ATTENTION": "1"}}),
-    # the UNet's weights in an external data file, every tensor at a 64 KiB-aligned offset, so that
-    # onnxruntime can map them from disk instead of copying them (the bundle's own file is not changed)
+    # the UNet's weights in an external data file, so that onnxruntime maps them from disk instead of
+    # copying them (the bundle's own file is not changed; bundles converted since session 15 are this way)
     "external-unet": ({}, {"external_unet": True}),
 }
 
@@ -171,37 +171,15 @@ def _refs(folder: Path, res: int) -> Path:
     return folder
 
 
-EXTERNAL_ALIGN = 1 << 16
-
-
 def external_copy(src: Path, out_dir: Path) -> Path:
-    """``src`` saved again with every initializer of 1 KiB or more in ``<name>.data`` at an offset aligned to
-    64 KiB (cached: made once per source file)."""
-    import onnx
-    from onnx import numpy_helper
+    """``src`` saved again as the converter saves a graph over graphs.MAPPED_WEIGHTS_THRESHOLD: its weights
+    in ``model.onnx_data`` beside it (cached: made once per source file). Offsets need no alignment:
+    onnxruntime mapped the SD1.5-shaped UNet's weights alike at 1-, 4 KiB- and 64 KiB-aligned offsets."""
+    from zo_edge.convert.graphs import load_lazy, save_model
 
     dst = out_dir / src.name
-    if dst.exists():
-        return dst
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(src))
-    data = dst.with_name(dst.name + ".data")
-    with open(data, "wb") as f:
-        for t in model.graph.initializer:
-            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-            if len(raw) < 1024:
-                continue
-            f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
-            offset = f.tell()
-            f.write(raw)
-            t.ClearField("raw_data")
-            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(field)
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-    onnx.save_model(model, str(dst))
+    if not dst.exists():
+        save_model(load_lazy(src), dst, external=True, base_dir=src.parent)
     return dst
 
 

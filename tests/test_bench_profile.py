@@ -76,8 +76,8 @@ def test_sessions_open_without_a_memory_pattern():
 
 
 def test_external_copy_is_aligned_and_computes_the_same(prof, tmp_path):
-    """The external-unet configuration's copy: every large initializer in the data file at a 64 KiB-aligned
-    offset (so onnxruntime may map it), and the UNet's output unchanged bit for bit."""
+    """The external-unet configuration's copy: the large initializers in a data file beside the graph (which
+    onnxruntime maps), and the UNet's output unchanged bit for bit."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -90,9 +90,8 @@ def test_external_copy_is_aligned_and_computes_the_same(prof, tmp_path):
     copy = prof.external_copy(src, tmp_path / "ext")
     assert prof.external_copy(src, tmp_path / "ext") == copy  # made once
     model = onnx.load(str(copy), load_external_data=False)
-    offsets = [int({e.key: e.value for e in t.external_data}["offset"]) for t in model.graph.initializer
-               if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert offsets and all(o % prof.EXTERNAL_ALIGN == 0 for o in offsets)
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer) > 10
+    assert (copy.parent / "model.onnx_data").is_file()
     rng = np.random.default_rng(0)
     h = b.resolution // b.vae_scale_factor
     feed = {"sample": rng.standard_normal((1, b.latent_channels, h, h)).astype(np.float32),
