@@ -105,9 +105,9 @@ def save_model(model: onnx.ModelProto, path: str | Path, external: bool | None =
                 t.data_location = onnx.TensorProto.DEFAULT
     if data.exists():
         data.unlink()
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024, convert_attribute=False)
+    if external:  # our own writer: onnx's (1.23) creates the data file readable by its owner only
+        _stream_external(model, data, path.parent)
+        onnx.save_model(model, str(path))
         return [path, data]
     onnx.save_model(model, str(path))
     return [path]

@@ -661,6 +661,8 @@ def test_weight_only_graphs_over_the_threshold_map_their_weights(tiny_sd1_dir, t
     for g in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
         entry = mapped.graph(g)
         assert entry["external_data"] == f"{g}/model.onnx_data" and entry["external_data"] in mapped.manifest["files"]
+        # readable by whoever can read the graph (onnx's own writer makes the data file owner-only)
+        assert (out / entry["external_data"]).stat().st_mode & 0o777 == (out / entry["path"]).stat().st_mode & 0o777
         assert "external_data" not in single.graph(g)
         sa, sb = mapped.session(g), single.session(g)
         feed = {}
