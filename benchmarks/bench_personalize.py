@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zo_runtime.sysinfo import cpu_model
+
 
 def _refs(folder: Path, res: int) -> Path:
     from PIL import Image
@@ -219,7 +221,7 @@ def main():
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu_model()}")
     print("| res | config | s/iter | UNet passes/s | peak RSS MB | vs torch-ti s/iter | vs torch-ti RSS |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -238,7 +240,7 @@ def main():
                   "also_provider": args.also_provider, "also_python": args.also_python,
                   "source": args.source, "iters": args.iters, "warmup": args.warmup,
                   "threads": "onnxruntime and torch defaults (every core)",
-                  "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                               "python": platform.python_version()},
                   "loadavg_start": loadavg_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                   "rows": rows}

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zo_runtime.sysinfo import source_commit  # noqa: E402
+from zo_runtime.sysinfo import cpu_model, source_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("load", "vae_encode", "open_sessions", "text_encoder", "unet", "optimizer")
@@ -477,17 +477,12 @@ def run_child(kind: str, args, **kw) -> dict:
 
 
 def machine() -> dict:
-    model = ""
-    try:
-        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    except OSError:
-        pass
     mem = 0
     try:
         mem = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))) / 2 ** 20
     except (OSError, StopIteration):
         pass
-    return {"arch": platform.machine(), "cpu": model, "cores": os.cpu_count(), "mem_gib": round(mem, 1),
+    return {"arch": platform.machine(), "cpu": cpu_model(), "cores": os.cpu_count(), "mem_gib": round(mem, 1),
             "python": platform.python_version()}
 
 

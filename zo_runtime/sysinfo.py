@@ -1,7 +1,8 @@
-"""What a results file records about where it was measured: the peak resident memory of this process
-(Linux, macOS and Windows) and the commit of the code that ran."""
+"""What a results file records about where it was measured: the CPU, the peak resident memory of this
+process (Linux, macOS and Windows) and the commit of the code that ran."""
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,18 @@ def source_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return sha + ("-dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:
