@@ -41,9 +41,9 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 # A weight-only graph whose weights pass this size is saved with its weights in an external data file:
 # onnxruntime then maps them from disk instead of copying them into the process. Measured on the
 # SD1.5-shaped int8w UNet (benchmarks/profile_personalize.py, configuration external-unet): personalize
-# peaks 102-136 MB lower and holds 0.73 GB less private memory, losses bit-identical, the UNet as fast
-# (docs/results/profile_sd15_xeon.json). The mapped pages are the page cache's: shared between processes,
-# dropped and re-read under memory pressure.
+# peaks 102-136 MB lower and holds 0.73 GB less private memory, losses bit-identical, the UNet alone as fast
+# (0.98-1.04x paired), a whole iteration 1.02-1.15x (single runs; README, "On an Intel Xeon"). The mapped
+# pages are the page cache's: shared between processes, dropped and re-read under memory pressure.
 MAPPED_WEIGHTS_THRESHOLD = 32 * 2 ** 20
 
 
