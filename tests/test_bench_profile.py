@@ -75,7 +75,7 @@ def test_sessions_open_without_a_memory_pattern():
     b.session("unet")  # and a session opens with them
 
 
-def test_external_copy_is_aligned_and_computes_the_same(prof, tmp_path):
+def test_external_copy_maps_and_computes_the_same(prof, tmp_path):
     """The external-unet configuration's copy: the large initializers in a data file beside the graph (which
     onnxruntime maps), and the UNet's output unchanged bit for bit."""
     import numpy as np
