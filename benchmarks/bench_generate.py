@@ -100,11 +100,11 @@ def main():
         print(f"| {r['name']} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | "
               f"{r['s_per_step'] / rows[0]['s_per_step']:.2f}x | {r['peak_rss_mb'] / rows[0]['peak_rss_mb']:.2f}x |")
     if args.json:
-        from zo_runtime.sysinfo import source_commit
+        from zo_runtime.sysinfo import cpu_model, source_commit
         Path(args.json).write_text(json.dumps({
             "size": args.size, "steps": args.steps, "scheduler": "ddim", "guided": True, "low_memory": args.low_memory,
             "threads": args.threads or "ORT default", "rows": rows,
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                         "python": platform.python_version()},
             "loadavg_start": loadavg_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "commit": source_commit()}, indent=2))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from zo_runtime import optim
-from zo_runtime.sysinfo import source_commit
+from zo_runtime.sysinfo import cpu_model, source_commit
 from zo_runtime.personalize import PersonalizeConfig, make_estimator, make_optimizer, pca_basis
 
 VARIANTS = {
@@ -69,7 +69,7 @@ def main() -> None:
             rows.append({"variant": name, "d": d, "us_per_step": sec * 1e6})
             print(f"{name:18s} d={d:4d}: {sec * 1e6:8.1f} us/step", flush=True)
     commit = source_commit()
-    report = {"rows": rows, "steps": args.steps, "machine": {"cpu": platform.processor() or platform.machine(),
+    report = {"rows": rows, "steps": args.steps, "machine": {"cpu": cpu_model(),
               "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
               "commit": commit, "load_average": os.getloadavg()}}
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from zo_runtime.sysinfo import source_commit  # noqa: E402
+from zo_runtime.sysinfo import cpu_model, source_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,14 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def machine() -> dict:
     import onnxruntime
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                    if l.startswith("model name")), cpu)
-
     mem = next((int(l.split()[1]) / 2**20 for l in Path("/proc/meminfo").read_text().splitlines()
                 if l.startswith("MemTotal:")), None) if Path("/proc/meminfo").exists() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1) if mem else None,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(mem, 1) if mem else None,
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "os": platform.platform()}
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zo_runtime.sysinfo import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 BANDS = ((0, 1000), (0, 250), (250, 500), (500, 750), (750, 1000))
 
@@ -161,7 +163,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {"runs": []}
-    report.update(machine=platform.processor() or platform.machine(), python=platform.python_version(),
+    report.update(machine=cpu_model(), python=platform.python_version(),
                   draws=args.draws)
     report.pop("command", None)      # each run records its own
     for subject in args.subjects.split(","):
