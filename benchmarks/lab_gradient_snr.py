@@ -147,13 +147,14 @@ def anchor_stats(g: np.ndarray, g0: np.ndarray) -> dict:
     return {"cos": float(cos.mean()), "noise_ratio": spread(g - g0) / spread(g), "signal": signal_share(g)}
 
 
-def band_stats(grads: np.ndarray, ts: np.ndarray, toward: np.ndarray | None) -> list[dict]:
+def band_stats(grads: np.ndarray, ts: np.ndarray, toward: np.ndarray | None, t_max: int = 1000) -> list[dict]:
     g_all = grads.mean(0)
     out = []
     for lo, hi in BANDS:
-        sel = (ts >= lo) & (ts < hi)
-        if sel.sum() < 2:          # a band outside --t-max
+        if lo >= t_max:            # a band outside --t-max; the others are cut at it
             continue
+        hi = min(hi, t_max)
+        sel = (ts >= lo) & (ts < hi)
         g = grads[sel]
         mean = g.mean(0)
         row = {"band": [lo, hi], "samples": int(sel.sum()), "signal": signal_share(g),
@@ -204,7 +205,7 @@ def main() -> None:
         grads, ts, theta0 = per_sample_gradients(Path(args.source), subject, args.samples, t_max=args.t_max,
                                                  ti_theta=ti_theta, along=along, antithetic=args.antithetic)
         toward = None if ti_theta is None else ti_theta - theta0
-        rows = band_stats(grads["init"], ts, toward)
+        rows = band_stats(grads["init"], ts, toward, args.t_max)
         results.append({"subject": subject, "bands": rows, "seconds": time.time() - t0,
                         "ti_displacement_norm": None if toward is None else float(np.linalg.norm(toward)),
                         "init_norm": float(np.linalg.norm(theta0))})

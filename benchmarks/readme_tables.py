@@ -116,9 +116,27 @@ def _profile(report: dict, arg=None) -> str:
     return _bench("profile_personalize").table(report, arg)
 
 
-def _gradient_snr(report: dict, _arg=None) -> str:
+def _gradient_snr(report: dict, arg=None) -> str:
     """benchmarks/lab_gradient_snr.py: per subject and timestep band, the mean gradient's share of a
-    sample gradient's energy, its alignment with the whole range's mean, and with where TI went."""
+    sample gradient's energy, its alignment with the whole range's mean, and with where TI went.
+    ``antithetic``: the share for one draw, a mirrored-noise pair and two independent draws; ``anchor``:
+    how much of a draw's gradient at points along TI's move its gradient at the init word predicts."""
+    if arg == "antithetic":
+        lines = ["| subject | t | draws | signal share: one draw | pair (ε, −ε) | two independent draws | "
+                 "cos(g(ε), g(−ε)) |", "|---|---|---|---|---|---|---|"]
+        for res in report["results"]:
+            a = res["antithetic"]
+            lines.append(f"| {res['subject']} | [0, {report.get('t_max', 1000)}) | {report['samples']} | "
+                         f"{a['single']:.3f} | {a['pair']:.3f} | {a['two_independent']:.3f} | {a['cos']:+.2f} |")
+        return "\n".join(lines)
+    if arg == "anchor":
+        lines = ["| subject | t | draws | θ = init + f × TI's move | cos(g(θ), g(init)) | spread of g(θ) − g(init) "
+                 "/ spread of g(θ) |", "|---|---|---|---|---|---|"]
+        for res in report["results"]:
+            for a in res["anchor"]:
+                lines.append(f"| {res['subject']} | [0, {report.get('t_max', 1000)}) | {report['samples']} | "
+                             f"f = {a['along_ti']:g} | {a['cos']:+.2f} | {a['noise_ratio']:.2f} |")
+        return "\n".join(lines)
     lines = ["| subject | timesteps | samples | signal share | cos(band mean, all-t mean) | cos(descent, TI's move) |",
              "|---|---|---|---|---|---|"]
     for res in report["results"]:

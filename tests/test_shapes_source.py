@@ -81,6 +81,65 @@ def test_textual_inversion_runs_on_the_shipped_source():
     assert all(np.isfinite(res["losses"]))
 
 
+def _table_adam_ti(source, images, init, steps, seed):
+    """The reference: diffusers' textual_inversion example's way, Adam over the whole embedding table and
+    every other row restored after each step (the same draws as textual_inversion, in the same order)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from zo_runtime.recipe import TEMPLATES
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = CLIPTokenizer.from_pretrained(f"{source}/tokenizer")
+    text = CLIPTextModel.from_pretrained(f"{source}/text_encoder").eval()
+    vae = AutoencoderKL.from_pretrained(f"{source}/vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(f"{source}/unet").eval()
+    sched = DDPMScheduler.from_pretrained(f"{source}/scheduler")
+    for m in (text, vae, unet):
+        m.requires_grad_(False)
+    init_id = tok.encode(init, add_special_tokens=False)[0]
+    tok.add_tokens(["<t>"])
+    new_id = tok.convert_tokens_to_ids("<t>")
+    text.resize_token_embeddings(len(tok), mean_resizing=False)
+    emb = text.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight[new_id] = emb.weight[init_id]
+    original = emb.weight.detach().clone()
+    emb.weight.requires_grad_(True)
+    opt = torch.optim.Adam([emb.weight], lr=5e-3)
+    with torch.no_grad():
+        x = torch.from_numpy(np.concatenate([images, images[:, :, ::-1]]).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+    for _ in range(steps):
+        i = int(rng.integers(len(post.mean)))
+        z = (post.mean[i] + post.std[i] * torch.from_numpy(rng.standard_normal(post.mean.shape[1:], dtype=np.float32)))
+        z = z * vae.config.scaling_factor
+        ids = tok(TEMPLATES[int(rng.integers(len(TEMPLATES)))].format("<t>"), padding="max_length",
+                  max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        noise = torch.from_numpy(rng.standard_normal(z.shape, dtype=np.float32))[None]
+        t = torch.tensor([int(rng.integers(0, sched.config.num_train_timesteps))])
+        pred = unet(sched.add_noise(z[None], noise, t), t, encoder_hidden_states=text(ids)[0]).sample
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        opt.step()
+        with torch.no_grad():
+            keep = torch.arange(len(original)) != new_id
+            emb.weight[keep] = original[keep]
+    return emb.weight[[new_id]].detach().numpy()
+
+
+def test_textual_inversion_learns_what_adam_over_the_whole_table_learns():
+    """The TI baseline's Adam holds the new token's row only; diffusers' example holds the whole table and
+    restores the other rows. Adam works element by element, so the two must agree bit for bit."""
+    from zo_edge.eval.textual_inversion import textual_inversion
+    from zo_edge.models import world
+    subject = world.Subject("cross", "yellow", "striped")
+    images = np.stack(world.reference_images(subject, n=2, seed=0))
+    res = textual_inversion(SHAPES_SOURCE, images, "<t>", "cross", steps=5, seed=3, threads=1)
+    np.testing.assert_array_equal(res["theta"], _table_adam_ti(SHAPES_SOURCE, images, "cross", 5, 3))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_bundle_fp32", "tiny_bundle_int8w"])
 def test_rebuild_recovers_the_weights_a_bundle_was_converted_from(fixture, request, tiny_sd1_dir):
