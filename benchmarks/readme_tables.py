@@ -71,9 +71,15 @@ def _screen(report: dict, _arg=None) -> str:
 
 
 def _paired(report: dict, reference: str) -> str:
+    """Each method minus ``reference`` per (subject, seed); ``METHOD@PASSES`` compares at that budget
+    (the report's smallest otherwise)."""
     from zo_edge.models.quality import format_paired, paired
 
-    return format_paired(paired(report, reference))
+    reference, _, budget = reference.partition("@")
+    rows = paired(report, reference, int(budget) if budget else None)
+    for r in rows:
+        r["reference"] += f" at {int(budget):,} passes" if budget else ""
+    return format_paired(rows)
 
 
 def _bench(name: str):
