@@ -3,7 +3,10 @@ otherwise run (Gal et al. 2022, as in diffusers' textual_inversion example), for
 
 Same data handling as ``zo-edge personalize`` (each image and its mirror encoded once, latents
 sampled from the cached posterior), same prompt templates, Adam on the new token's embedding only,
-t ~ U[0, T) unless a range is given.
+t ~ U[0, T) unless a range is given. It learns bit for bit what diffusers' example learns, but its
+optimizer holds the new rows alone (since session 16; before, the whole table, as the example does), so
+its time and memory are lower than a user of that example pays: the cost comparisons with PyTorch TI are
+``benchmarks/bench_personalize.py``'s, which keeps the example's way.
 """
 from __future__ import annotations
 
