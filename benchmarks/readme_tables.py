@@ -76,7 +76,8 @@ def _paired(report: dict, reference: str) -> str:
     from zo_edge.models.quality import format_paired, paired
 
     reference, _, budget = reference.partition("@")
-    rows = paired(report, reference, int(budget) if budget else None)
+    init = report["inits"][0] if len(report.get("inits", [])) == 1 else "class"   # a one-protocol report's
+    rows = paired(report, reference, int(budget) if budget else None, init=init)
     for r in rows:
         r["reference"] += f" at {int(budget):,} passes" if budget else ""
     return format_paired(rows)
