@@ -13,6 +13,11 @@ training draws them, t uniform. Reported per timestep band:
   points toward where TI went).
 
     python benchmarks/lab_gradient_snr.py --samples 800 --out docs/results/lab/gradient_snr.json
+
+Two forward-only ways to cancel sample noise, measured before building them: ``--antithetic`` (each draw
+again with its noise mirrored, −ε: the signal share of the pair against two independent draws) and
+``--along-ti F,...`` (the same draws at init + F × TI's move: how much of a draw's gradient there its
+gradient at the init word predicts, i.e. what a control variate anchored at the init word removes).
 """
 from __future__ import annotations
 
@@ -180,6 +185,10 @@ def main() -> None:
                     help="fractions f: also the same draws at init + f (TI - init), against the init's (needs --ti-steps)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/lab/gradient_snr.json"))
     args = ap.parse_args()
+    if args.along_ti and not args.ti_steps:
+        ap.error("--along-ti needs a TI token: give --ti-steps > 0")
+    if not 1 <= args.t_max <= 1000:
+        ap.error(f"--t-max {args.t_max}: must be within 1..1000")
     import torch
 
     torch.set_num_threads(args.threads)
